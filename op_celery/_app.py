@@ -1,0 +1,89 @@
+"""Which Celery app publishes, and the package's own app for users who have none.
+
+A user's app (created anywhere, before or after ``import op_celery``) becomes Celery's current
+app and the tasks publish through it. A script with no Celery app of its own publishes through
+the package's app, configured from the settings, so ``track.delay()`` just works.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+from celery import Celery, _state
+
+from ._settings import Settings, load_settings
+
+__all__ = ["configure_app", "package_app", "publishing_app", "settings_for"]
+
+_lock = threading.Lock()
+_package_app: Celery | None = None
+_settings: weakref.WeakKeyDictionary[Celery, Settings] = weakref.WeakKeyDictionary()
+
+
+def settings_for(app: Celery) -> Settings:
+    """The settings of ``app`` (environment, overridden by its config), built once per app."""
+    settings = _settings.get(app)
+    if settings is None:
+        settings = load_settings(_conf_view(app))
+        _settings[app] = settings
+    return settings
+
+
+def reset_settings(app: Celery | None = None) -> None:
+    """Forget cached settings (after changing the environment or config in tests)."""
+    if app is None:
+        _settings.clear()
+    else:
+        _settings.pop(app, None)
+
+
+def _conf_view(app: Celery) -> dict[str, Any]:
+    # Only the keys we read, so Celery's lazy defaults are not all materialised.
+    conf = app.conf
+    return {
+        key: conf[key] for key in list(conf.keys()) if key.startswith(("openpanel", "op_celery"))
+    }
+
+
+def configure_app(app: Celery, settings: Settings) -> None:
+    """Apply the settings the package's tasks rely on to an app the package owns."""
+    transport_options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout_s}
+    if settings.broker_key_prefix:
+        transport_options["global_keyprefix"] = settings.broker_key_prefix
+    app.conf.update(
+        broker_url=settings.broker_url,
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        task_serializer="json",
+        accept_content=["json"],
+        result_backend=None,
+        task_ignore_result=True,
+        task_default_queue=settings.queue,
+        # Events wait on the broker, not in a worker's memory where a crash would strand them.
+        worker_prefetch_multiplier=4,
+        worker_hijack_root_logger=True,
+    )
+
+
+def package_app() -> Celery:
+    """The package's own Celery app (``celery -A op_celery.worker worker`` runs it)."""
+    global _package_app
+    with _lock:
+        if _package_app is None:
+            # Not made current: a user's app created later must stay the one that publishes.
+            app = Celery("op_celery", set_as_current=False)
+            configure_app(app, load_settings())
+            import op_celery._tasks  # noqa: F401  (registers the tasks on every app)
+
+            _package_app = app
+        return _package_app
+
+
+def publishing_app() -> Celery:
+    """The user's current app if there is one, else the package's own."""
+    # Celery offers no public "was an app created?" test: ``current_app`` silently makes a
+    # fallback app pointed at amqp://localhost, which is never what an op-celery user wants.
+    current = getattr(_state, "_tls").current_app  # noqa: B009
+    return package_app() if current is None else current

@@ -1,0 +1,244 @@
+"""The HTTP client: one event, one POST to ``{api_url}/track``, every answer classified.
+
+Usable without Celery::
+
+    client = OpenPanelClient(client_id="...", client_secret="...")
+    client.send(build_event("track", {"name": "signup"}))
+
+``requests`` exceptions become op-celery's here and nowhere else. A ``requests.Session`` is
+kept per thread and per process: sessions are not thread-safe, and a pooled connection
+inherited across ``fork()`` would be shared by parent and child.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+
+from . import __about__
+from ._events import Event
+from ._exceptions import (
+    AliasNotSupported,
+    AuthenticationError,
+    DeliveryError,
+    InvalidPayload,
+    NetworkError,
+    PermanentError,
+    ProfileNotFound,
+    RateLimited,
+    ServerError,
+)
+from ._retry import parse_retry_after
+from ._settings import (
+    DEFAULT_API_URL,
+    DEFAULT_CONNECT_TIMEOUT_S,
+    DEFAULT_READ_TIMEOUT_S,
+    Project,
+    Secret,
+    check_api_url,
+)
+
+__all__ = ["DEFAULT_USER_AGENT", "SDK_NAME", "Delivered", "OpenPanelClient"]
+
+log = logging.getLogger("op_celery.client")
+
+#: Sent as ``openpanel-sdk-name``.
+SDK_NAME = "op-celery"
+#: The user agent of events sent without the end user's: ``name/version`` alone makes the
+#: server treat the event as a server event (no session, device "server").
+DEFAULT_USER_AGENT = f"{SDK_NAME}/{__about__.__version__}"
+#: Characters of a server's answer kept in an error message (a proxy's HTML page can be long).
+MAX_SERVER_MESSAGE_CHARS = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """The server accepted the event (2xx)."""
+
+    status: int
+    body: Any
+
+
+class _Sessions(threading.local):
+    pid: int = -1
+    session: requests.Session | None = None
+
+
+class OpenPanelClient:
+    """Sends events of one OpenPanel project."""
+
+    def __init__(
+        self,
+        client_id: str,
+        client_secret: str | Secret,
+        api_url: str = DEFAULT_API_URL,
+        *,
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+        allow_insecure_http: bool = False,
+        session_factory: Callable[[], requests.Session] = requests.Session,
+    ) -> None:
+        self.client_id = client_id
+        self._secret = client_secret if isinstance(client_secret, Secret) else Secret(client_secret)
+        self.api_url = check_api_url(api_url, allow_insecure=allow_insecure_http)
+        self._track_url = f"{self.api_url}/track"
+        self._timeout = (connect_timeout_s, read_timeout_s)
+        self._session_factory = session_factory
+        self._sessions = _Sessions()
+        self._base_headers = {
+            "content-type": "application/json",
+            "openpanel-client-id": client_id,
+            "openpanel-client-secret": self._secret.reveal(),
+            "openpanel-sdk-name": SDK_NAME,
+            "openpanel-sdk-version": __about__.__version__,
+        }
+
+    @classmethod
+    def for_project(
+        cls,
+        project: Project,
+        *,
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+    ) -> OpenPanelClient:
+        # The project's URL was checked against the insecure-http rule when it was loaded.
+        return cls(
+            project.client_id,
+            project.client_secret,
+            project.api_url,
+            connect_timeout_s=connect_timeout_s,
+            read_timeout_s=read_timeout_s,
+            allow_insecure_http=True,
+        )
+
+    def __repr__(self) -> str:
+        return f"OpenPanelClient(client_id={self.client_id!r}, api_url={self.api_url!r})"
+
+    @property
+    def session(self) -> requests.Session:
+        """This thread's session in this process (a new one after ``fork()``)."""
+        sessions = self._sessions
+        pid = os.getpid()
+        if sessions.session is None or sessions.pid != pid:
+            sessions.session = self._session_factory()
+            sessions.pid = pid
+        return sessions.session
+
+    def headers_for(self, event: Event) -> dict[str, str]:
+        headers = dict(self._base_headers)
+        headers["user-agent"] = event.user_agent or DEFAULT_USER_AGENT
+        headers["request-id"] = event.event_id
+        if event.client_ip:
+            # The server reads openpanel-client-ip first; the public guide names x-client-ip.
+            headers["openpanel-client-ip"] = event.client_ip
+            headers["x-client-ip"] = event.client_ip
+        return headers
+
+    def send(self, event: Event) -> Delivered:
+        """POST the event. Returns on 2xx; raises a :class:`DeliveryError` subclass otherwise."""
+        try:
+            response = self.session.post(
+                self._track_url,
+                data=json.dumps(event.body, separators=(",", ":")),
+                headers=self.headers_for(event),
+                timeout=self._timeout,
+                allow_redirects=False,
+            )
+        except requests.Timeout as exc:
+            raise NetworkError(
+                f"{event.operation} to {self.api_url}: timed out ({type(exc).__name__}); will retry"
+            ) from None
+        except requests.RequestException as exc:
+            raise NetworkError(
+                f"{event.operation} to {self.api_url}: no answer ({type(exc).__name__}); will retry"
+            ) from None
+        return classify(event.operation, response.status_code, response.headers, response.text)
+
+
+def _server_message(text: str) -> tuple[Any, str]:
+    """The parsed body (JSON if it is JSON) and the server's message in a few words."""
+    body: Any = text
+    stripped = text.strip()
+    if stripped.startswith(("{", "[")):
+        try:
+            body = json.loads(stripped)
+        except ValueError:
+            body = text
+    if isinstance(body, dict):
+        message = body.get("message") or body.get("error") or stripped
+    else:
+        message = stripped
+    message = " ".join(str(message).split())
+    if len(message) > MAX_SERVER_MESSAGE_CHARS:
+        message = message[: MAX_SERVER_MESSAGE_CHARS - 1] + "…"
+    return body, message
+
+
+def classify(operation: str, status: int, headers: Any, text: str) -> Delivered:
+    """Map one HTTP answer to success or the right :class:`DeliveryError` (the contract's table)."""
+    body, message = _server_message(text)
+    if 200 <= status < 300:
+        return Delivered(status, body)
+    retry_after = parse_retry_after(headers.get("retry-after"))
+    detail = f"{operation}: HTTP {status} {message!r}"
+    error: DeliveryError
+    if status == 429:
+        error = RateLimited(
+            f"{detail}; rate limited, will retry",
+            status=status,
+            server_message=message,
+            retry_after=retry_after,
+        )
+    elif status >= 500 or status == 408:
+        error = ServerError(
+            f"{detail}; server error, will retry",
+            status=status,
+            server_message=message,
+            retry_after=retry_after,
+        )
+    elif status == 400 and "alias is not supported" in message.lower():
+        error = AliasNotSupported(
+            f"{operation}: Alias is not supported by this OpenPanel server; "
+            "send identify with the new profile id instead",
+            status=status,
+            server_message=message,
+        )
+    elif status == 400:
+        error = InvalidPayload(
+            f"{detail}; the server rejected the payload: fix the event, then replay it",
+            status=status,
+            server_message=message,
+        )
+    elif status in (401, 403):
+        error = AuthenticationError(
+            f"{detail}; check OPENPANEL_CLIENT_ID and OPENPANEL_CLIENT_SECRET (and the "
+            "project's filters), then replay the dead letters",
+            status=status,
+            server_message=message,
+        )
+    elif status == 404 and "profile not found" in message.lower():
+        error = ProfileNotFound(
+            f"{detail}; the profile may not be processed yet, will retry",
+            status=status,
+            server_message=message,
+        )
+    elif status == 404:
+        error = PermanentError(
+            f"{detail}; is OPENPANEL_API_URL right? It should be the API's base URL",
+            status=status,
+            server_message=message,
+        )
+    else:
+        error = PermanentError(
+            f"{detail}; unexpected answer, not retried",
+            status=status,
+            server_message=message,
+        )
+    raise error

@@ -1,0 +1,154 @@
+"""The one exception tree of op-celery.
+
+Every error the package raises derives from :class:`OpenPanelError`::
+
+    OpenPanelError
+    ├── InvalidEvent            (also a ValueError) bad input, raised in the caller at .delay()
+    ├── ConfigurationError      a missing or wrong setting; fix the configuration
+    ├── PublishError            the broker could not take the message at .delay()
+    └── DeliveryError           the OpenPanel API did not accept an event
+        ├── PermanentError      retrying cannot help; the event goes to the dead letters
+        │   ├── InvalidPayload      400: the server rejected the payload
+        │   ├── AliasNotSupported   400 "Alias is not supported"
+        │   └── AuthenticationError 401/403: wrong client id or secret
+        └── TransientError      retrying later can help; carries the server's retry delay if any
+            ├── RateLimited         429
+            ├── ServerError         5xx
+            ├── NetworkError        connection refused or reset, timeout
+            ├── ProfileNotFound     404 on increment/decrement before the profile exists
+            └── LimiterUnavailable  the limiter's Redis did not answer
+
+``requests`` exceptions are mapped to these in ``_client.py`` only, ``redis`` ones in
+``_limiter.py`` only. No message ever contains the client secret.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AliasNotSupported",
+    "AuthenticationError",
+    "ConfigurationError",
+    "DeliveryError",
+    "InvalidEvent",
+    "InvalidPayload",
+    "LimiterUnavailable",
+    "NetworkError",
+    "OpenPanelError",
+    "PermanentError",
+    "ProfileNotFound",
+    "PublishError",
+    "RateLimited",
+    "ServerError",
+    "TransientError",
+]
+
+
+class OpenPanelError(Exception):
+    """Base class of every error raised by op-celery."""
+
+
+class InvalidEvent(OpenPanelError, ValueError):
+    """An event's input breaks a rule of the OpenPanel API; nothing was enqueued.
+
+    ``field`` names the offending argument (as passed to the task) and ``rule`` says what
+    it must be.
+    """
+
+    def __init__(self, operation: str, field: str, rule: str) -> None:
+        self.operation = operation
+        self.field = field
+        self.rule = rule
+        super().__init__(f"{operation}: {field} {rule}")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.operation, self.field, self.rule))
+
+
+class ConfigurationError(OpenPanelError):
+    """A setting is missing or invalid; the message names the setting to fix."""
+
+
+class PublishError(OpenPanelError):
+    """The broker did not accept a task message within the publish bound."""
+
+
+class DeliveryError(OpenPanelError):
+    """The OpenPanel API did not accept an event.
+
+    ``status`` is the HTTP status (``None`` when no response arrived) and ``server_message``
+    the server's own words, as far as the body held any.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        server_message: str | None = None,
+    ) -> None:
+        self.status = status
+        self.server_message = server_message
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_delivery_error, (type(self), str(self), dict(self.__dict__)))
+
+
+def _rebuild_delivery_error(
+    cls: type[DeliveryError], message: str, state: dict[str, object]
+) -> DeliveryError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error
+
+
+class PermanentError(DeliveryError):
+    """Retrying cannot help: fix the event or the configuration, then replay the dead letter."""
+
+
+class InvalidPayload(PermanentError):
+    """400: the server rejected the payload; its message says which field."""
+
+
+class AliasNotSupported(PermanentError):
+    """400 "Alias is not supported": the OpenPanel server does not implement alias."""
+
+
+class AuthenticationError(PermanentError):
+    """401/403: the client id or secret is wrong, or a project filter blocks the event."""
+
+
+class TransientError(DeliveryError):
+    """Retrying later can help. ``retry_after`` is the server's delay in seconds, if it gave one."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        server_message: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, status=status, server_message=server_message)
+        self.retry_after = retry_after
+
+
+class RateLimited(TransientError):
+    """429: the API's rate limit was exceeded; wait ``retry_after`` seconds."""
+
+
+class ServerError(TransientError):
+    """5xx: the server or a proxy in front of it failed."""
+
+
+class NetworkError(TransientError):
+    """No response: the connection failed or timed out."""
+
+
+class ProfileNotFound(TransientError):
+    """404 "Profile not found": the profile may not be processed yet; retried a few times."""
+
+
+class LimiterUnavailable(TransientError):
+    """The rate limiter's Redis did not answer; the event is retried, never sent unthrottled."""

@@ -1,0 +1,85 @@
+"""The one place that decides: retry, after how long, or give up.
+
+Every task feeds its failure here; Celery's autoretry catches the transient errors and
+``OpenPanelTask.retry`` asks :func:`decide` for the countdown, so the contract's response table
+is applied in exactly one function.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+
+from ._exceptions import DeliveryError, ProfileNotFound, TransientError
+from ._settings import Settings
+
+__all__ = ["Decision", "backoff_s", "decide", "parse_retry_after"]
+
+#: Seconds added at most to a server-given ``retry-after``, so that a pool of workers told the
+#: same time does not come back in the same millisecond.
+RETRY_AFTER_JITTER_S = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """``retry`` is False when the event must be given up (dead-lettered)."""
+
+    retry: bool
+    countdown_s: float = 0.0
+    reason: str = ""
+
+
+def backoff_s(retries: int, settings: Settings, rng: random.Random | None = None) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(max, base * 2**retries)]."""
+    ceiling = min(settings.retry_backoff_max_s, settings.retry_backoff_s * (2 ** min(retries, 32)))
+    return (rng or random).uniform(0, ceiling)
+
+
+def decide(
+    error: BaseException,
+    retries: int,
+    settings: Settings,
+    rng: random.Random | None = None,
+) -> Decision:
+    """What to do after ``error`` on an event that has been retried ``retries`` times."""
+    if not isinstance(error, TransientError):
+        status = error.status if isinstance(error, DeliveryError) else None
+        return Decision(False, reason=f"permanent failure (status {status})")
+    limit = (
+        settings.profile_not_found_retries
+        if isinstance(error, ProfileNotFound)
+        else settings.max_retries
+    )
+    if retries >= limit:
+        return Decision(False, reason=f"gave up after {retries} retries")
+    if error.retry_after is not None:
+        countdown = error.retry_after + (rng or random).uniform(0, RETRY_AFTER_JITTER_S)
+        reason = f"server asked to wait {error.retry_after:g} s"
+    else:
+        countdown = backoff_s(retries, settings, rng)
+        reason = "backoff"
+    return Decision(True, min(countdown, settings.max_countdown_s), reason)
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``retry-after`` header: delta-seconds or an HTTP date."""
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = (when - (now or datetime.now(timezone.utc))).total_seconds()
+    if seconds != seconds:  # NaN
+        return None
+    return max(0.0, seconds)

@@ -1,0 +1,280 @@
+"""Settings: one frozen object built from the environment and the Celery app's config.
+
+Every setting has an environment variable; the same name in lower case in the Celery config
+(``app.conf.openpanel_client_id``, or ``CELERY_OPENPANEL_CLIENT_ID`` in Django with the
+``CELERY`` namespace) overrides it. Named projects: ``project="shop"`` on a task uses
+``OPENPANEL_SHOP_CLIENT_ID`` / ``OPENPANEL_SHOP_CLIENT_SECRET`` / ... on the workers, or the
+entry ``"shop"`` of the Celery setting ``openpanel_projects`` (a dict of dicts with the keys
+``client_id``, ``client_secret``, ``api_url``, ``rate_limit``, ``rate_burst``). Messages carry
+only the project's name; the credentials exist only where the workers run.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from ._exceptions import ConfigurationError
+
+__all__ = ["Project", "Secret", "Settings", "load_settings"]
+
+#: Where events go when OPENPANEL_API_URL is not set.
+DEFAULT_API_URL = "https://api.openpanel.dev"
+#: The queue the tasks are sent to and the package's worker consumes.
+DEFAULT_QUEUE = "openpanel"
+#: Broker used when no broker setting is present.
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+#: Seconds before the Redis broker hands a crashed worker's unacked event to another worker.
+#: Well inside OpenPanel's 15-minute session window, and above every countdown we set.
+DEFAULT_VISIBILITY_TIMEOUT_S = 300.0
+#: Seconds to wait for the API's TCP connection.
+DEFAULT_CONNECT_TIMEOUT_S = 3.05
+#: Seconds to wait for the API's answer once connected.
+DEFAULT_READ_TIMEOUT_S = 10.0
+#: Retries of a transient failure before the event is dead-lettered.
+DEFAULT_MAX_RETRIES = 10
+#: First backoff step in seconds; step n waits a random time in [0, base * 2**n].
+DEFAULT_RETRY_BACKOFF_S = 1.0
+#: Longest backoff in seconds.
+DEFAULT_RETRY_BACKOFF_MAX_S = 120.0
+#: Retries of a 404 "Profile not found" (an identify queued just before may still be in flight).
+DEFAULT_PROFILE_NOT_FOUND_RETRIES = 5
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class Secret:
+    """A string that never shows itself in ``repr()``, ``str()`` or a log line."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The secret itself, for the one place that needs it: the request header."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+@dataclass(frozen=True)
+class Project:
+    """Credentials and limits of one OpenPanel project, as the workers know them."""
+
+    name: str
+    client_id: str
+    client_secret: Secret
+    api_url: str
+    rate_limit: str | None = None
+    rate_burst: int | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All settings of op-celery. Build it with :func:`load_settings`."""
+
+    broker_url: str = DEFAULT_BROKER_URL
+    broker_url_source: str = "default"
+    broker_key_prefix: str = ""
+    redis_url: str | None = None
+    queue: str = DEFAULT_QUEUE
+    visibility_timeout_s: float = DEFAULT_VISIBILITY_TIMEOUT_S
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+    max_retries: int = DEFAULT_MAX_RETRIES
+    retry_backoff_s: float = DEFAULT_RETRY_BACKOFF_S
+    retry_backoff_max_s: float = DEFAULT_RETRY_BACKOFF_MAX_S
+    profile_not_found_retries: int = DEFAULT_PROFILE_NOT_FOUND_RETRIES
+    allow_insecure_http: bool = False
+    #: Where named projects come from: the raw environment and Celery config, read lazily so a
+    #: producer that never sends needs no credentials.
+    _env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    _conf: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def max_countdown_s(self) -> float:
+        """Longest countdown the project sets: half the visibility timeout, so an event that
+        waits its turn on a worker is never redelivered to another meanwhile."""
+        return self.visibility_timeout_s / 2
+
+    def project(self, name: str = "default") -> Project:
+        """The named project's credentials; :class:`ConfigurationError` if it has none."""
+        prefix = "OPENPANEL_" if name == "default" else f"OPENPANEL_{_env_name(name)}_"
+        projects = self._conf.get("openpanel_projects") or {}
+        if not isinstance(projects, Mapping):
+            raise ConfigurationError("openpanel_projects must be a dict of project dicts")
+        entry = projects.get(name) or {}
+
+        def get(key: str) -> Any:
+            if key in entry:
+                return entry[key]
+            if name == "default":
+                conf_key = f"openpanel_{key}"
+                if self._conf.get(conf_key) is not None:
+                    return self._conf[conf_key]
+            return self._env.get(prefix + key.upper())
+
+        client_id = get("client_id")
+        secret = get("client_secret")
+        where = f"{prefix}CLIENT_ID" if not entry else f"openpanel_projects[{name!r}]"
+        if not client_id:
+            raise ConfigurationError(
+                f"project {name!r} has no client id: set {where} on the workers"
+            )
+        if not secret:
+            raise ConfigurationError(
+                f"project {name!r} has no client secret: set {prefix}CLIENT_SECRET on the "
+                "workers (server-side requests always need it)"
+            )
+        api_url = str(get("api_url") or self._env.get("OPENPANEL_API_URL") or DEFAULT_API_URL)
+        burst = get("rate_burst")
+        return Project(
+            name=name,
+            client_id=str(client_id),
+            client_secret=secret if isinstance(secret, Secret) else Secret(str(secret)),
+            api_url=check_api_url(api_url, allow_insecure=self.allow_insecure_http),
+            rate_limit=get("rate_limit") or None,
+            rate_burst=None if burst in (None, "") else _as_int(f"{prefix}RATE_BURST", burst),
+        )
+
+
+def _env_name(project: str) -> str:
+    return project.upper().replace("-", "_").replace(".", "_")
+
+
+def check_api_url(url: str, *, allow_insecure: bool) -> str:
+    """Return the API URL without a trailing slash; refuse plain http to non-loopback hosts."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigurationError(
+            f"OPENPANEL_API_URL must be an http(s) URL such as {DEFAULT_API_URL}, got {url!r}"
+        )
+    if parts.scheme == "http" and not allow_insecure and not _is_loopback(parts.hostname):
+        raise ConfigurationError(
+            f"OPENPANEL_API_URL {url!r} is plain http to a non-loopback host, which would send "
+            "the client secret in clear text: use https, or set OPENPANEL_ALLOW_INSECURE_HTTP=1"
+        )
+    return url.rstrip("/")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _as_int(name: str, value: object) -> int:
+    try:
+        number = int(str(value))
+    except ValueError:
+        raise ConfigurationError(f"{name} must be a whole number, got {value!r}") from None
+    if number < 0:
+        raise ConfigurationError(f"{name} must not be negative, got {value!r}")
+    return number
+
+
+def _as_float(name: str, value: object) -> float:
+    try:
+        number = float(str(value))
+    except ValueError:
+        raise ConfigurationError(f"{name} must be a number of seconds, got {value!r}") from None
+    if not number >= 0:
+        raise ConfigurationError(f"{name} must not be negative, got {value!r}")
+    return number
+
+
+def _as_bool(name: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigurationError(f"{name} must be true or false, got {value!r}")
+
+
+def load_settings(
+    conf: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Build the settings from ``env`` (default: ``os.environ``) and a Celery config mapping,
+    whose lower-case keys override the environment variables of the same name."""
+    env = dict(os.environ if env is None else env)
+    conf = dict(conf or {})
+
+    def get(name: str) -> Any:
+        value = conf.get(name.lower())
+        return env.get(name) if value is None else value
+
+    broker_url, source = DEFAULT_BROKER_URL, "default"
+    for name in ("OP_CELERY_BROKER_URL", "CELERY_BROKER_URL", "REDIS_URL"):
+        if get(name):
+            broker_url, source = str(get(name)), name
+            break
+    redis_url = get("OP_CELERY_REDIS_URL") or (
+        broker_url if broker_url.startswith(("redis://", "rediss://", "unix://")) else None
+    )
+
+    def number(name: str, default: float) -> float:
+        value = get(name)
+        return default if value in (None, "") else _as_float(name, value)
+
+    def whole(name: str, default: int) -> int:
+        value = get(name)
+        return default if value in (None, "") else _as_int(name, value)
+
+    settings = Settings(
+        broker_url=broker_url,
+        broker_url_source=source,
+        broker_key_prefix=str(get("OP_CELERY_BROKER_KEY_PREFIX") or ""),
+        redis_url=str(redis_url) if redis_url else None,
+        queue=str(get("OP_CELERY_QUEUE") or DEFAULT_QUEUE),
+        visibility_timeout_s=number("OP_CELERY_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT_S),
+        connect_timeout_s=number("OP_CELERY_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT_S),
+        read_timeout_s=number("OP_CELERY_READ_TIMEOUT", DEFAULT_READ_TIMEOUT_S),
+        max_retries=whole("OP_CELERY_MAX_RETRIES", DEFAULT_MAX_RETRIES),
+        retry_backoff_s=number("OP_CELERY_RETRY_BACKOFF", DEFAULT_RETRY_BACKOFF_S),
+        retry_backoff_max_s=number("OP_CELERY_RETRY_BACKOFF_MAX", DEFAULT_RETRY_BACKOFF_MAX_S),
+        profile_not_found_retries=whole(
+            "OP_CELERY_PROFILE_NOT_FOUND_RETRIES", DEFAULT_PROFILE_NOT_FOUND_RETRIES
+        ),
+        allow_insecure_http=_as_bool(
+            "OPENPANEL_ALLOW_INSECURE_HTTP",
+            get("OPENPANEL_ALLOW_INSECURE_HTTP") or False,
+        ),
+        _env=env,
+        _conf=conf,
+    )
+    if settings.visibility_timeout_s < 10:
+        raise ConfigurationError(
+            "OP_CELERY_VISIBILITY_TIMEOUT must be at least 10 seconds, "
+            f"got {settings.visibility_timeout_s:g}"
+        )
+    if settings.retry_backoff_max_s > settings.max_countdown_s:
+        raise ConfigurationError(
+            f"OP_CELERY_RETRY_BACKOFF_MAX ({settings.retry_backoff_max_s:g} s) must be at most "
+            f"half of OP_CELERY_VISIBILITY_TIMEOUT ({settings.visibility_timeout_s:g} s), or a "
+            "waiting retry would be redelivered to a second worker"
+        )
+    return settings

@@ -1,0 +1,343 @@
+"""The typed Celery tasks, one per OpenPanel operation, and their base class.
+
+In the caller, ``apply_async`` (and so ``delay`` and signatures) validates the call with the
+operation's builder and enqueues plain JSON: the caller's arguments with defaults filled in,
+an event id, and for ``track`` the time of the call. On the worker, ``run`` builds the event
+again from the message, looks up the project's credentials, and sends it. Transient failures go
+through Celery's autoretry to ``retry``, which asks ``_retry.decide`` for the countdown;
+permanent ones are logged once and handed to the failure hooks (the dead letters).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, ClassVar, cast
+
+from celery import Task, shared_task
+from celery.exceptions import Ignore
+from celery.local import Proxy
+
+from ._app import publishing_app, settings_for
+from ._client import OpenPanelClient
+from ._events import Event, build_event, normalize_call
+from ._exceptions import (
+    ConfigurationError,
+    InvalidEvent,
+    PermanentError,
+    TransientError,
+)
+from ._retry import decide
+from ._settings import Settings
+
+if TYPE_CHECKING:
+    from celery.result import AsyncResult
+
+__all__ = [
+    "AliasTask",
+    "AssignGroupTask",
+    "DecrementTask",
+    "GroupTask",
+    "IdentifyTask",
+    "IncrementTask",
+    "OpenPanelTask",
+    "TrackTask",
+    "alias",
+    "assign_group",
+    "decrement",
+    "failure_hooks",
+    "group",
+    "identify",
+    "increment",
+    "track",
+]
+
+log = logging.getLogger("op_celery")
+
+JSON = Mapping[str, Any]
+
+#: Called with (task, event or None, message kwargs, error) when an event is given up for good.
+FailureHook = Callable[["OpenPanelTask", Event | None, dict[str, Any], BaseException], None]
+failure_hooks: list[FailureHook] = []
+
+_clients: dict[tuple[int, str], OpenPanelClient] = {}
+_clients_lock = threading.Lock()
+
+
+def client_for(settings: Settings, project: str) -> OpenPanelClient:
+    """The worker's client for a project, made once per settings object and project."""
+    key = (id(settings), project)
+    client = _clients.get(key)
+    if client is None:
+        with _clients_lock:
+            client = _clients.get(key)
+            if client is None:
+                client = OpenPanelClient.for_project(
+                    settings.project(project),
+                    connect_timeout_s=settings.connect_timeout_s,
+                    read_timeout_s=settings.read_timeout_s,
+                )
+                _clients[key] = client
+    return client
+
+
+if TYPE_CHECKING:
+    _TaskBase = Task[..., None]
+else:
+    _TaskBase = Task
+
+
+class OpenPanelTask(_TaskBase):
+    """Base of the operation tasks: validation at publish, delivery and retry decisions."""
+
+    operation: ClassVar[str]
+    #: A worker killed mid-task leaves its event on the broker to be delivered by another.
+    acks_late = True
+    reject_on_worker_lost = True
+    ignore_result = True
+    serializer = "json"
+    #: Validation is ours (``normalize_call``); Celery's signature check would only repeat it.
+    typing = False
+    autoretry_for = (TransientError,)
+    #: The limit is applied by ``_retry.decide``, which knows the 404 and 429 rules.
+    max_retries = None
+
+    def delay(self, *args: Any, **kwargs: Any) -> AsyncResult[Any]:
+        """Validate and enqueue; each operation's class declares its typed signature."""
+        return self.apply_async(args, kwargs)
+
+    @property
+    def settings(self) -> Settings:
+        return settings_for(self.app)
+
+    def apply_async(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        task_id: str | None = None,
+        producer: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        shadow: str | None = None,
+        **options: Any,
+    ) -> AsyncResult[Any]:
+        """Validate the call (raising :class:`InvalidEvent`), then enqueue it as JSON."""
+        message = normalize_call(self.operation, tuple(args or ()), kwargs)
+        options.setdefault("queue", self.settings.queue)
+        options["serializer"] = "json"
+        return super().apply_async(
+            (), message, task_id, producer, link, link_error, shadow, **options
+        )
+
+    def run(self, **kwargs: Any) -> None:
+        """Deliver one event (on the worker, or in the caller when called directly)."""
+        event: Event | None = None
+        try:
+            event = build_event(self.operation, kwargs)
+            client_for(self.settings, event.project).send(event)
+        except (PermanentError, InvalidEvent, ConfigurationError) as exc:
+            self.give_up(event, kwargs, exc, "refused")
+
+    def retry(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        exc: Exception | None = None,
+        throw: bool = True,
+        eta: Any = None,
+        countdown: float | None = None,
+        max_retries: int | None = None,
+        **options: Any,
+    ) -> Any:
+        """Retry after the countdown ``_retry.decide`` gives, or give the event up."""
+        if exc is not None and countdown is None and eta is None:
+            decision = decide(exc, self.request.retries, self.settings)
+            if not decision.retry:
+                self.give_up(None, dict(self.request.kwargs or {}), exc, decision.reason)
+            countdown = decision.countdown_s
+        return super().retry(
+            args,
+            kwargs,
+            exc=exc,
+            throw=throw,
+            eta=eta,
+            countdown=countdown,
+            max_retries=max_retries,
+            **options,
+        )
+
+    def give_up(
+        self,
+        event: Event | None,
+        kwargs: dict[str, Any],
+        error: BaseException,
+        reason: str,
+    ) -> None:
+        """Log one line, hand the event to the failure hooks, and end the task as ignored."""
+        status = getattr(error, "status", None)
+        log.warning(
+            "op_celery: %s event %s of project %r given up (%s, after %d retries, status %s): %s",
+            self.operation,
+            kwargs.get("event_id"),
+            kwargs.get("project", "default"),
+            reason,
+            self.request.retries or 0,
+            status,
+            error,
+        )
+        for hook in failure_hooks:
+            try:
+                hook(self, event, kwargs, error)
+            except Exception:  # a broken hook must not lose the log line or crash the worker
+                log.exception("op_celery: failure hook %r failed", hook)
+        if self.request.called_directly:
+            raise error
+        # Handled: the message is acked and Celery does not log a second traceback.
+        raise Ignore()
+
+
+class TrackTask(OpenPanelTask):
+    operation = "track"
+
+    if TYPE_CHECKING:
+
+        def delay(
+            self,
+            name: str,
+            properties: JSON | None = None,
+            profile_id: str | int | None = None,
+            groups: Sequence[str] | None = None,
+            timestamp: datetime | None = None,
+            *,
+            client_ip: str | None = None,
+            user_agent: str | None = None,
+            project: str = "default",
+        ) -> AsyncResult[Any]:
+            """Enqueue a ``track`` event; ``timestamp`` defaults to now."""
+            ...
+
+
+class IdentifyTask(OpenPanelTask):
+    operation = "identify"
+
+    if TYPE_CHECKING:
+
+        def delay(
+            self,
+            profile_id: str | int,
+            first_name: str | None = None,
+            last_name: str | None = None,
+            email: str | None = None,
+            avatar: str | None = None,
+            properties: JSON | None = None,
+            *,
+            client_ip: str | None = None,
+            user_agent: str | None = None,
+            project: str = "default",
+        ) -> AsyncResult[Any]:
+            """Enqueue an ``identify``: create or update a profile."""
+            ...
+
+
+class AliasTask(OpenPanelTask):
+    operation = "alias"
+
+    if TYPE_CHECKING:
+
+        def delay(
+            self,
+            profile_id: str | int,
+            alias: str,
+            *,
+            client_ip: str | None = None,
+            user_agent: str | None = None,
+            project: str = "default",
+        ) -> AsyncResult[Any]:
+            """Enqueue an ``alias`` (current OpenPanel servers answer "Alias is not supported")."""
+            ...
+
+
+class _CounterTask(OpenPanelTask):
+    if TYPE_CHECKING:
+
+        def delay(
+            self,
+            profile_id: str | int,
+            property: str,
+            value: float = 1,
+            *,
+            client_ip: str | None = None,
+            user_agent: str | None = None,
+            project: str = "default",
+        ) -> AsyncResult[Any]:
+            """Enqueue a change of a numeric profile property by a positive ``value``."""
+            ...
+
+
+class IncrementTask(_CounterTask):
+    operation = "increment"
+
+
+class DecrementTask(_CounterTask):
+    operation = "decrement"
+
+
+class GroupTask(OpenPanelTask):
+    operation = "group"
+
+    if TYPE_CHECKING:
+
+        def delay(
+            self,
+            id: str,
+            type: str,
+            name: str,
+            properties: JSON | None = None,
+            *,
+            client_ip: str | None = None,
+            user_agent: str | None = None,
+            project: str = "default",
+        ) -> AsyncResult[Any]:
+            """Enqueue a ``group``: create or update a group."""
+            ...
+
+
+class AssignGroupTask(OpenPanelTask):
+    operation = "assign_group"
+
+    if TYPE_CHECKING:
+
+        def delay(
+            self,
+            group_ids: Sequence[str],
+            profile_id: str | int | None = None,
+            *,
+            client_ip: str | None = None,
+            user_agent: str | None = None,
+            project: str = "default",
+        ) -> AsyncResult[Any]:
+            """Enqueue an ``assign_group``: put a profile into groups."""
+            ...
+
+
+def _deliver(self: OpenPanelTask, **kwargs: Any) -> None:
+    OpenPanelTask.run(self, **kwargs)
+
+
+def _shared(base: type[OpenPanelTask]) -> Any:
+    """Register ``base`` as a shared task on every Celery app (present and future) and return
+    a proxy that resolves it on the app that publishes: the user's, else the package's."""
+    name = f"op_celery.{base.operation}"
+    shared_task(base=base, bind=True, name=name)(cast(Any, _deliver))
+    return Proxy(lambda: publishing_app().tasks[name])
+
+
+track: TrackTask = _shared(TrackTask)
+identify: IdentifyTask = _shared(IdentifyTask)
+alias: AliasTask = _shared(AliasTask)
+increment: IncrementTask = _shared(IncrementTask)
+decrement: DecrementTask = _shared(DecrementTask)
+group: GroupTask = _shared(GroupTask)
+assign_group: AssignGroupTask = _shared(AssignGroupTask)

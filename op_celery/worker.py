@@ -1,0 +1,13 @@
+"""The package's own Celery app, for users who have none::
+
+    celery -A op_celery.worker worker --pool threads --concurrency 8
+
+It reads the settings from the environment (see the README), consumes the ``openpanel`` queue
+(``OP_CELERY_QUEUE``) and delivers every event to the OpenPanel API.
+"""
+
+from ._app import package_app
+
+__all__ = ["app"]
+
+app = package_app()
