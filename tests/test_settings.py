@@ -1,0 +1,80 @@
+"""Settings come from the environment, Celery config overrides them, secrets stay hidden."""
+
+from __future__ import annotations
+
+import pytest
+
+from op_celery import ConfigurationError, Secret, load_settings
+
+ENV = {
+    "OPENPANEL_CLIENT_ID": "cid",
+    "OPENPANEL_CLIENT_SECRET": "top-secret",
+    "OPENPANEL_SHOP_CLIENT_ID": "shop-id",
+    "OPENPANEL_SHOP_CLIENT_SECRET": "shop-secret",
+    "OPENPANEL_SHOP_API_URL": "https://analytics.shop.example",
+}
+
+
+def test_broker_url_prefers_op_celery_then_celery_then_redis_url() -> None:
+    assert load_settings(env={"REDIS_URL": "redis://r/1"}).broker_url == "redis://r/1"
+    env = {"REDIS_URL": "redis://r/1", "CELERY_BROKER_URL": "amqp://c//"}
+    assert load_settings(env=env).broker_url == "amqp://c//"
+    env["OP_CELERY_BROKER_URL"] = "redis://o/2"
+    settings = load_settings(env=env)
+    assert (settings.broker_url, settings.broker_url_source) == ("redis://o/2", "OP_CELERY_BROKER_URL")
+
+
+def test_celery_config_overrides_the_environment() -> None:
+    settings = load_settings({"op_celery_queue": "analytics"}, env={"OP_CELERY_QUEUE": "x"})
+    assert settings.queue == "analytics"
+    project = load_settings({"openpanel_client_id": "from-conf"}, env=ENV).project()
+    assert project.client_id == "from-conf"
+
+
+def test_named_projects_have_their_own_credentials() -> None:
+    settings = load_settings(env=ENV)
+    shop = settings.project("shop")
+    assert (shop.client_id, shop.client_secret.reveal()) == ("shop-id", "shop-secret")
+    assert shop.api_url == "https://analytics.shop.example"
+    assert settings.project().client_id == "cid"
+    conf = {"openpanel_projects": {"blog": {"client_id": "b", "client_secret": "s"}}}
+    assert load_settings(conf, env=ENV).project("blog").client_id == "b"
+
+
+def test_unknown_project_names_the_variables_to_set() -> None:
+    with pytest.raises(ConfigurationError, match="OPENPANEL_BLOG_CLIENT_ID"):
+        load_settings(env=ENV).project("blog")
+    with pytest.raises(ConfigurationError, match="CLIENT_SECRET"):
+        load_settings(env={"OPENPANEL_CLIENT_ID": "x"}).project()
+
+
+def test_secrets_are_redacted_in_repr() -> None:
+    project = load_settings(env=ENV).project()
+    assert "top-secret" not in repr(project)
+    assert "top-secret" not in str(project.client_secret)
+    assert "top-secret" not in repr(load_settings(env=ENV))
+    assert Secret("a") == Secret("a")
+
+
+def test_plain_http_is_refused_unless_loopback_or_allowed() -> None:
+    env = {**ENV, "OPENPANEL_API_URL": "http://analytics.example.com"}
+    with pytest.raises(ConfigurationError, match="https"):
+        load_settings(env=env).project()
+    assert load_settings(env={**env, "OPENPANEL_ALLOW_INSECURE_HTTP": "1"}).project()
+    for url in ("http://127.0.0.1:8080", "http://localhost:1", "http://[::1]:9"):
+        assert load_settings(env={**ENV, "OPENPANEL_API_URL": url}).project().api_url == url
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "fragment"),
+    [
+        ("OP_CELERY_VISIBILITY_TIMEOUT", "soon", "number of seconds"),
+        ("OP_CELERY_MAX_RETRIES", "-1", "negative"),
+        ("OPENPANEL_ALLOW_INSECURE_HTTP", "maybe", "true or false"),
+        ("OP_CELERY_RETRY_BACKOFF_MAX", "1000", "half of OP_CELERY_VISIBILITY_TIMEOUT"),
+    ],
+)
+def test_bad_values_name_the_setting(name: str, value: str, fragment: str) -> None:
+    with pytest.raises(ConfigurationError, match=name) as caught:
+        load_settings(env={name: value})
+    assert fragment in str(caught.value)
