@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urlsplit
 
+from ._context import current_request
 from ._exceptions import InvalidEvent
 
 __all__ = ["OPERATIONS", "Event", "build_event", "normalize_call"]
@@ -428,6 +429,13 @@ def normalize_call(
     """
     params = _ALL_PARAMS[operation]
     bound = _bind(operation, params, args or (), kwargs or {})
+    if bound["client_ip"] is None or bound["user_agent"] is None:
+        context = current_request()
+        if context is not None:
+            if bound["client_ip"] is None:
+                bound["client_ip"] = context.client_ip
+            if bound["user_agent"] is None:
+                bound["user_agent"] = context.user_agent
     if bound["event_id"] is None:
         bound["event_id"] = uuid.uuid4().hex
     if operation == "track" and bound["timestamp"] is None:

@@ -131,9 +131,11 @@ class OpenPanelTask(_TaskBase):
             (), message, task_id, producer, link, link_error, shadow, **options
         )
 
-    def run(self, **kwargs: Any) -> None:
+    def run(self, *args: Any, **kwargs: Any) -> None:
         """Deliver one event (on the worker, or in the caller when called directly)."""
         event: Event | None = None
+        if args:  # a direct call such as track("signup"); messages carry keywords only
+            kwargs = normalize_call(self.operation, args, kwargs)
         try:
             event = build_event(self.operation, kwargs)
             client_for(self.settings, event.project).send(event)
@@ -322,8 +324,8 @@ class AssignGroupTask(OpenPanelTask):
             ...
 
 
-def _deliver(self: OpenPanelTask, **kwargs: Any) -> None:
-    OpenPanelTask.run(self, **kwargs)
+def _deliver(self: OpenPanelTask, *args: Any, **kwargs: Any) -> None:
+    OpenPanelTask.run(self, *args, **kwargs)
 
 
 def _shared(base: type[OpenPanelTask]) -> Any:

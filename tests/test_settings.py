@@ -21,7 +21,10 @@ def test_broker_url_prefers_op_celery_then_celery_then_redis_url() -> None:
     assert load_settings(env=env).broker_url == "amqp://c//"
     env["OP_CELERY_BROKER_URL"] = "redis://o/2"
     settings = load_settings(env=env)
-    assert (settings.broker_url, settings.broker_url_source) == ("redis://o/2", "OP_CELERY_BROKER_URL")
+    assert (settings.broker_url, settings.broker_url_source) == (
+        "redis://o/2",
+        "OP_CELERY_BROKER_URL",
+    )
 
 
 def test_celery_config_overrides_the_environment() -> None:

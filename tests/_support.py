@@ -1,0 +1,109 @@
+"""Helpers for tests that run real worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+CLIENT_ID = "6f1d2c3b-4a5e-4f60-8b7c-9d0e1f2a3b4c"
+CLIENT_SECRET = "sec_test_do-not-leak-8c1f"
+REDIS_URL = os.environ.get("OP_CELERY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+#: Seconds a worker gets to say it is ready.
+WORKER_START_TIMEOUT_S = 30.0
+
+
+def worker_env(api_url: str, redis_url: str, key_prefix: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OPENPANEL_", "OP_CELERY_", "CELERY_"))
+    }
+    env.update(
+        OPENPANEL_CLIENT_ID=CLIENT_ID,
+        OPENPANEL_CLIENT_SECRET=CLIENT_SECRET,
+        OPENPANEL_API_URL=api_url,
+        OP_CELERY_BROKER_URL=redis_url,
+        OP_CELERY_BROKER_KEY_PREFIX=key_prefix,
+        OP_CELERY_QUEUE=f"openpanel-test-{uuid.uuid4().hex[:8]}",
+        # Short backoff: the tests check the retry rules, not the waiting.
+        OP_CELERY_RETRY_BACKOFF="0.05",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+class WorkerProcess:
+    """One ``celery -A op_celery.worker worker`` subprocess, stopped by PID."""
+
+    def __init__(self, env: dict[str, str], pool: str | None = None) -> None:
+        self.env = env
+        self.pool = env.pop("POOL", pool or "threads")
+        self.concurrency = env.pop("CONCURRENCY", "4")
+        self.log_path = Path(tempfile.mkstemp(prefix="op-celery-worker-", suffix=".log")[1])
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        command = [
+            sys.executable, "-m", "celery", "-A", "op_celery.worker", "worker",
+            "--pool", self.pool, "--concurrency", self.concurrency, "--loglevel", "INFO",
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+            "--hostname", f"test-{uuid.uuid4().hex[:8]}@%h",
+        ]  # fmt: skip
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if " ready." in self.log:
+                return
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited at start:\n{self.log}")
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"worker not ready in {WORKER_START_TIMEOUT_S} s:\n{self.log}")
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its pool children, as a crash would."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+def wait_until(predicate: object, timeout: float = 20.0, interval: float = 0.05) -> bool:
+    """Poll ``predicate()`` until true or the timeout passes."""
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+__all__ = ["CLIENT_ID", "CLIENT_SECRET", "REDIS_URL", "WorkerProcess", "wait_until", "worker_env"]

@@ -1,0 +1,158 @@
+"""The client against a real HTTP server: headers, and every answer of the contract."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+
+from op_celery import (
+    AliasNotSupported,
+    AuthenticationError,
+    ConfigurationError,
+    InvalidPayload,
+    NetworkError,
+    OpenPanelClient,
+    PermanentError,
+    ProfileNotFound,
+    RateLimited,
+    ServerError,
+    build_event,
+)
+from op_celery.testing import StandInServer
+
+from ._support import CLIENT_ID, CLIENT_SECRET
+
+
+@pytest.fixture
+def client(stand_in: StandInServer) -> OpenPanelClient:
+    return OpenPanelClient(CLIENT_ID, CLIENT_SECRET, stand_in.url, read_timeout_s=2.0)
+
+
+def test_an_accepted_event_returns_the_servers_answer(
+    client: OpenPanelClient, stand_in: StandInServer
+) -> None:
+    delivered = client.send(build_event("track", {"name": "signup"}))
+    assert delivered.status == 200
+    assert isinstance(delivered.body, dict) and "deviceId" in delivered.body
+    [received] = stand_in.received
+    assert received.headers["openpanel-client-secret"] == CLIENT_SECRET
+    assert received.headers["content-type"] == "application/json"
+
+
+def test_a_plain_text_401_is_an_authentication_error_without_the_secret(
+    stand_in: StandInServer,
+) -> None:
+    client = OpenPanelClient(CLIENT_ID, "wrong-secret-77", stand_in.url)
+    with pytest.raises(AuthenticationError) as caught:
+        client.send(build_event("track", {"name": "x"}))
+    assert caught.value.status == 401
+    assert caught.value.server_message is not None
+    assert caught.value.server_message.startswith("Ingestion:")
+    assert "wrong-secret-77" not in str(caught.value)
+    assert "wrong-secret-77" not in repr(client)
+
+
+def test_a_400_carries_the_servers_message(client: OpenPanelClient) -> None:
+    # The builders refuse this name; a message from elsewhere can still carry it.
+    event = build_event("track", {"name": "ok"})
+    event.body["payload"]["name"] = ""
+    with pytest.raises(InvalidPayload) as caught:
+        client.send(event)
+    assert caught.value.status == 400
+    assert "Invalid input" in str(caught.value)
+
+
+def test_alias_is_not_supported(client: OpenPanelClient) -> None:
+    with pytest.raises(AliasNotSupported, match="Alias is not supported"):
+        client.send(build_event("alias", {"profile_id": "u", "alias": "a"}))
+
+
+def test_a_counter_on_an_unknown_profile_is_profile_not_found(client: OpenPanelClient) -> None:
+    with pytest.raises(ProfileNotFound):
+        client.send(build_event("increment", {"profile_id": "nobody", "property": "n"}))
+    client.send(build_event("identify", {"profile_id": "nobody"}))
+    client.send(build_event("increment", {"profile_id": "nobody", "property": "n"}))
+
+
+def test_a_429_gives_the_retry_after_in_seconds(
+    client: OpenPanelClient, stand_in: StandInServer
+) -> None:
+    stand_in.set_rate_limit(1, 10)
+    client.send(build_event("track", {"name": "a"}))
+    with pytest.raises(RateLimited) as caught:
+        client.send(build_event("track", {"name": "b"}))
+    assert caught.value.status == 429
+    assert caught.value.retry_after is not None and 1 <= caught.value.retry_after <= 10
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+def test_5xx_and_proxy_html_are_server_errors(
+    client: OpenPanelClient, stand_in: StandInServer, status: int
+) -> None:
+    stand_in.fail_next(1, status=status, body="<html><body><h1>Bad gateway</h1></body></html>")
+    with pytest.raises(ServerError) as caught:
+        client.send(build_event("track", {"name": "x"}))
+    assert caught.value.status == status
+
+
+def test_a_dropped_connection_is_a_network_error(
+    client: OpenPanelClient, stand_in: StandInServer
+) -> None:
+    stand_in.drop_next(1)
+    with pytest.raises(NetworkError):
+        client.send(build_event("track", {"name": "x"}))
+
+
+def test_a_slow_server_times_out_as_a_network_error(stand_in: StandInServer) -> None:
+    client = OpenPanelClient(CLIENT_ID, CLIENT_SECRET, stand_in.url, read_timeout_s=0.2)
+    stand_in.set_latency(1.0)
+    with pytest.raises(NetworkError, match="timed out"):
+        client.send(build_event("track", {"name": "x"}))
+
+
+def test_a_refused_connection_is_a_network_error() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    client = OpenPanelClient(CLIENT_ID, CLIENT_SECRET, f"http://127.0.0.1:{port}")
+    with pytest.raises(NetworkError, match="no answer"):
+        client.send(build_event("track", {"name": "x"}))
+
+
+def test_an_unexpected_404_points_at_the_api_url(stand_in: StandInServer) -> None:
+    client = OpenPanelClient(CLIENT_ID, CLIENT_SECRET, stand_in.url + "/wrong")
+    with pytest.raises(PermanentError, match="OPENPANEL_API_URL"):
+        client.send(build_event("track", {"name": "x"}))
+
+
+def test_plain_http_to_a_remote_host_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="https"):
+        OpenPanelClient(CLIENT_ID, CLIENT_SECRET, "http://api.example.com")
+
+
+def test_each_thread_and_process_gets_its_own_session(client: OpenPanelClient) -> None:
+    sessions: list[object] = []
+    thread = threading.Thread(target=lambda: sessions.append(client.session))
+    thread.start()
+    thread.join()
+    assert sessions[0] is not client.session
+    assert client.session is client.session
+
+
+def test_the_client_is_safe_under_a_thread_pool(
+    client: OpenPanelClient, stand_in: StandInServer
+) -> None:
+    many_threads = 8
+
+    def send_some() -> None:
+        for i in range(20):
+            client.send(build_event("track", {"name": f"t{i}"}))
+
+    threads = [threading.Thread(target=send_some) for _ in range(many_threads)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(stand_in.received) == 20 * many_threads

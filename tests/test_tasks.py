@@ -1,0 +1,205 @@
+"""End to end: a real Redis broker, real ``celery worker`` processes, the stand-in server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+import pytest
+import redis
+from celery import Celery
+
+import op_celery
+from op_celery import InvalidEvent
+from op_celery.testing import StandInServer
+
+from ._support import CLIENT_ID, CLIENT_SECRET, WorkerProcess, wait_until
+
+
+def queued(redis_client: redis.Redis, env: dict[str, str]) -> list[bytes]:
+    key = env["OP_CELERY_BROKER_KEY_PREFIX"] + env["OP_CELERY_QUEUE"]
+    return list(redis_client.lrange(key, 0, -1))
+
+
+def enqueue_every_operation() -> None:
+    ua = "Mozilla/5.0 (X11; Linux x86_64) Firefox/140.0"
+    op_celery.identify.delay("u1", first_name="Ada", email="ada@example.com", user_agent=ua)
+    op_celery.track.delay(
+        "signup", properties={"plan": "pro"}, profile_id="u1", groups=["acme"],
+        timestamp=datetime(2026, 11, 26, 9, 30, tzinfo=timezone.utc),
+        client_ip="203.0.113.7", user_agent=ua,
+    )  # fmt: skip
+    op_celery.increment.delay("u1", "logins")
+    op_celery.decrement.delay("u1", "credits", value=2)
+    op_celery.group.delay("acme", "company", "Acme Inc", properties={"seats": 5})
+    op_celery.assign_group.delay(["acme"], profile_id="u1")
+
+
+def test_each_operation_arrives_with_the_right_body_and_headers(
+    producer: Celery,
+    start_worker: Callable[..., WorkerProcess],
+    stand_in: StandInServer,
+) -> None:
+    start_worker()
+    # The identify must be processed before the counters, or the stand-in answers 404.
+    op_celery.identify.delay("u1")
+    assert stand_in.wait_for(1)
+    enqueue_every_operation()
+    assert stand_in.wait_for(7, timeout=20)
+    by_type = {r.type: r for r in stand_in.received}
+    assert set(by_type) == {
+        "identify", "track", "increment", "decrement", "group", "assign_group"
+    }  # fmt: skip
+    track = by_type["track"]
+    assert track.payload == {
+        "name": "signup",
+        "properties": {"plan": "pro", "__timestamp": "2026-11-26T09:30:00.000Z"},
+        "profileId": "u1",
+        "groups": ["acme"],
+    }
+    assert track.headers["openpanel-client-id"] == CLIENT_ID
+    assert track.headers["openpanel-client-secret"] == CLIENT_SECRET
+    assert track.headers["openpanel-sdk-name"] == "op-celery"
+    assert track.headers["openpanel-sdk-version"] == op_celery.__version__
+    assert track.headers["openpanel-client-ip"] == "203.0.113.7"
+    assert track.headers["x-client-ip"] == "203.0.113.7"
+    assert track.headers["user-agent"].startswith("Mozilla/5.0")
+    assert len(track.headers["request-id"]) == 32
+    assert by_type["increment"].payload == {"profileId": "u1", "property": "logins", "value": 1}
+    assert by_type["decrement"].payload["value"] == 2
+    assert by_type["increment"].headers["user-agent"] == f"op-celery/{op_celery.__version__}"
+    assert "openpanel-client-ip" not in by_type["increment"].headers
+    assert by_type["group"].payload == {
+        "id": "acme", "type": "company", "name": "Acme Inc", "properties": {"seats": 5}
+    }  # fmt: skip
+    assert by_type["assign_group"].payload == {"groupIds": ["acme"], "profileId": "u1"}
+
+
+def test_invalid_input_raises_in_the_caller_and_enqueues_nothing(
+    producer: Celery, redis_client: redis.Redis, env: dict[str, str]
+) -> None:
+    bad_calls: list[Callable[[], object]] = [
+        lambda: op_celery.track.delay(""),
+        lambda: op_celery.track.delay("x", properties={"d": datetime.now()}),
+        lambda: op_celery.track.delay(nme="x"),  # type: ignore[call-arg]
+        lambda: op_celery.increment.delay("u1", "v", value="2"),  # type: ignore[arg-type]
+        lambda: op_celery.identify.delay(None),  # type: ignore[arg-type]
+        lambda: op_celery.identify.apply_async(kwargs={"profile_id": "u", "email": "nope"}),
+        lambda: op_celery.track.s(name="session_end").delay(),
+    ]
+    for call in bad_calls:
+        with pytest.raises(InvalidEvent):
+            call()
+    assert queued(redis_client, env) == []
+
+
+def test_messages_are_json_with_the_project_name_and_no_secret(
+    producer: Celery, redis_client: redis.Redis, env: dict[str, str]
+) -> None:
+    op_celery.track.delay("signup", profile_id="u1", project="default")
+    [raw] = queued(redis_client, env)
+    assert CLIENT_SECRET.encode() not in raw
+    message = json.loads(raw)
+    assert message["content-type"] == "application/json"
+    assert message["headers"]["task"] == "op_celery.track"
+    body = json.loads(__import__("base64").b64decode(message["body"]))
+    args, kwargs, _ = body
+    assert args == []
+    assert kwargs["name"] == "signup" and kwargs["project"] == "default"
+    assert "secret" not in json.dumps(kwargs).lower()
+
+
+def test_a_503_then_success_delivers_exactly_once(
+    producer: Celery, start_worker: Callable[..., WorkerProcess], stand_in: StandInServer
+) -> None:
+    stand_in.fail_next(1, status=503)
+    start_worker()
+    op_celery.track.delay("retry-me")
+    assert stand_in.wait_for(1, timeout=20)
+    time.sleep(1.0)  # room for a wrong second delivery to show up
+    assert [r.payload["name"] for r in stand_in.received] == ["retry-me"]
+    assert [r.status for r in stand_in.requests] == [503, 200]
+
+
+def test_a_429_with_retry_after_is_retried_no_sooner_than_it_says(
+    producer: Celery, start_worker: Callable[..., WorkerProcess], stand_in: StandInServer
+) -> None:
+    stand_in.fail_next(
+        1,
+        status=429,
+        body='{"status":429,"error":"Too Many Requests","message":"slow down"}',
+        headers={"retry-after": "2", "content-type": "application/json"},
+    )
+    start_worker()
+    op_celery.track.delay("throttled")
+    assert stand_in.wait_for(1, timeout=20)
+    first, second = stand_in.requests
+    assert (first.status, second.status) == (429, 200)
+    assert second.at - first.at >= 2.0
+
+
+def test_a_401_is_tried_once_and_logged_once_without_the_secret(
+    producer: Celery, start_worker: Callable[..., WorkerProcess], stand_in: StandInServer
+) -> None:
+    worker = start_worker(OPENPANEL_CLIENT_SECRET="wrong-secret-0d9e")
+    op_celery.track.delay("denied")
+    assert wait_until(lambda: len(stand_in.requests) >= 1)
+    assert wait_until(lambda: "given up" in worker.log)
+    time.sleep(1.0)
+    assert [r.status for r in stand_in.requests] == [401]
+    log = worker.log
+    assert log.count("given up") == 1
+    assert "Ingestion:" in log and "401" in log
+    assert "wrong-secret-0d9e" not in log
+
+
+def test_alias_is_reported_as_not_supported(
+    producer: Celery, start_worker: Callable[..., WorkerProcess], stand_in: StandInServer
+) -> None:
+    worker = start_worker()
+    op_celery.alias.delay("u1", "anon-7")
+    assert wait_until(lambda: "given up" in worker.log)
+    assert "Alias is not supported" in worker.log
+    assert [r.status for r in stand_in.requests] == [400]
+
+
+def test_profile_not_found_is_retried_until_the_identify_lands(
+    producer: Celery, start_worker: Callable[..., WorkerProcess], stand_in: StandInServer
+) -> None:
+    start_worker()
+    op_celery.increment.delay("late-user", "visits")
+    assert wait_until(lambda: len(stand_in.requests) >= 1)
+    op_celery.identify.delay("late-user")
+    assert stand_in.wait_for(2, timeout=20)
+    assert sorted(r.type for r in stand_in.received) == ["identify", "increment"]
+    assert 404 in [r.status for r in stand_in.requests]
+
+
+def test_a_script_without_an_app_publishes_through_the_package_app(
+    start_worker: Callable[..., WorkerProcess], stand_in: StandInServer, env: dict[str, str]
+) -> None:
+    start_worker()
+    script = "import op_celery; op_celery.track.delay('from-a-script', profile_id=1)"
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=30)
+    assert stand_in.wait_for(1, timeout=20)
+    assert stand_in.received[0].payload["name"] == "from-a-script"
+
+
+def test_calling_a_task_directly_sends_in_the_caller(
+    stand_in: StandInServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = Celery("direct", set_as_current=True)
+    app.conf.update(
+        openpanel_client_id=CLIENT_ID,
+        openpanel_client_secret=CLIENT_SECRET,
+        openpanel_api_url=stand_in.url,
+    )
+    try:
+        op_celery.track("direct-call")
+        assert [r.payload["name"] for r in stand_in.received] == ["direct-call"]
+    finally:
+        app.close()
