@@ -16,7 +16,8 @@ Every error the package raises derives from :class:`OpenPanelError`::
             ├── ServerError         5xx
             ├── NetworkError        connection refused or reset, timeout
             ├── ProfileNotFound     404 on increment/decrement before the profile exists
-            └── LimiterUnavailable  the limiter's Redis did not answer
+            ├── LimiterUnavailable  the limiter's Redis did not answer
+            └── StorageUnavailable  the Redis of the ledger or dead letters did not answer
 
 ``requests`` exceptions are mapped to these in ``_client.py`` only, ``redis`` ones in
 ``_limiter.py`` only. No message ever contains the client secret.
@@ -39,6 +40,7 @@ __all__ = [
     "PublishError",
     "RateLimited",
     "ServerError",
+    "StorageUnavailable",
     "TransientError",
 ]
 
@@ -152,3 +154,7 @@ class ProfileNotFound(TransientError):
 
 class LimiterUnavailable(TransientError):
     """The rate limiter's Redis did not answer; the event is retried, never sent unthrottled."""
+
+
+class StorageUnavailable(TransientError):
+    """The Redis that holds delivered ids and dead letters did not answer; retried later."""

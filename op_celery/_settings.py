@@ -43,6 +43,11 @@ DEFAULT_RETRY_BACKOFF_S = 1.0
 DEFAULT_RETRY_BACKOFF_MAX_S = 120.0
 #: Retries of a 404 "Profile not found" (an identify queued just before may still be in flight).
 DEFAULT_PROFILE_NOT_FOUND_RETRIES = 5
+#: Namespace of every Redis key op-celery writes (ledger, dead letters, limiter).
+DEFAULT_KEY_PREFIX = "op-celery"
+#: Seconds a delivered event's id is remembered; longer than the visibility timeout, so a
+#: redelivered event is still recognised.
+DEFAULT_LEDGER_TTL_S = 3600.0
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -104,6 +109,8 @@ class Settings:
     retry_backoff_max_s: float = DEFAULT_RETRY_BACKOFF_MAX_S
     profile_not_found_retries: int = DEFAULT_PROFILE_NOT_FOUND_RETRIES
     allow_insecure_http: bool = False
+    key_prefix: str = DEFAULT_KEY_PREFIX
+    ledger_ttl_s: float = DEFAULT_LEDGER_TTL_S
     #: Where named projects come from: the raw environment and Celery config, read lazily so a
     #: producer that never sends needs no credentials.
     _env: Mapping[str, str] = field(default_factory=dict, repr=False)
@@ -263,6 +270,8 @@ def load_settings(
             "OPENPANEL_ALLOW_INSECURE_HTTP",
             get("OPENPANEL_ALLOW_INSECURE_HTTP") or False,
         ),
+        key_prefix=str(get("OP_CELERY_KEY_PREFIX") or DEFAULT_KEY_PREFIX),
+        ledger_ttl_s=number("OP_CELERY_LEDGER_TTL", DEFAULT_LEDGER_TTL_S),
         _env=env,
         _conf=conf,
     )
@@ -270,6 +279,12 @@ def load_settings(
         raise ConfigurationError(
             "OP_CELERY_VISIBILITY_TIMEOUT must be at least 10 seconds, "
             f"got {settings.visibility_timeout_s:g}"
+        )
+    if settings.ledger_ttl_s <= settings.visibility_timeout_s:
+        raise ConfigurationError(
+            f"OP_CELERY_LEDGER_TTL ({settings.ledger_ttl_s:g} s) must exceed "
+            f"OP_CELERY_VISIBILITY_TIMEOUT ({settings.visibility_timeout_s:g} s), or a "
+            "redelivered event would be sent twice"
         )
     if settings.retry_backoff_max_s > settings.max_countdown_s:
         raise ConfigurationError(

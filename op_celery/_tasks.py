@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+import time
+import uuid
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from celery import Task, shared_task
 from celery.exceptions import Ignore
+from celery._state import connect_on_app_finalize
 from celery.local import Proxy
 
+from . import signals
 from ._app import publishing_app, settings_for
 from ._client import OpenPanelClient
 from ._events import Event, build_event, normalize_call
@@ -27,10 +31,14 @@ from ._exceptions import (
     ConfigurationError,
     InvalidEvent,
     PermanentError,
+    StorageUnavailable,
     TransientError,
 )
-from ._retry import decide
+from ._ledger import Ledger
+from ._poison import install as install_poison_guard
+from ._retry import backoff_s, decide
 from ._settings import Settings
+from .dead_letters import DeadLetter, DeadLetterStore
 
 if TYPE_CHECKING:
     from celery.result import AsyncResult
@@ -47,20 +55,16 @@ __all__ = [
     "alias",
     "assign_group",
     "decrement",
-    "failure_hooks",
     "group",
     "identify",
     "increment",
+    "task_for",
     "track",
 ]
 
 log = logging.getLogger("op_celery")
 
 JSON = Mapping[str, Any]
-
-#: Called with (task, event or None, message kwargs, error) when an event is given up for good.
-FailureHook = Callable[["OpenPanelTask", Event | None, dict[str, Any], BaseException], None]
-failure_hooks: list[FailureHook] = []
 
 _clients: dict[tuple[int, str], OpenPanelClient] = {}
 _clients_lock = threading.Lock()
@@ -81,6 +85,42 @@ def client_for(settings: Settings, project: str) -> OpenPanelClient:
                 )
                 _clients[key] = client
     return client
+
+
+class _Services:
+    """The worker's Redis-backed helpers for one settings object."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.ledger = Ledger(settings)
+        self.dead_letters = DeadLetterStore(settings)
+
+
+_services: dict[int, _Services] = {}
+
+
+def services_for(settings: Settings) -> _Services:
+    services = _services.get(id(settings))
+    if services is None:
+        with _clients_lock:
+            services = _services.get(id(settings))
+            if services is None:
+                services = _services[id(settings)] = _Services(settings)
+    return services
+
+
+def task_for(operation: str) -> OpenPanelTask:
+    """The task of an operation on the app that publishes."""
+    return cast(OpenPanelTask, publishing_app().tasks[f"op_celery.{operation}"])
+
+
+def _age_s(kwargs: Mapping[str, Any]) -> float | None:
+    stamp = kwargs.get("timestamp")
+    if not isinstance(stamp, str):
+        return None
+    try:
+        return time.time() - datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 if TYPE_CHECKING:
@@ -134,13 +174,46 @@ class OpenPanelTask(_TaskBase):
     def run(self, *args: Any, **kwargs: Any) -> None:
         """Deliver one event (on the worker, or in the caller when called directly)."""
         event: Event | None = None
-        if args:  # a direct call such as track("signup"); messages carry keywords only
-            kwargs = normalize_call(self.operation, args, kwargs)
         try:
+            if args:  # a direct call such as track("signup"); messages carry keywords only
+                kwargs = normalize_call(self.operation, args, kwargs)
             event = build_event(self.operation, kwargs)
-            client_for(self.settings, event.project).send(event)
+            self.deliver(event, kwargs)
         except (PermanentError, InvalidEvent, ConfigurationError) as exc:
             self.give_up(event, kwargs, exc, "refused")
+
+    def deliver(self, event: Event, kwargs: Mapping[str, Any]) -> None:
+        """Send one validated event unless the ledger says it was delivered already."""
+        settings = self.settings
+        client = client_for(settings, event.project)
+        services = None if self.request.called_directly else services_for(settings)
+        if services is not None and services.ledger.delivered(event.event_id):
+            log.info(
+                "op_celery: %s event %s was delivered before; not sent again",
+                self.operation,
+                event.event_id,
+            )
+            return
+        started = time.perf_counter()
+        delivered = client.send(event)
+        latency_s = time.perf_counter() - started
+        if services is not None:
+            try:
+                services.ledger.record(event.event_id)
+            except StorageUnavailable as exc:
+                # Delivered; only the memory that prevents a duplicate after a crash is missing.
+                log.warning(
+                    "op_celery: event %s delivered but not recorded: %s", event.event_id, exc
+                )
+        signals.event_delivered.send(
+            sender=self,
+            operation=self.operation,
+            project=event.project,
+            event_id=event.event_id,
+            status=delivered.status,
+            latency_s=latency_s,
+            age_s=_age_s(kwargs),
+        )
 
     def retry(
         self,
@@ -156,9 +229,18 @@ class OpenPanelTask(_TaskBase):
         """Retry after the countdown ``_retry.decide`` gives, or give the event up."""
         if exc is not None and countdown is None and eta is None:
             decision = decide(exc, self.request.retries, self.settings)
+            message = dict(self.request.kwargs or {})
             if not decision.retry:
-                self.give_up(None, dict(self.request.kwargs or {}), exc, decision.reason)
+                self.give_up(None, message, exc, decision.reason)
             countdown = decision.countdown_s
+            signals.event_retried.send(
+                sender=self,
+                operation=self.operation,
+                project=message.get("project", "default"),
+                event_id=message.get("event_id"),
+                reason=type(exc).__name__,
+                countdown_s=countdown,
+            )
         return super().retry(
             args,
             kwargs,
@@ -177,25 +259,51 @@ class OpenPanelTask(_TaskBase):
         error: BaseException,
         reason: str,
     ) -> None:
-        """Log one line, hand the event to the failure hooks, and end the task as ignored."""
+        """Log one line, store the event as a dead letter, and end the task as handled."""
         status = getattr(error, "status", None)
+        retries = self.request.retries or 0
+        project = str(kwargs.get("project", "default"))
         log.warning(
             "op_celery: %s event %s of project %r given up (%s, after %d retries, status %s): %s",
             self.operation,
             kwargs.get("event_id"),
-            kwargs.get("project", "default"),
+            project,
             reason,
-            self.request.retries or 0,
+            retries,
             status,
             error,
         )
-        for hook in failure_hooks:
-            try:
-                hook(self, event, kwargs, error)
-            except Exception:  # a broken hook must not lose the log line or crash the worker
-                log.exception("op_celery: failure hook %r failed", hook)
         if self.request.called_directly:
             raise error
+        now = time.time()
+        letter = DeadLetter(
+            id=str(kwargs.get("event_id") or uuid.uuid4().hex),
+            operation=self.operation,
+            project=project,
+            kwargs=dict(kwargs),
+            error=str(error),
+            error_type=type(error).__name__,
+            status=status,
+            attempts=retries + 1,
+            failed_at=now,
+            first_failed_at=now,
+            # Invalid input stays invalid; a refusal or a configuration error can be fixed.
+            replayable=not isinstance(error, InvalidEvent),
+        )
+        try:
+            services_for(self.settings).dead_letters.add(letter)
+        except (StorageUnavailable, ConfigurationError) as exc:
+            # Nowhere to keep it: put it back on the broker for later rather than lose it.
+            log.error("op_celery: event %s kept on the queue: %s", letter.id, exc)
+            Task.retry(self, exc=exc, countdown=backoff_s(retries, self.settings), max_retries=None)
+        signals.event_dead_lettered.send(
+            sender=self,
+            operation=self.operation,
+            project=project,
+            event_id=letter.id,
+            error_type=letter.error_type,
+            status=status,
+        )
         # Handled: the message is acked and Celery does not log a second traceback.
         raise Ignore()
 
@@ -333,6 +441,7 @@ def _shared(base: type[OpenPanelTask]) -> Any:
     a proxy that resolves it on the app that publishes: the user's, else the package's."""
     name = f"op_celery.{base.operation}"
     shared_task(base=base, bind=True, name=name)(cast(Any, _deliver))
+    connect_on_app_finalize(install_poison_guard)
     return Proxy(lambda: publishing_app().tasks[name])
 
 

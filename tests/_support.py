@@ -30,6 +30,7 @@ def worker_env(api_url: str, redis_url: str, key_prefix: str) -> dict[str, str]:
         OPENPANEL_API_URL=api_url,
         OP_CELERY_BROKER_URL=redis_url,
         OP_CELERY_BROKER_KEY_PREFIX=key_prefix,
+        OP_CELERY_KEY_PREFIX=key_prefix + "op-celery",
         OP_CELERY_QUEUE=f"openpanel-test-{uuid.uuid4().hex[:8]}",
         # Short backoff: the tests check the retry rules, not the waiting.
         OP_CELERY_RETRY_BACKOFF="0.05",

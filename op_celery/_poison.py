@@ -1,0 +1,72 @@
+"""Poison messages: what arrives on the queue but is no event, kept as dead letters.
+
+Celery acks a message it cannot decode and rejects one with an unknown task name or format,
+logging it and nothing more. A consumer bootstep, added to every app the tasks register on,
+stores such messages from the package's queue in the dead letters first, so they stay visible.
+Malformed arguments of a known task and unknown projects are caught by the task itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery, bootsteps, signals
+
+from ._app import settings_for
+from ._exceptions import OpenPanelError
+from .dead_letters import DeadLetterStore
+
+__all__ = ["PoisonGuard", "install"]
+
+log = logging.getLogger("op_celery")
+
+
+def _store(app: Celery, message: Any, reason: str) -> None:
+    settings = settings_for(app)
+    delivery = getattr(message, "delivery_info", None) or {}
+    queue = delivery.get("routing_key")
+    if queue is not None and queue != settings.queue:
+        return  # someone else's queue, someone else's business
+    try:
+        letter = DeadLetterStore(settings).add_raw(
+            getattr(message, "body", b""), reason, extra={"queue": queue}
+        )
+    except OpenPanelError as exc:
+        log.error("op_celery: poison message not stored (%s): %s", exc, reason)
+        return
+    log.warning("op_celery: poison message stored as dead letter %s: %s", letter.id, reason)
+
+
+class PoisonGuard(bootsteps.StartStopStep):
+    """Consumer step: dead-letter messages Celery cannot decode before it drops them."""
+
+    def __init__(self, consumer: Any, **kwargs: Any) -> None:
+        super().__init__(consumer, **kwargs)
+        app: Celery = consumer.app
+        # Wrapped here, in __init__, because the task consumer captures the bound method
+        # when the Tasks step starts, which is before any step of ours could start.
+        original = consumer.on_decode_error
+
+        def on_decode_error(message: Any, exc: Exception) -> None:
+            _store(app, message, f"undecodable message ({type(exc).__name__}: {exc})")
+            original(message, exc)
+
+        consumer.on_decode_error = on_decode_error
+
+        def on_rejected(sender: Any = None, message: Any = None, exc: Any = None, **_: Any) -> None:
+            if sender is consumer:
+                _store(app, message, f"not a task message ({exc or 'unknown format'})")
+
+        def on_unknown(sender: Any = None, message: Any = None, name: Any = None, **_: Any) -> None:
+            if sender is consumer:
+                _store(app, message, f"unknown task name {name!r}")
+
+        signals.task_rejected.connect(on_rejected, weak=False)
+        signals.task_unknown.connect(on_unknown, weak=False)
+
+
+def install(app: Celery) -> None:
+    """Add the poison guard to ``app``'s workers (done for every app the tasks register on)."""
+    if PoisonGuard not in app.steps["consumer"]:
+        app.steps["consumer"].add(PoisonGuard)

@@ -1,0 +1,73 @@
+"""Redis clients of the worker side (ledger, dead letters), and the one mapping of their errors.
+
+One client per URL and process: redis-py's pool notices a ``fork()`` and reconnects, and its
+connections are safe to share between the threads of a thread-pool worker.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+
+from ._exceptions import ConfigurationError, StorageUnavailable
+from ._settings import Settings
+
+__all__ = ["redact_url", "redis_for", "storage_errors"]
+
+#: Seconds to wait for Redis before calling it unavailable; short, so a task fails fast to retry.
+REDIS_TIMEOUT_S = 5.0
+
+_clients: dict[str, redis.Redis] = {}
+_lock = threading.Lock()
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***``, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def redis_for(settings: Settings) -> redis.Redis:
+    """The client for ``settings.redis_url`` (``OP_CELERY_REDIS_URL``, else a Redis broker)."""
+    url = settings.redis_url
+    if url is None:
+        raise ConfigurationError(
+            "op-celery needs a Redis for its ledger, dead letters and limiter: set "
+            "OP_CELERY_REDIS_URL (the broker is not Redis)"
+        )
+    client = _clients.get(url)
+    if client is None:
+        with _lock:
+            client = _clients.get(url)
+            if client is None:
+                client = redis.Redis.from_url(
+                    url,
+                    socket_timeout=REDIS_TIMEOUT_S,
+                    socket_connect_timeout=REDIS_TIMEOUT_S,
+                    health_check_interval=30,
+                )
+                _clients[url] = client
+    return client
+
+
+@contextmanager
+def storage_errors(what: str, url: str | None) -> Iterator[None]:
+    """Turn redis-py's errors into :class:`StorageUnavailable`, never showing a password."""
+    try:
+        yield
+    except redis.RedisError as exc:
+        where = redact_url(url) if url else "Redis"
+        raise StorageUnavailable(
+            f"{what}: {where} did not answer ({type(exc).__name__}); the event will be retried. "
+            "Check that Redis runs and OP_CELERY_REDIS_URL is right"
+        ) from exc
