@@ -49,7 +49,13 @@ def _conf_view(app: Celery) -> dict[str, Any]:
 
 def configure_app(app: Celery, settings: Settings) -> None:
     """Apply the settings the package's tasks rely on to an app the package owns."""
-    transport_options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout_s}
+    transport_options: dict[str, Any] = {
+        "visibility_timeout": settings.visibility_timeout_s,
+        # Bounded, so .delay() against an unreachable broker gives up within the publish bound
+        # instead of hanging in connect().
+        "socket_connect_timeout": max(0.1, settings.publish_timeout_s / 2),
+        "socket_timeout": 10.0,
+    }
     if settings.broker_key_prefix:
         transport_options["global_keyprefix"] = settings.broker_key_prefix
     app.conf.update(

@@ -48,6 +48,10 @@ DEFAULT_KEY_PREFIX = "op-celery"
 #: Seconds a delivered event's id is remembered; longer than the visibility timeout, so a
 #: redelivered event is still recognised.
 DEFAULT_LEDGER_TTL_S = 3600.0
+#: Seconds ``.delay()`` keeps retrying a broker that does not answer before it spools the event.
+DEFAULT_PUBLISH_TIMEOUT_S = 1.0
+#: What ``.delay()`` does when the broker stays away: "spool" to disk, or "raise" PublishError.
+DEFAULT_ON_PUBLISH_FAILURE = "spool"
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -111,6 +115,9 @@ class Settings:
     allow_insecure_http: bool = False
     key_prefix: str = DEFAULT_KEY_PREFIX
     ledger_ttl_s: float = DEFAULT_LEDGER_TTL_S
+    publish_timeout_s: float = DEFAULT_PUBLISH_TIMEOUT_S
+    on_publish_failure: str = DEFAULT_ON_PUBLISH_FAILURE
+    spool_dir: str = ""
     #: Where named projects come from: the raw environment and Celery config, read lazily so a
     #: producer that never sends needs no credentials.
     _env: Mapping[str, str] = field(default_factory=dict, repr=False)
@@ -272,6 +279,11 @@ def load_settings(
         ),
         key_prefix=str(get("OP_CELERY_KEY_PREFIX") or DEFAULT_KEY_PREFIX),
         ledger_ttl_s=number("OP_CELERY_LEDGER_TTL", DEFAULT_LEDGER_TTL_S),
+        publish_timeout_s=number("OP_CELERY_PUBLISH_TIMEOUT", DEFAULT_PUBLISH_TIMEOUT_S),
+        on_publish_failure=str(
+            get("OP_CELERY_ON_PUBLISH_FAILURE") or DEFAULT_ON_PUBLISH_FAILURE
+        ).lower(),
+        spool_dir=str(get("OP_CELERY_SPOOL_DIR") or ""),
         _env=env,
         _conf=conf,
     )
@@ -279,6 +291,11 @@ def load_settings(
         raise ConfigurationError(
             "OP_CELERY_VISIBILITY_TIMEOUT must be at least 10 seconds, "
             f"got {settings.visibility_timeout_s:g}"
+        )
+    if settings.on_publish_failure not in ("spool", "raise"):
+        raise ConfigurationError(
+            "OP_CELERY_ON_PUBLISH_FAILURE must be 'spool' (keep the event on disk and return) "
+            f"or 'raise' (raise PublishError), got {settings.on_publish_failure!r}"
         )
     if settings.ledger_ttl_s <= settings.visibility_timeout_s:
         raise ConfigurationError(

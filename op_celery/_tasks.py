@@ -11,6 +11,7 @@ permanent ones are logged once and handed to the failure hooks (the dead letters
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import uuid
@@ -18,10 +19,12 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
+import redis
 from celery import Task, shared_task
-from celery.exceptions import Ignore
 from celery._state import connect_on_app_finalize
+from celery.exceptions import Ignore
 from celery.local import Proxy
+from kombu.exceptions import OperationalError
 
 from . import signals
 from ._app import publishing_app, settings_for
@@ -31,13 +34,16 @@ from ._exceptions import (
     ConfigurationError,
     InvalidEvent,
     PermanentError,
+    PublishError,
     StorageUnavailable,
     TransientError,
 )
 from ._ledger import Ledger
 from ._poison import install as install_poison_guard
+from ._redis import redact_url
 from ._retry import backoff_s, decide
 from ._settings import Settings
+from ._spool import Spool, default_spool_dir
 from .dead_letters import DeadLetter, DeadLetterStore
 
 if TYPE_CHECKING:
@@ -55,6 +61,7 @@ __all__ = [
     "alias",
     "assign_group",
     "decrement",
+    "flush_spool",
     "group",
     "identify",
     "increment",
@@ -106,6 +113,50 @@ def services_for(settings: Settings) -> _Services:
             if services is None:
                 services = _services[id(settings)] = _Services(settings)
     return services
+
+
+#: Errors that mean the broker did not take a message.
+BROKER_ERRORS: tuple[type[BaseException], ...] = (
+    OperationalError,
+    OSError,
+    redis.ConnectionError,
+    redis.TimeoutError,
+)
+#: Option of apply_async (never sent) that makes a publish failure raise instead of spooling.
+_NO_SPOOL = "_op_celery_no_spool"
+#: Seconds between two publish attempts while the broker does not answer.
+PUBLISH_RETRY_INTERVAL_S = 0.2
+
+_spools: dict[str, Spool] = {}
+
+
+def _publish_retry_policy(timeout_s: float) -> dict[str, float]:
+    attempts = max(0, math.ceil(timeout_s / PUBLISH_RETRY_INTERVAL_S) - 1)
+    return {
+        "max_retries": attempts,
+        "interval_start": 0,
+        "interval_step": PUBLISH_RETRY_INTERVAL_S,
+        "interval_max": PUBLISH_RETRY_INTERVAL_S,
+    }
+
+
+def spool_for(settings: Settings) -> Spool:
+    directory = settings.spool_dir or str(default_spool_dir())
+    spool = _spools.get(directory)
+    if spool is None:
+        spool = _spools.setdefault(directory, Spool(directory))
+    return spool
+
+
+def _republish(task_name: str, kwargs: dict[str, Any], options: dict[str, Any]) -> object:
+    task = cast(OpenPanelTask, publishing_app().tasks[task_name])
+    publish_options: dict[str, Any] = {"queue": options.get("queue"), _NO_SPOOL: True}
+    return task.apply_async((), kwargs, task_id=options.get("task_id"), **publish_options)
+
+
+def flush_spool(settings: Settings | None = None) -> int:
+    """Re-publish the spooled events now; returns how many. Raises if the broker is away."""
+    return spool_for(settings or settings_for(publishing_app())).flush(_republish)
 
 
 def task_for(operation: str) -> OpenPanelTask:
@@ -163,13 +214,39 @@ class OpenPanelTask(_TaskBase):
         shadow: str | None = None,
         **options: Any,
     ) -> AsyncResult[Any]:
-        """Validate the call (raising :class:`InvalidEvent`), then enqueue it as JSON."""
+        """Validate the call (raising :class:`InvalidEvent`), then enqueue it as JSON.
+
+        If the broker does not answer within ``OP_CELERY_PUBLISH_TIMEOUT``, the event goes to
+        the local spool (or :class:`PublishError` is raised, if so configured).
+        """
+        settings = self.settings
         message = normalize_call(self.operation, tuple(args or ()), kwargs)
-        options.setdefault("queue", self.settings.queue)
+        spool_on_failure = options.pop(_NO_SPOOL, False) is False
+        options.setdefault("queue", settings.queue)
         options["serializer"] = "json"
-        return super().apply_async(
-            (), message, task_id, producer, link, link_error, shadow, **options
-        )
+        options.setdefault("retry", True)
+        options.setdefault("retry_policy", _publish_retry_policy(settings.publish_timeout_s))
+        try:
+            return super().apply_async(
+                (), message, task_id, producer, link, link_error, shadow, **options
+            )
+        except BROKER_ERRORS as exc:
+            if not spool_on_failure or settings.on_publish_failure == "raise":
+                raise PublishError(
+                    f"{self.operation}: the broker at {redact_url(settings.broker_url)} did not "
+                    f"take the event within {settings.publish_timeout_s:g} s "
+                    f"({type(exc).__name__}); it was not enqueued. Check the broker, or set "
+                    "OP_CELERY_ON_PUBLISH_FAILURE=spool to keep such events on disk"
+                ) from exc
+            task_id = task_id or str(uuid.uuid4())
+            spool = spool_for(settings)
+            spool.write(self.name, message, {"queue": options["queue"], "task_id": task_id})
+            spool.start_flusher(_republish)
+            log.warning(
+                "op_celery: broker unavailable (%s); %s event %s kept in the spool %s",
+                type(exc).__name__, self.operation, message["event_id"], spool.directory,
+            )  # fmt: skip
+            return self.AsyncResult(task_id)
 
     def run(self, *args: Any, **kwargs: Any) -> None:
         """Deliver one event (on the worker, or in the caller when called directly)."""
