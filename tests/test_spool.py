@@ -115,4 +115,5 @@ def test_spooled_events_are_delivered_once_the_broker_is_back(
             assert stand_in.wait_for(5, timeout=20)
         finally:
             worker.stop()
-    assert sorted(r.payload["name"] for r in stand_in.received) == [f"spooled-{i}" for i in range(5)]
+    names = sorted(r.payload["name"] for r in stand_in.received)
+    assert names == [f"spooled-{i}" for i in range(5)]
