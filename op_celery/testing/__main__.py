@@ -1,0 +1,87 @@
+"""Run a stand-in OpenPanel server in the foreground.
+
+``python -m op_celery.testing --port 0 --client CLIENT_ID:SECRET [--client ...]
+[--rate-limit 50/1s]`` prints one line, ``OPENPANEL_API_URL=http://127.0.0.1:PORT``, flushed,
+then serves until SIGTERM or SIGINT and exits 0. Drive it with `StandInControl`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+from op_celery.testing._server import StandInServer
+
+#: Seconds per unit in a ``--rate-limit`` window such as ``10s``.
+_WINDOW_UNITS_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_RATE_LIMIT_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+
+
+def parse_rate_limit(text: str) -> tuple[int, float]:
+    """``"50/1s"`` -> ``(50, 1.0)``; units ms, s, m, h; a bare number is seconds."""
+    match = _RATE_LIMIT_RE.match(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected LIMIT/WINDOW such as 50/1s, got {text!r}")
+    limit, amount, unit = int(match[1]), float(match[2]), match[3] or "s"
+    window = amount * _WINDOW_UNITS_SECONDS[unit]
+    if limit < 1 or window <= 0:
+        raise argparse.ArgumentTypeError("the limit and the window must be positive")
+    return limit, window
+
+
+def parse_client(text: str) -> tuple[str, str]:
+    """``"CLIENT_ID:SECRET"`` -> ``(client_id, secret)``; the secret may contain colons."""
+    client_id, sep, secret = text.partition(":")
+    if not sep or not client_id or not secret:
+        raise argparse.ArgumentTypeError(f"expected CLIENT_ID:SECRET, got {text!r}")
+    return client_id, secret
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m op_celery.testing", description="Run a stand-in OpenPanel server."
+    )
+    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1; 0 picks a free one")
+    parser.add_argument(
+        "--client",
+        action="append",
+        type=parse_client,
+        default=[],
+        metavar="CLIENT_ID:SECRET",
+        help="a client the server accepts; repeatable",
+    )
+    parser.add_argument(
+        "--rate-limit",
+        type=parse_rate_limit,
+        default=None,
+        metavar="LIMIT/WINDOW",
+        help="fixed window per client id, e.g. 50/1s or 100/10s; default: none",
+    )
+    args = parser.parse_args(argv)
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server = StandInServer(dict(args.client), rate_limit=args.rate_limit, port=args.port)
+    except ValueError as exc:
+        parser.error(str(exc))
+    with server:
+        print(f"OPENPANEL_API_URL={server.url}", flush=True)
+        # The handler runs in the main thread between waits; Event.wait returns once it sets.
+        stop.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
