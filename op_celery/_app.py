@@ -13,7 +13,8 @@ from typing import Any
 
 from celery import Celery, _state
 
-from ._settings import Settings, load_settings
+from ._embedded import embedded_redis
+from ._settings import EMBEDDED_URL, Settings, load_settings
 
 __all__ = ["configure_app", "package_app", "publishing_app", "settings_for"]
 
@@ -42,9 +43,11 @@ def reset_settings(app: Celery | None = None) -> None:
 def _conf_view(app: Celery) -> dict[str, Any]:
     # Only the keys we read, so Celery's lazy defaults are not all materialised.
     conf = app.conf
-    return {
+    view = {
         key: conf[key] for key in list(conf.keys()) if key.startswith(("openpanel", "op_celery"))
     }
+    view["broker_url"] = conf.get("broker_url")
+    return view
 
 
 def configure_app(app: Celery, settings: Settings) -> None:
@@ -58,8 +61,11 @@ def configure_app(app: Celery, settings: Settings) -> None:
     }
     if settings.broker_key_prefix:
         transport_options["global_keyprefix"] = settings.broker_key_prefix
+    broker_url = settings.broker_url
+    if broker_url == EMBEDDED_URL:
+        broker_url = "redis+socket://" + embedded_redis()
     app.conf.update(
-        broker_url=settings.broker_url,
+        broker_url=broker_url,
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         task_serializer="json",

@@ -9,12 +9,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
+from ._embedded import embedded_redis
 from ._exceptions import ConfigurationError, StorageUnavailable
-from ._settings import Settings
+from ._settings import EMBEDDED_URL, Settings
 
 __all__ = ["redact_url", "redis_for", "storage_errors"]
 
@@ -50,12 +52,15 @@ def redis_for(settings: Settings) -> redis.Redis:
         with _lock:
             client = _clients.get(url)
             if client is None:
-                client = redis.Redis.from_url(
-                    url,
-                    socket_timeout=REDIS_TIMEOUT_S,
-                    socket_connect_timeout=REDIS_TIMEOUT_S,
-                    health_check_interval=30,
-                )
+                options: dict[str, Any] = {
+                    "socket_timeout": REDIS_TIMEOUT_S,
+                    "socket_connect_timeout": REDIS_TIMEOUT_S,
+                    "health_check_interval": 30,
+                }
+                if url == EMBEDDED_URL:
+                    client = redis.Redis(unix_socket_path=embedded_redis(), **options)
+                else:
+                    client = redis.Redis.from_url(url, **options)
                 _clients[url] = client
     return client
 

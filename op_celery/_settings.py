@@ -20,14 +20,15 @@ from urllib.parse import urlsplit
 
 from ._exceptions import ConfigurationError
 
-__all__ = ["Project", "Secret", "Settings", "load_settings"]
+__all__ = ["EMBEDDED_URL", "Project", "Secret", "Settings", "load_settings"]
 
 #: Where events go when OPENPANEL_API_URL is not set.
 DEFAULT_API_URL = "https://api.openpanel.dev"
 #: The queue the tasks are sent to and the package's worker consumes.
 DEFAULT_QUEUE = "openpanel"
-#: Broker used when no broker setting is present.
-DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+#: Broker used when no broker setting is present: the embedded Redis (``op_celery._embedded``).
+EMBEDDED_URL = "embedded://"
+DEFAULT_BROKER_URL = EMBEDDED_URL
 #: Seconds before the Redis broker hands a crashed worker's unacked event to another worker.
 #: Well inside OpenPanel's 15-minute session window, and above every countdown we set.
 DEFAULT_VISIBILITY_TIMEOUT_S = 300.0
@@ -170,6 +171,15 @@ class Settings:
         )
 
 
+def _redis_url_of(broker_url: str) -> str | None:
+    """The redis-py URL of a Redis broker URL (kombu's socket form differs), else None."""
+    if broker_url.startswith(("redis://", "rediss://", "unix://")) or broker_url == EMBEDDED_URL:
+        return broker_url
+    if broker_url.startswith("redis+socket://"):
+        return "unix://" + broker_url[len("redis+socket://") :]
+    return None
+
+
 def _env_name(project: str) -> str:
     return project.upper().replace("-", "_").replace(".", "_")
 
@@ -242,13 +252,14 @@ def load_settings(
         return env.get(name) if value is None else value
 
     broker_url, source = DEFAULT_BROKER_URL, "default"
-    for name in ("OP_CELERY_BROKER_URL", "CELERY_BROKER_URL", "REDIS_URL"):
-        if get(name):
-            broker_url, source = str(get(name)), name
+    # A user's own app names its broker in its config (``broker_url``): the worker-side Redis
+    # helpers default to it, as the package's app defaults to the environment.
+    for name in ("OP_CELERY_BROKER_URL", "BROKER_URL", "CELERY_BROKER_URL", "REDIS_URL"):
+        value = conf.get("broker_url") if name == "BROKER_URL" else get(name)
+        if value:
+            broker_url, source = str(value), name
             break
-    redis_url = get("OP_CELERY_REDIS_URL") or (
-        broker_url if broker_url.startswith(("redis://", "rediss://", "unix://")) else None
-    )
+    redis_url = get("OP_CELERY_REDIS_URL") or _redis_url_of(broker_url)
 
     def number(name: str, default: float) -> float:
         value = get(name)
