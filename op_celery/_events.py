@@ -35,20 +35,18 @@ MAX_USER_AGENT_CHARS = 1024
 MAX_PROJECT_NAME_CHARS = 64
 #: Event names the server reserves for its own session tracking.
 RESERVED_EVENT_NAMES = frozenset({"session_start", "session_end"})
-#: Fragments the server's attack blocklist refuses in an event name (path traversal, template
-#: injection, SQL injection probes).
+#: Lower-case fragments the server's attack blocklist refuses anywhere in an event name (path
+#: traversal, template and SQL injection probes); a subset of its list.
 BLOCKED_NAME_FRAGMENTS = (
-    "../",
-    "..\\",
-    "${",
-    "' or '",
-    '" or "',
-    "<script",
-    "/.env",
-    "/.git/",
+    "../", "..\\", "%2e%2e", "${", "%{", "' or '", "' and '", "union select", "pg_sleep",
+    "/etc/passwd", "/bin/bash", "cmd.exe", "<!doctype", "/cgi-bin/", ".git/config", ".env.bak",
+)  # fmt: skip
+#: Names that are URL paths of a vulnerability scanner (``/x.php``, ``/.env``, ``/wp-admin``).
+PATH_SCAN_NAME = re.compile(
+    r"^/(?:.+\.php$|\.[a-z]|[a-z_-]+\.(?:php|env|ya?ml|json|xml|config|ini|bak|sql|log)"
+    r"|wp-|wordpress|phpmyadmin)",
+    re.IGNORECASE,
 )
-#: Endings of path-scan names the server refuses.
-BLOCKED_NAME_SUFFIXES = (".php", ".asp", ".aspx", ".jsp", ".cgi", ".env")
 
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _PROJECT = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -165,8 +163,8 @@ def _event_name(op: str, value: object) -> str:
     if name in RESERVED_EVENT_NAMES:
         raise _fail(op, "name", f"must not be {name!r}: the server reserves it for sessions")
     lowered = name.lower()
-    if any(fragment in lowered for fragment in BLOCKED_NAME_FRAGMENTS) or lowered.endswith(
-        BLOCKED_NAME_SUFFIXES
+    if any(fragment in lowered for fragment in BLOCKED_NAME_FRAGMENTS) or PATH_SCAN_NAME.match(
+        name
     ):
         raise _fail(op, "name", "looks like an attack probe, which the server drops; rename it")
     return name

