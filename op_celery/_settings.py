@@ -51,6 +51,9 @@ DEFAULT_KEY_PREFIX = "op-celery"
 DEFAULT_LEDGER_TTL_S = 3600.0
 #: Seconds ``.delay()`` keeps retrying a broker that does not answer before it spools the event.
 DEFAULT_PUBLISH_TIMEOUT_S = 1.0
+#: Seconds a worker thread may wait inline for a rate-limit token; a longer wait re-schedules
+#: the event with a countdown instead, so throttled events don't hold worker slots.
+DEFAULT_MAX_INLINE_WAIT_S = 1.0
 #: What ``.delay()`` does when the broker stays away: "spool" to disk, or "raise" PublishError.
 DEFAULT_ON_PUBLISH_FAILURE = "spool"
 
@@ -119,6 +122,7 @@ class Settings:
     publish_timeout_s: float = DEFAULT_PUBLISH_TIMEOUT_S
     on_publish_failure: str = DEFAULT_ON_PUBLISH_FAILURE
     spool_dir: str = ""
+    max_inline_wait_s: float = DEFAULT_MAX_INLINE_WAIT_S
     #: Where named projects come from: the raw environment and Celery config, read lazily so a
     #: producer that never sends needs no credentials.
     _env: Mapping[str, str] = field(default_factory=dict, repr=False)
@@ -295,6 +299,7 @@ def load_settings(
             get("OP_CELERY_ON_PUBLISH_FAILURE") or DEFAULT_ON_PUBLISH_FAILURE
         ).lower(),
         spool_dir=str(get("OP_CELERY_SPOOL_DIR") or ""),
+        max_inline_wait_s=number("OP_CELERY_MAX_INLINE_WAIT", DEFAULT_MAX_INLINE_WAIT_S),
         _env=env,
         _conf=conf,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import threading
 import time
 import uuid
@@ -22,8 +23,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 import redis
 from celery import Task, shared_task
 from celery._state import connect_on_app_finalize
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Retry
 from celery.local import Proxy
+from celery.signals import worker_ready
 from kombu.exceptions import OperationalError
 
 from . import signals
@@ -33,14 +35,19 @@ from ._events import Event, build_event, normalize_call
 from ._exceptions import (
     ConfigurationError,
     InvalidEvent,
+    OpenPanelError,
     PermanentError,
     PublishError,
+    RateLimited,
     StorageUnavailable,
     TransientError,
 )
 from ._ledger import Ledger
+from ._limiter import RateLimiter
 from ._poison import install as install_poison_guard
-from ._redis import redact_url
+from ._publish import publish
+from ._rates import DEFAULT_BURST, Rate, parse_burst, parse_rate
+from ._redis import redact_url, redis_for
 from ._retry import backoff_s, decide
 from ._settings import Settings
 from ._spool import Spool, default_spool_dir
@@ -98,8 +105,34 @@ class _Services:
     """The worker's Redis-backed helpers for one settings object."""
 
     def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         self.ledger = Ledger(settings)
         self.dead_letters = DeadLetterStore(settings)
+        self.limiter = RateLimiter(redis_for(settings), prefix=settings.key_prefix)
+        self._limits: dict[str, tuple[Rate, int] | None] = {}
+
+    def limit(self, project: str) -> tuple[Rate, int] | None:
+        """The project's rate and burst, parsed once; None when it has no limit."""
+        if project in self._limits:
+            return self._limits[project]
+        config = self.settings.project(project)
+        limit = None
+        if config.rate_limit:
+            limit = (
+                parse_rate(config.rate_limit),
+                DEFAULT_BURST if config.rate_burst is None else parse_burst(config.rate_burst),
+            )
+            log.info(
+                "op_celery: project %r limited to %s (shared by all workers)", project, limit[0]
+            )
+        else:
+            log.info(
+                "op_celery: project %r has no rate limit (OPENPANEL_RATE_LIMIT unset): events "
+                "are sent as fast as the workers go",
+                project,
+            )
+        self._limits[project] = limit
+        return limit
 
 
 _services: dict[int, _Services] = {}
@@ -114,6 +147,12 @@ def services_for(settings: Settings) -> _Services:
                 services = _services[id(settings)] = _Services(settings)
     return services
 
+
+#: Seconds the pool pauses after a 429 that named no retry-after.
+DEFAULT_PAUSE_S = 1.0
+#: Seconds of jitter added at most to a throttled event's countdown, so that events woken for
+#: the same token don't all ask at once.
+THROTTLE_JITTER_S = 0.05
 
 #: Errors that mean the broker did not take a message.
 BROKER_ERRORS: tuple[type[BaseException], ...] = (
@@ -227,8 +266,8 @@ class OpenPanelTask(_TaskBase):
         options.setdefault("retry", True)
         options.setdefault("retry_policy", _publish_retry_policy(settings.publish_timeout_s))
         try:
-            return super().apply_async(
-                (), message, task_id, producer, link, link_error, shadow, **options
+            return publish(
+                self, message, options, super(), task_id, producer, link, link_error, shadow
             )
         except BROKER_ERRORS as exc:
             if not spool_on_failure or settings.on_publish_failure == "raise":
@@ -271,8 +310,16 @@ class OpenPanelTask(_TaskBase):
                 event.event_id,
             )
             return
+        if services is not None:
+            self.take_token(services, event, client.client_id)
         started = time.perf_counter()
-        delivered = client.send(event)
+        try:
+            delivered = client.send(event)
+        except RateLimited as exc:
+            if services is not None:
+                # Every worker of the pool holds off, not only this one.
+                services.limiter.pause(client.client_id, exc.retry_after or DEFAULT_PAUSE_S)
+            raise
         latency_s = time.perf_counter() - started
         if services is not None:
             try:
@@ -291,6 +338,44 @@ class OpenPanelTask(_TaskBase):
             latency_s=latency_s,
             age_s=_age_s(kwargs),
         )
+
+    def take_token(self, services: _Services, event: Event, client_id: str) -> None:
+        """Take a token of the project's shared rate limit, waiting inline only briefly.
+
+        A longer wait re-schedules the event with the exact countdown (plus jitter) without
+        counting a retry: throttling is not an error.
+        """
+        limit = services.limit(event.project)
+        if limit is None:
+            return
+        rate, burst = limit
+        deadline = time.monotonic() + services.settings.max_inline_wait_s
+        while True:
+            acquisition = services.limiter.acquire(client_id, rate, burst)
+            if acquisition.granted:
+                return
+            if time.monotonic() + acquisition.wait_s > deadline:
+                self.reschedule(event, acquisition.wait_s)
+            time.sleep(acquisition.wait_s)
+
+    def reschedule(self, event: Event, wait_s: float) -> None:
+        """Put the event back on the queue to run in ``wait_s`` (plus jitter), same retries."""
+        countdown = min(
+            wait_s + random.uniform(0, THROTTLE_JITTER_S), self.settings.max_countdown_s
+        )
+        signals.event_throttled.send(
+            sender=self,
+            operation=self.operation,
+            project=event.project,
+            event_id=event.event_id,
+            wait_s=wait_s,
+        )
+        request = self.request
+        signature = self.signature_from_request(
+            request, (), None, countdown=countdown, retries=request.retries
+        )
+        signature.apply_async()
+        raise Retry(exc=None, when=cast(Any, countdown), sig=signature)
 
     def retry(
         self,
@@ -529,3 +614,16 @@ increment: IncrementTask = _shared(IncrementTask)
 decrement: DecrementTask = _shared(DecrementTask)
 group: GroupTask = _shared(GroupTask)
 assign_group: AssignGroupTask = _shared(AssignGroupTask)
+
+
+@worker_ready.connect(weak=False)
+def _announce(sender: Any = None, **_: Any) -> None:
+    """Say once, at worker start, what the default project's limit is (or that it has none)."""
+    app = getattr(sender, "app", None)
+    if app is None or "op_celery.track" not in app.tasks:
+        return
+    settings = settings_for(app)
+    try:
+        services_for(settings).limit("default")
+    except OpenPanelError as exc:
+        log.warning("op_celery: the default project is not usable yet: %s", exc)
