@@ -1,0 +1,103 @@
+"""Rates in Celery's notation, and the burst that goes with them.
+
+A rate is ``"<limit>/<period>"``: ``"50/s"``, ``"3000/m"``, ``"100/h"`` as in Celery's
+``rate_limit``, and also a period with a count, ``"100/10s"``, ``"5/500ms"``, ``"20/2m"``. A bare
+number (``"50"``) means per second, as in Celery. The limit is a whole number of requests; write
+``"1/2s"`` rather than ``"0.5/s"``.
+
+The burst is how many requests the limiter admits at once after it has been idle; in any span
+of one period it admits at most ``limit + burst - 1``. The default, :data:`DEFAULT_BURST`, is 2:
+one request of slack, so a worker that wakes a little after its slot still gets it and the
+schedule holds. With a burst of 1 every late wake-up is lost for good; four workers sleeping on
+the limiter's waits then reached only 95 % of 100/s and 87 % of 500/s (see
+``benchmarks/RESULTS.md``). See :mod:`op_celery._limiter` for what a burst costs against a
+server that counts requests per fixed window.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ._exceptions import ConfigurationError
+
+__all__ = [
+    "BURST_SETTING",
+    "DEFAULT_BURST",
+    "RATE_SETTING",
+    "Rate",
+    "parse_burst",
+    "parse_rate",
+]
+
+#: The setting a rate string comes from, named in error messages.
+RATE_SETTING = "OPENPANEL_RATE_LIMIT"
+#: The setting a burst comes from, named in error messages.
+BURST_SETTING = "OPENPANEL_RATE_BURST"
+#: Requests admitted at once after idling, by default: 2, one request of slack for late wake-ups.
+DEFAULT_BURST = 2
+
+#: Seconds per period unit.
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_RATE = re.compile(r"(?P<limit>\d+)(?:/(?P<count>\d+)?(?P<unit>ms|s|m|h))?", re.ASCII)
+_ACCEPTED_FORMS = (
+    '"<limit>/<unit>" or "<limit>/<count><unit>" with a whole, positive limit and unit '
+    'ms, s, m or h, e.g. "50/s", "3000/m", "100/h", "100/10s", "5/500ms"'
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """``limit`` requests per ``period_s`` seconds."""
+
+    limit: int
+    period_s: float
+
+    def __post_init__(self) -> None:
+        if self.limit < 1 or not self.period_s > 0:
+            raise ValueError(f"a rate needs limit >= 1 and period_s > 0, got {self!r}")
+
+    @property
+    def per_second(self) -> float:
+        """The sustained rate in requests per second."""
+        return self.limit / self.period_s
+
+    def __str__(self) -> str:
+        for unit in ("h", "m", "s"):
+            count, rest = divmod(self.period_s, _UNIT_SECONDS[unit])
+            if rest == 0:
+                return f"{self.limit}/{'' if count == 1 else int(count)}{unit}"
+        return f"{self.limit}/{round(self.period_s * 1000)}ms"
+
+
+def parse_rate(text: str, *, setting: str = RATE_SETTING) -> Rate:
+    """Parse ``text`` such as ``"50/s"`` or ``"100/10s"`` into a :class:`Rate`.
+
+    Raises :class:`ConfigurationError` naming ``setting`` and the accepted forms when
+    ``text`` is none of them.
+    """
+    match = _RATE.fullmatch(text.strip().replace(" ", "")) if isinstance(text, str) else None
+    if match is None:
+        raise ConfigurationError(f"{setting}={text!r} is not a rate; use {_ACCEPTED_FORMS}")
+    limit = int(match["limit"])
+    count = int(match["count"] or 1)
+    if limit == 0 or count == 0:
+        raise ConfigurationError(
+            f"{setting}={text!r} allows nothing; the limit and period must be positive, "
+            f"use {_ACCEPTED_FORMS}"
+        )
+    return Rate(limit=limit, period_s=count * _UNIT_SECONDS[match["unit"] or "s"])
+
+
+def parse_burst(value: str | int, *, setting: str = BURST_SETTING) -> int:
+    """Parse a burst: a whole number of requests, at least 1.
+
+    Raises :class:`ConfigurationError` naming ``setting`` otherwise.
+    """
+    text = str(value).strip()
+    if isinstance(value, bool) or not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise ConfigurationError(
+            f"{setting}={value!r} is not a burst; use a whole number of requests, at least 1 "
+            f"(default {DEFAULT_BURST})"
+        )
+    return int(text)
