@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import prometheus_client
 import pytest
 from celery import Celery
 from celery.concurrency.prefork import TaskPool as PreforkPool
@@ -192,7 +193,7 @@ def serving(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, int]]]:
     """Record (port, pid) for every server start; restore the module's serving state."""
     starts: list[tuple[int, int]] = []
     monkeypatch.setattr(
-        metrics.prometheus_client,
+        prometheus_client,
         "start_http_server",
         lambda port, **_: starts.append((port, os.getpid())),
     )
@@ -263,7 +264,7 @@ def test_a_busy_port_is_logged_and_does_not_stop_the_worker(
     def busy(port: int, **_: object) -> None:
         raise OSError(98, "Address already in use")
 
-    monkeypatch.setattr(metrics.prometheus_client, "start_http_server", busy)
+    monkeypatch.setattr(prometheus_client, "start_http_server", busy)
     metrics.install(start_http_server_port=19808)
     with caplog.at_level(logging.ERROR, logger="op_celery"):
         metrics._on_worker_init(sender=worker_stand_in(ThreadPool, 8))
