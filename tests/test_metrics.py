@@ -292,7 +292,8 @@ def test_the_environment_switch_installs_on_its_port(monkeypatch: pytest.MonkeyP
 
 
 def run_python(code: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, OP_CELERY_BROKER_URL="redis://127.0.0.1:6379/0")
+    env = {k: v for k, v in os.environ.items() if k != metrics.METRICS_PORT_ENV}
+    env["OP_CELERY_BROKER_URL"] = "redis://127.0.0.1:6379/0"
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
         timeout=60,
