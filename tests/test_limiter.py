@@ -1,4 +1,4 @@
-"""The limiter against the real Redis at 127.0.0.1:6379 (and a throwaway one for failures).
+"""The limiter against the real, shared Redis (and a throwaway one for failures).
 
 No assertion depends on how fast anything runs: admissions are checked on the Redis clock the
 script itself reports (``Acquisition.admitted_at_s``), against the bound the algorithm promises.
@@ -9,9 +9,6 @@ from __future__ import annotations
 import bisect
 import multiprocessing
 import secrets
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from multiprocessing.queues import Queue
@@ -24,34 +21,21 @@ from op_celery._exceptions import ConfigurationError, LimiterUnavailable
 from op_celery._limiter import Acquisition, RateLimiter
 from op_celery._rates import Rate, parse_rate
 
-REDIS_HOST = "127.0.0.1"
-REDIS_PORT = 6379
+from ._support import REDIS_URL, RedisServer
+
 #: Password of the throwaway Redis; no message may ever show it.
 PASSWORD = "pw-" + secrets.token_hex(8)
 
 
 @pytest.fixture
-def prefix() -> Iterator[str]:
-    """A key prefix of this test's own; its keys are deleted afterwards."""
-    prefix = f"op-celery-test-{secrets.token_hex(6)}"
-    yield prefix
-    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT)
-    keys = list(client.scan_iter(match=f"{prefix}:*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
+def prefix(key_prefix: str) -> str:
+    """The limiter's key prefix inside this test's private namespace (deleted afterwards)."""
+    return key_prefix + "op-celery"
 
 
 @pytest.fixture
-def client() -> Iterator[redis.Redis]:
-    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, decode_responses=False)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def limiter(client: redis.Redis, prefix: str) -> RateLimiter:
-    return RateLimiter(client, prefix=prefix)
+def limiter(redis_client: redis.Redis, prefix: str) -> RateLimiter:
+    return RateLimiter(redis_client, prefix=prefix)
 
 
 def _us(acquisition: Acquisition) -> int:
@@ -83,7 +67,7 @@ def _hammer(
     results: Queue[tuple[list[int], int]],
 ) -> None:
     """One worker: acquire until ``duration_s`` is over; spin, or sleep the wait it is told."""
-    limiter = RateLimiter(redis.Redis(host=REDIS_HOST, port=REDIS_PORT), prefix=prefix)
+    limiter = RateLimiter(redis.Redis.from_url(REDIS_URL), prefix=prefix)
     granted_us: list[int] = []
     denied = 0
     start.wait()
@@ -126,7 +110,7 @@ def test_four_processes_never_admit_more_than_limit_plus_burst_minus_one_per_per
     denied = sum(denied for _, denied in outcomes)
     period_us = round(rate.period_s * 1_000_000)
     assert admitted_us, "no process was ever admitted"
-    assert denied > 0, "the processes never contended"
+    assert denied > 0, "nothing was ever refused: the bucket was not under pressure"
     assert _max_in_any_window(admitted_us, period_us) <= rate.limit + burst - 1
 
 
@@ -140,12 +124,12 @@ def _redis_now_us(client: redis.Redis) -> int:
 
 @pytest.mark.parametrize("burst", [1, 3])
 def test_wait_is_the_time_to_the_next_token_and_acquiring_after_it_succeeds(
-    limiter: RateLimiter, client: redis.Redis, burst: int
+    limiter: RateLimiter, redis_client: redis.Redis, burst: int
 ) -> None:
     rate, interval_us = parse_rate("10/s"), 100_000
     admitted = [limiter.acquire("c", rate, burst) for _ in range(burst)]
     refused = limiter.acquire("c", rate, burst)
-    refused_by_us = _redis_now_us(client)
+    refused_by_us = _redis_now_us(redis_client)
 
     assert all(answer.granted for answer in admitted)
     assert not refused.granted
@@ -174,24 +158,24 @@ def test_after_idling_a_burst_is_admitted_at_once_then_one_per_interval(
 
 
 def test_the_interval_is_rounded_up_never_down(
-    limiter: RateLimiter, client: redis.Redis, prefix: str
+    limiter: RateLimiter, redis_client: redis.Redis, prefix: str
 ) -> None:
     # 3 per second is 333_333.3 us apart: the limiter books the next slot 333_334 us ahead.
     admitted = limiter.acquire("c", parse_rate("3/s"))
-    assert int(client.get(f"{prefix}:{{c}}:bucket") or 0) == _us(admitted) + 333_334
+    assert int(redis_client.get(f"{prefix}:{{c}}:bucket") or 0) == _us(admitted) + 333_334
 
 
 # -- the clock is Redis's --------------------------------------------------------------------
 
 
 def test_a_worker_with_a_skewed_clock_obeys_the_shared_limit(
-    client: redis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+    redis_client: redis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rate = parse_rate("1/m")
-    assert RateLimiter(client, prefix=prefix).acquire("c", rate, burst=1).granted
+    assert RateLimiter(redis_client, prefix=prefix).acquire("c", rate, burst=1).granted
 
     sent: list[tuple[Any, ...]] = []
-    skewed_client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT)
+    skewed_client = redis.Redis.from_url(REDIS_URL)
     real_evalsha = skewed_client.evalsha
 
     def spy(*args: Any) -> Any:
@@ -225,15 +209,15 @@ def test_projects_do_not_share_budgets(limiter: RateLimiter) -> None:
 
 
 def test_keys_share_a_cluster_slot_and_expire_when_idle(
-    limiter: RateLimiter, client: redis.Redis, prefix: str
+    limiter: RateLimiter, redis_client: redis.Redis, prefix: str
 ) -> None:
     limiter.acquire("c", parse_rate("10/s"), burst=2)
     limiter.pause("c", 5)
     state = limiter.state("c")
     assert state["bucket_key"] == f"{prefix}:{{c}}:bucket"
     assert state["pause_key"] == f"{prefix}:{{c}}:pause"
-    assert 0 < client.pttl(state["bucket_key"]) <= 100
-    assert 4_000 < client.pttl(state["pause_key"]) <= 5_000
+    assert 0 < redis_client.pttl(state["bucket_key"]) <= 100
+    assert 4_000 < redis_client.pttl(state["pause_key"]) <= 5_000
 
 
 @pytest.mark.parametrize("client_id", ["", "a{b", "a}b"])
@@ -267,7 +251,7 @@ def test_a_pause_stops_every_client_object_with_the_pause_as_the_wait(
     limiter: RateLimiter, prefix: str
 ) -> None:
     assert limiter.pause("c", 2) == 2.0
-    other = RateLimiter(redis.Redis(host=REDIS_HOST, port=REDIS_PORT), prefix=prefix)
+    other = RateLimiter(redis.Redis.from_url(REDIS_URL), prefix=prefix)
     answer = other.acquire("c", parse_rate("1000/s"))
     assert not answer.granted
     assert 1.5 <= answer.wait_s <= 2.0
@@ -295,49 +279,14 @@ def test_acquiring_after_the_pause_ends_succeeds(limiter: RateLimiter) -> None:
 # -- a Redis that fails ------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((REDIS_HOST, 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @pytest.fixture
-def own_redis() -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """A throwaway redis-server with a password, killed by PID afterwards."""
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.skip("redis-server is not installed")
-    port = _free_port()
-    process = subprocess.Popen(
-        [
-            server,
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--requirepass",
-            PASSWORD,
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    probe = redis.Redis(host=REDIS_HOST, port=port, password=PASSWORD)
-    try:
-        for _ in range(100):
-            try:
-                probe.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        else:
-            pytest.fail("the throwaway redis-server did not start")
-        yield process, port
-    finally:
-        probe.close()
-        process.kill()
-        process.wait()
+def own_redis() -> Iterator[RedisServer]:
+    """A throwaway redis-server that requires ``PASSWORD``, killed by its PID afterwards."""
+    with RedisServer() as server:
+        setup = redis.Redis(port=server.port)
+        setup.config_set("requirepass", PASSWORD)
+        setup.close()
+        yield server
 
 
 def _assert_helpful_and_secret_free(error: LimiterUnavailable, port: int) -> None:
@@ -349,14 +298,13 @@ def _assert_helpful_and_secret_free(error: LimiterUnavailable, port: int) -> Non
 
 
 def test_a_redis_that_goes_down_raises_limiter_unavailable_without_the_password(
-    own_redis: tuple[subprocess.Popen[bytes], int],
+    own_redis: RedisServer,
 ) -> None:
-    process, port = own_redis
+    port = own_redis.port
     limiter = RateLimiter(redis.Redis.from_url(f"redis://:{PASSWORD}@127.0.0.1:{port}/0"))
     rate = parse_rate("100/s")
     assert limiter.acquire("c", rate).granted
-    process.kill()
-    process.wait()
+    own_redis.stop()
     calls: dict[str, Callable[[], object]] = {
         "acquire": lambda: limiter.acquire("c", rate),
         "pause": lambda: limiter.pause("c", 1),
@@ -371,9 +319,9 @@ def test_a_redis_that_goes_down_raises_limiter_unavailable_without_the_password(
 
 
 def test_a_wrong_password_raises_limiter_unavailable_without_it(
-    own_redis: tuple[subprocess.Popen[bytes], int],
+    own_redis: RedisServer,
 ) -> None:
-    _, port = own_redis
+    port = own_redis.port
     wrong = PASSWORD + "-wrong"
     limiter = RateLimiter(redis.Redis.from_url(f"redis://default:{wrong}@127.0.0.1:{port}/0"))
     with pytest.raises(LimiterUnavailable) as caught:
@@ -383,10 +331,10 @@ def test_a_wrong_password_raises_limiter_unavailable_without_it(
 
 
 def test_scripts_flushed_from_redis_are_loaded_again(
-    own_redis: tuple[subprocess.Popen[bytes], int],
+    own_redis: RedisServer,
 ) -> None:
-    _, port = own_redis
-    client = redis.Redis(host=REDIS_HOST, port=port, password=PASSWORD)
+    port = own_redis.port
+    client = redis.Redis(host="127.0.0.1", port=port, password=PASSWORD)
     limiter = RateLimiter(client)
     assert limiter.acquire("c", parse_rate("100/s")).granted
     client.script_flush()
