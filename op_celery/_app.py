@@ -7,6 +7,7 @@ the package's app, configured from the settings, so ``track.delay()`` just works
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from typing import Any
@@ -17,6 +18,8 @@ from ._embedded import embedded_redis
 from ._settings import EMBEDDED_URL, Settings, load_settings
 
 __all__ = ["configure_app", "package_app", "publishing_app", "settings_for"]
+
+log = logging.getLogger("op_celery")
 
 _lock = threading.Lock()
 _package_app: Celery | None = None
@@ -76,6 +79,9 @@ def configure_app(app: Celery, settings: Settings) -> None:
         # Events wait on the broker, not in a worker's memory where a crash would strand them.
         worker_prefetch_multiplier=4,
         worker_hijack_root_logger=True,
+        # On a lost broker connection, stop the late-acked events in flight: they cannot be
+        # acked on the new connection and come back through the visibility timeout anyway.
+        worker_cancel_long_running_tasks_on_connection_loss=True,
     )
 
 
@@ -94,8 +100,43 @@ def package_app() -> Celery:
 
 
 def publishing_app() -> Celery:
-    """The user's current app if there is one, else the package's own."""
+    """The app ``.delay()`` publishes through: the user's, else the package's own.
+
+    Celery's current app is per thread: an app created at import time is current in the main
+    thread only, not in a web server's request threads. So, in order: this thread's current
+    app; else the app made default with ``app.set_default()``; else the one user app that
+    exists; else the package's app.
+    """
     # Celery offers no public "was an app created?" test: ``current_app`` silently makes a
     # fallback app pointed at amqp://localhost, which is never what an op-celery user wants.
-    current = getattr(_state, "_tls").current_app  # noqa: B009
-    return package_app() if current is None else current
+    current: Celery | None = getattr(_state, "_tls").current_app  # noqa: B009
+    if current is not None:
+        return current
+    default: Celery | None = getattr(_state, "default_app")  # noqa: B009
+    if default is not None and default.main != "default":
+        return default
+    apps: list[Celery] = list(getattr(_state, "_get_active_apps")())  # noqa: B009
+    users = [app for app in apps if _is_user_app(app)]
+    if len(users) == 1:
+        return users[0]
+    if len(users) > 1:
+        _warn_ambiguous_once()
+    return package_app()
+
+
+def _is_user_app(app: Celery) -> bool:
+    fallback = getattr(_state, "default_app")  # noqa: B009
+    return app is not _package_app and not (app is fallback and app.main == "default")
+
+
+_warned = False
+
+
+def _warn_ambiguous_once() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        log.warning(
+            "op_celery: several Celery apps exist and none is current in this thread; "
+            "publishing through the package's app. Call app.set_default() on yours"
+        )

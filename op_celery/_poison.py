@@ -39,7 +39,11 @@ def _store(app: Celery, message: Any, reason: str) -> None:
 
 
 class PoisonGuard(bootsteps.StartStopStep):
-    """Consumer step: dead-letter messages Celery cannot decode before it drops them."""
+    """Consumer step: dead-letter messages Celery cannot decode before it drops them, and
+    messages of our tasks whose body has the wrong shape, which would otherwise stop the
+    consumer with an "Unrecoverable error"."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
 
     def __init__(self, consumer: Any, **kwargs: Any) -> None:
         super().__init__(consumer, **kwargs)
@@ -64,6 +68,35 @@ class PoisonGuard(bootsteps.StartStopStep):
 
         signals.task_rejected.connect(on_rejected, weak=False)
         signals.task_unknown.connect(on_unknown, weak=False)
+
+    def start(self, consumer: Any) -> None:
+        # The Tasks step has just filled consumer.strategies; the message handler looks them
+        # up per message in this same dict, so wrapping the entries in place takes effect.
+        app: Celery = consumer.app
+        for name, strategy in list(consumer.strategies.items()):
+            if name.startswith("op_celery.") and not getattr(strategy, "_op_guarded", False):
+                consumer.strategies[name] = _guard(app, name, strategy)
+
+
+def _guard(app: Celery, name: str, strategy: Any) -> Any:
+    def guarded(message: Any, body: Any, ack: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            payload = message.payload
+            if not (
+                isinstance(payload, (list, tuple))
+                and len(payload) == 3
+                and isinstance(payload[0], (list, tuple))
+                and isinstance(payload[1], dict)
+            ):
+                raise ValueError("the body is not [args, kwargs, options]")
+            return strategy(message, body, ack, *args, **kwargs)
+        except Exception as exc:
+            _store(app, message, f"malformed {name} message ({type(exc).__name__}: {exc})")
+            message.ack()
+            return None
+
+    guarded._op_guarded = True  # type: ignore[attr-defined]
+    return guarded
 
 
 def install(app: Celery) -> None:

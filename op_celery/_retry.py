@@ -33,7 +33,11 @@ class Decision:
 
 def backoff_s(retries: int, settings: Settings, rng: random.Random | None = None) -> float:
     """Exponential backoff with full jitter: uniform in [0, min(max, base * 2**retries)]."""
-    ceiling = min(settings.retry_backoff_max_s, settings.retry_backoff_s * (2 ** min(retries, 32)))
+    ceiling = min(
+        settings.retry_backoff_max_s,
+        settings.max_countdown_s,
+        settings.retry_backoff_s * (2 ** min(retries, 32)),
+    )
     return (rng or random).uniform(0, ceiling)
 
 

@@ -319,10 +319,4 @@ def load_settings(
             f"OP_CELERY_VISIBILITY_TIMEOUT ({settings.visibility_timeout_s:g} s), or a "
             "redelivered event would be sent twice"
         )
-    if settings.retry_backoff_max_s > settings.max_countdown_s:
-        raise ConfigurationError(
-            f"OP_CELERY_RETRY_BACKOFF_MAX ({settings.retry_backoff_max_s:g} s) must be at most "
-            f"half of OP_CELERY_VISIBILITY_TIMEOUT ({settings.visibility_timeout_s:g} s), or a "
-            "waiting retry would be redelivered to a second worker"
-        )
     return settings

@@ -6,8 +6,15 @@ It reads the settings from the environment (see the README), consumes the ``open
 (``OP_CELERY_QUEUE``) and delivers every event to the OpenPanel API.
 """
 
+import os
+
 from ._app import package_app
 
 __all__ = ["app"]
 
 app = package_app()
+
+if os.environ.get("OP_CELERY_METRICS_PORT"):  # Prometheus metrics; needs op-celery[prometheus]
+    from .metrics import install_from_env
+
+    install_from_env()

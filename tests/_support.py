@@ -122,8 +122,11 @@ def free_port() -> int:
 class RedisServer:
     """A private ``redis-server`` on a free port, for tests that stop or restart Redis."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, data_dir: Path | None = None) -> None:
         self.port = port or free_port()
+        #: With a data directory the server keeps an fsynced append-only file there, so a
+        #: restart keeps the queue, as a production broker would.
+        self.data_dir = data_dir
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -133,9 +136,14 @@ class RedisServer:
     def start(self) -> RedisServer:
         import redis
 
+        persistence = ["--appendonly", "no"]
+        if self.data_dir is not None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            persistence = ["--appendonly", "yes", "--appendfsync", "always",
+                           "--dir", str(self.data_dir)]  # fmt: skip
         self.process = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--loglevel", "warning"],
+             "--loglevel", "warning", *persistence],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)

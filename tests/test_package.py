@@ -12,7 +12,7 @@ import op_celery
 
 def test_all_is_exactly_what_the_package_exports() -> None:
     public = {name for name in vars(op_celery) if not name.startswith("_")}
-    modules = {"worker", "testing", "dead_letters", "signals", "contrib", "cli"}
+    modules = {"worker", "testing", "dead_letters", "signals", "contrib", "cli", "metrics"}
     assert set(op_celery.__all__) - {"__version__"} == public - modules
     for name in op_celery.__all__:
         assert hasattr(op_celery, name)

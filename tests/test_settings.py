@@ -74,7 +74,8 @@ def test_plain_http_is_refused_unless_loopback_or_allowed() -> None:
         ("OP_CELERY_VISIBILITY_TIMEOUT", "soon", "number of seconds"),
         ("OP_CELERY_MAX_RETRIES", "-1", "negative"),
         ("OPENPANEL_ALLOW_INSECURE_HTTP", "maybe", "true or false"),
-        ("OP_CELERY_RETRY_BACKOFF_MAX", "1000", "half of OP_CELERY_VISIBILITY_TIMEOUT"),
+        ("OP_CELERY_LEDGER_TTL", "60", "must exceed OP_CELERY_VISIBILITY_TIMEOUT"),
+        ("OP_CELERY_ON_PUBLISH_FAILURE", "drop", "'spool'"),
     ],
 )
 def test_bad_values_name_the_setting(name: str, value: str, fragment: str) -> None:
