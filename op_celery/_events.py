@@ -48,6 +48,15 @@ PATH_SCAN_NAME = re.compile(
     re.IGNORECASE,
 )
 
+#: Any of `BLOCKED_NAME_FRAGMENTS`, in one search.
+_BLOCKED_FRAGMENT = re.compile("|".join(re.escape(f) for f in BLOCKED_NAME_FRAGMENTS))
+#: ASCII control characters (and DEL), which could break a value out of its HTTP header.
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+#: An IPv4 address as ``ipaddress`` writes it (four decimal octets, no leading zeros).
+_CANONICAL_IPV4 = re.compile(
+    r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}"
+    r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+)
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _PROJECT = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -102,6 +111,11 @@ def _profile_id(op: str, value: object, *, required: bool) -> str | int | float 
     raise _fail(op, "profile_id", f"must be a non-empty string or a number, got {value!r}")
 
 
+#: Exact types of values that need no check: a dict or list item of one of them is taken as it
+#: is; anything else (floats, containers, subclasses) goes through `_json_value`.
+_PLAIN_SCALARS = (str, bool, int, type(None))
+
+
 def _json_value(op: str, path: str, value: object, depth: int = 0) -> Any:
     """Check that ``value`` is plain JSON; return it with tuples turned into lists."""
     if value is None or isinstance(value, (str, bool, int)):
@@ -112,15 +126,25 @@ def _json_value(op: str, path: str, value: object, depth: int = 0) -> Any:
         return value
     if depth > 32:
         raise _fail(op, path, "is nested more than 32 levels deep")
+    # Items that are plain scalars are taken as they are, without a recursive call or the text
+    # of their path, which is only needed for an error.
     if isinstance(value, Mapping):
         out: dict[str, Any] = {}
         for key, item in value.items():
             if not isinstance(key, str):
                 raise _fail(op, path, f"must have string keys, found key {key!r}")
-            out[key] = _json_value(op, f"{path}[{key!r}]", item, depth + 1)
+            if type(item) in _PLAIN_SCALARS:
+                out[key] = item
+            else:
+                out[key] = _json_value(op, f"{path}[{key!r}]", item, depth + 1)
         return out
     if isinstance(value, (list, tuple)):
-        return [_json_value(op, f"{path}[{i}]", item, depth + 1) for i, item in enumerate(value)]
+        return [
+            item
+            if type(item) in _PLAIN_SCALARS
+            else _json_value(op, f"{path}[{i}]", item, depth + 1)
+            for i, item in enumerate(value)
+        ]
     raise _fail(
         op,
         path,
@@ -163,9 +187,7 @@ def _event_name(op: str, value: object) -> str:
     if name in RESERVED_EVENT_NAMES:
         raise _fail(op, "name", f"must not be {name!r}: the server reserves it for sessions")
     lowered = name.lower()
-    if any(fragment in lowered for fragment in BLOCKED_NAME_FRAGMENTS) or PATH_SCAN_NAME.match(
-        name
-    ):
+    if _BLOCKED_FRAGMENT.search(lowered) or PATH_SCAN_NAME.match(name):
         raise _fail(op, "name", "looks like an attack probe, which the server drops; rename it")
     return name
 
@@ -193,8 +215,11 @@ def _client_ip(op: str, value: object) -> str | None:
         return None
     if not isinstance(value, str):
         raise _fail(op, "client_ip", f"must be an IP address string, got {value!r}")
+    text = value.strip()
+    if _CANONICAL_IPV4.fullmatch(text):
+        return text  # what ipaddress would return, without parsing it
     try:
-        return str(ipaddress.ip_address(value.strip()))
+        return str(ipaddress.ip_address(text))
     except ValueError:
         raise _fail(op, "client_ip", f"must be an IPv4 or IPv6 address, got {value!r}") from None
 
@@ -206,7 +231,7 @@ def _user_agent(op: str, value: object) -> str | None:
         raise _fail(op, "user_agent", f"must be a non-empty string, got {value!r}")
     if len(value) > MAX_USER_AGENT_CHARS:
         raise _fail(op, "user_agent", f"must be at most {MAX_USER_AGENT_CHARS} characters")
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+    if _CONTROL_CHARS.search(value):
         # A control character would let the value break out of its HTTP header.
         raise _fail(op, "user_agent", "must not contain control characters or line breaks")
     return value

@@ -31,9 +31,10 @@ to add headers.
 
 from __future__ import annotations
 
+import json
 import os
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,23 +58,18 @@ __all__ = ["publish"]
 FAST_OPTIONS = frozenset({"queue", "serializer", "retry", "retry_policy"})
 #: Execution options of the task class the fast path handles (others must be None).
 _HANDLED_EXEC_OPTIONS = frozenset({"queue", "serializer"})
-#: The embed part of a protocol-2 body for a task without callbacks, chain or chord.
-_EMBED: Mapping[str, None] = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+#: The embed part of a protocol-2 body for a task without callbacks, chain or chord, as JSON.
+_EMBED_JSON = '{"callbacks": null, "errbacks": null, "chain": null, "chord": null}'
 #: Signals whose receivers may change a message: with any receiver, Celery's path publishes.
-_PUBLISH_SIGNALS = tuple(
-    signal
-    for signal in (
-        signals.before_task_publish,
-        signals.after_task_publish,
-        getattr(signals, "task_sent", None),  # deprecated, still sent by Celery 5
-    )
-    if signal is not None
-)
+_BEFORE_PUBLISH = signals.before_task_publish
+_AFTER_PUBLISH = signals.after_task_publish
+_TASK_SENT: Any = getattr(signals, "task_sent", None)  # deprecated, still sent by Celery 5
 #: AMQP's delivery mode 2, kombu's default.
 PERSISTENT_DELIVERY_MODE = 2
 _AMQP: Any = celery_amqp.AMQP
 #: Set while a worker publishes a task's callbacks; Celery then retries differently.
 _callback_publish_retry: Any = getattr(celery_amqp, "_callback_publish_retry", None)
+_SHADOW_NAME = celery_task.Task.shadow_name
 _CELERY_APPLY_ASYNC = celery_task.Task.__dict__["apply_async"]
 #: False when an integration had wrapped ``Task.apply_async`` before this module was imported.
 _APPLY_ASYNC_IS_CELERYS = (
@@ -101,7 +97,13 @@ def publish(
     """
     app: Any = task.app
     route = None
-    if producer is None and link is None and link_error is None and shadow is None:
+    if (
+        producer is None
+        and link is None
+        and link_error is None
+        and shadow is None
+        and (task_id is None or type(task_id) is str)
+    ):
         route = _fast_route(task, app, options, kwargs)
     if route is None:
         result: AsyncResult[Any] = base.apply_async(
@@ -124,6 +126,8 @@ class _AppPlan:
     default_delivery_mode: Any = None
     repr_maxlevels: int = 3
     acquire_timeout_s: float | None = None
+    #: Per queue declaration: its delivery mode, or None if the fast path cannot publish to it.
+    queues: dict[int, tuple[Any, int | None]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,10 +157,15 @@ def _make_app_plan(app: Any) -> _AppPlan:
     connection = app.connection_for_write()
     try:
         redis_broker = isinstance(connection.transport, kombu_redis.Transport)
+        transport_options = dict(connection.transport_options or {})
     finally:
         connection.release()
+    # The body is encoded as the channel says (kombu's encode_body); base64 and no encoding
+    # give text, which is what the message JSON is written for.
+    body_encoding = transport_options.get("body_encoding", "base64")
     supported = (
         redis_broker
+        and (not body_encoding or str(body_encoding).lower() in ("base64", "utf-8"))
         and conf.task_protocol == 2
         and type(app).send_task is Celery.send_task
         and type(amqp).as_task_v2 is celery_amqp.AMQP.as_task_v2
@@ -179,28 +188,30 @@ def _fast_route(
     task: Any, app: Any, options: dict[str, Any], kwargs: Mapping[str, Any]
 ) -> _Route | None:
     """The route of a call the fast path reproduces exactly, else None."""
-    if not options.keys() <= FAST_OPTIONS or options.get("serializer", "json") != "json":
+    if (
+        not options.keys() <= FAST_OPTIONS
+        or options.get("serializer", "json") != "json"
+        or "queue" not in options
+    ):
         return None
     plan = _app_plan(app)
-    if not plan.supported:
-        return None
     if (
-        task.typing
+        not plan.supported
+        or task.typing
         or not task.ignore_result  # Celery would subscribe the result backend to the task id
         or task.__v2_compat__
         or getattr(task, "_dump_pydantic_arguments", None) is not None
-        or type(task).shadow_name is not celery_task.Task.shadow_name
+        or type(task).shadow_name is not _SHADOW_NAME
         or not _APPLY_ASYNC_IS_CELERYS
         or celery_task.Task.__dict__.get("apply_async") is not _CELERY_APPLY_ASYNC
-        or any(signal.receivers for signal in _PUBLISH_SIGNALS)
+        or _BEFORE_PUBLISH.receivers
+        or _AFTER_PUBLISH.receivers
+        or (_TASK_SENT is not None and _TASK_SENT.receivers)
         or _callback_publish_retry.get()
+        or not _plain_exec_options(task._get_exec_options())
     ):
         return None
-    exec_options = task._get_exec_options()
-    for key, value in exec_options.items():
-        if value is not None and key not in _HANDLED_EXEC_OPTIONS:
-            return None
-    conf = app.conf
+    conf = app.conf  # read on every call, as Celery's apply_async and send_task read them
     if conf.task_always_eager or conf.task_send_sent_event:
         return None
     parent = app.current_worker_task
@@ -211,34 +222,37 @@ def _fast_route(
     if router.routes:
         # Route as Celery does, with the options it would pass: the task's execution options,
         # the caller's over them, minus those send_task pops.
-        routed = dict(exec_options, **options)
+        routed = dict(task._get_exec_options(), **options)
         for key in ("time_limit", "soft_time_limit", "expires"):
             routed.pop(key, None)
         routed = router.route(routed, task.name, (), kwargs, task)
+        if any(v is not None for k, v in routed.items() if k not in FAST_OPTIONS) or routed.get(
+            "serializer", "json"
+        ) not in ("json", None):
+            return None
+        queue = routed.get("queue")
     else:
-        # What Router.route does with no routes and a queue given: look the queue up.
-        routed = dict(options)
-        name = routed.get("queue")
-        if not isinstance(name, Queue):
+        # What Router.route does without routes when a queue is given: look it up (Queues
+        # makes a missing one when task_create_missing_queues is on).
+        routed = options
+        queue = options["queue"]
+        if not isinstance(queue, Queue):
             try:
-                routed["queue"] = amqp.queues[name]
+                queue = amqp.queues[queue]
             except KeyError:  # Celery's path raises its QueueNotFound
                 return None
-    queue = routed.get("queue")
-    if (
-        not isinstance(queue, Queue)
-        or isinstance(queue, Broadcast)
-        or queue.exchange.type != "direct"
-        or any(value is not None for key, value in routed.items() if key not in FAST_OPTIONS)
-        or routed.get("serializer", "json") != "json"
-    ):
+    cached = plan.queues.get(id(queue))
+    if cached is None or cached[0] is not queue:
+        cached = plan.queues[id(queue)] = (queue, _queue_delivery_mode(queue, plan))
+    delivery_mode = cached[1]
+    if delivery_mode is None:
         return None
     # As AMQP.send_task_message merges the call's retry settings with the app's.
     retry = routed.get("retry")
     retry_policy = routed.get("retry_policy")
     return _Route(
         queue=queue,
-        delivery_mode=_delivery_mode(queue, plan.default_delivery_mode),
+        delivery_mode=delivery_mode,
         retry=plan.retry if retry is None else bool(retry),
         retry_policy=(
             dict(plan.retry_policy, **retry_policy) if retry_policy else dict(plan.retry_policy)
@@ -246,6 +260,35 @@ def _fast_route(
         parent=parent,
         plan=plan,
     )
+
+
+_plain_exec_verdicts: dict[int, tuple[Mapping[str, Any], bool]] = {}
+
+
+def _plain_exec_options(exec_options: Mapping[str, Any]) -> bool:
+    """Whether a task's execution options (cached by Celery per task) are all unset but the
+    queue and the serializer."""
+    cached = _plain_exec_verdicts.get(id(exec_options))
+    if cached is None or cached[0] is not exec_options:
+        plain = all(
+            value is None or key in _HANDLED_EXEC_OPTIONS for key, value in exec_options.items()
+        )
+        cached = _plain_exec_verdicts[id(exec_options)] = (exec_options, plain)
+    return cached[1]
+
+
+def _queue_delivery_mode(queue: Any, plan: _AppPlan) -> int | None:
+    """The delivery mode of messages to ``queue``, or None if the fast path cannot publish to it
+    (a broadcast queue, or an exchange that is not direct)."""
+    if (
+        not isinstance(queue, Queue)
+        or isinstance(queue, Broadcast)
+        or queue.exchange is None
+        or queue.exchange.type != "direct"
+    ):
+        return None
+    mode = _delivery_mode(queue, plan.default_delivery_mode)
+    return mode if type(mode) is int and type(queue.name) is str else None
 
 
 def _delivery_mode(queue: Any, default: Any) -> int:
@@ -258,6 +301,18 @@ def _delivery_mode(queue: Any, default: Any) -> int:
 # --- Building and sending the message. ---------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _Message:
+    """The parts of one message that do not depend on the channel it goes out on."""
+
+    body: str  # the serialised ((), kwargs, embed), before the transport's body encoding
+    headers_json: str  # the protocol-2 headers, as JSON
+    task_id: str
+    reply_to: str
+    delivery_mode: int
+    queue: Any  # kombu.Queue
+
+
 def _send(
     task: Any, app: Any, route: _Route, kwargs: dict[str, Any], task_id: str
 ) -> AsyncResult[Any]:
@@ -266,39 +321,30 @@ def _send(
     maxlevels = plan.repr_maxlevels
     parent = route.parent
     if parent is not None:
-        root_id = parent.request.root_id or parent.request.id
+        root_id = parent.request.root_id or parent.request.id or task_id
         parent_id = parent.request.id
     else:
         root_id, parent_id = task_id, None
-    # Key for key, in order, what AMQP.as_task_v2 puts in a protocol-2 message.
-    headers = {
-        "lang": "py",
-        "task": task.name,
-        "id": task_id,
-        "shadow": None,
-        "eta": None,
-        "expires": None,
-        "group": None,
-        "group_index": None,
-        "retries": 0,
-        "timelimit": [None, None],  # time limits are execution options: Celery's path
-        "root_id": root_id or task_id,
-        "parent_id": parent_id,
-        "argsrepr": _argsrepr(amqp.argsrepr_maxsize, maxlevels),
-        "kwargsrepr": kwargsrepr(kwargs, amqp.kwargsrepr_maxsize, maxlevels),
-        "origin": _origin(),
-        "ignore_result": True,
-        "replaced_task_nesting": 0,
-        "stamped_headers": None,
-        "stamps": {},
-    }
-    properties = {
-        "correlation_id": task_id,
-        "reply_to": app.thread_oid,
-        "delivery_mode": route.delivery_mode,
-    }
-    body = dumps(((), kwargs, _EMBED))  # kombu's JSON serializer, as Producer.publish uses
-    queue = route.queue
+    # The headers of AMQP.as_task_v2, key for key and in its order, as json.dumps writes them;
+    # every value not written out here is a constant of a call the fast path publishes.
+    headers_json = (
+        f'{{"lang": "py", "task": {_str(task.name)}, "id": {_str(task_id)}, "shadow": null, '
+        '"eta": null, "expires": null, "group": null, "group_index": null, "retries": 0, '
+        f'"timelimit": [null, null], "root_id": {_str(root_id)}, '
+        f'"parent_id": {_nullable(parent_id)}, '
+        f'"argsrepr": {_str(_argsrepr(amqp.argsrepr_maxsize, maxlevels))}, '
+        f'"kwargsrepr": {_str(kwargsrepr(kwargs, amqp.kwargsrepr_maxsize, maxlevels))}, '
+        f'"origin": {_str(_origin())}, "ignore_result": true, "replaced_task_nesting": 0, '
+        '"stamped_headers": null, "stamps": {}}'
+    )
+    message = _Message(
+        body=f"[[], {_json(kwargs)}, {_EMBED_JSON}]",  # kombu's json serializer's text
+        headers_json=headers_json,
+        task_id=task_id,
+        reply_to=app.thread_oid,
+        delivery_mode=route.delivery_mode,
+        queue=route.queue,
+    )
     # A pooled broker connection, as Celery's producer pool lends (its producers hold one each
     # from this same pool); the producer itself would only be rebound and copied.
     try:
@@ -310,16 +356,16 @@ def _send(
             "broker_pool_acquire_timeout."
         ) from exc
     try:
-        with connection._reraise_as_library_errors():
 
-            def put() -> None:
-                _put(connection.default_channel, queue, body, headers, properties, route)
+        def put() -> None:
+            _put(connection.default_channel, message, route)
 
-            if route.retry:
-                # As kombu's Producer.publish: the policy also governs reconnecting.
-                connection.transport_options.update(route.retry_policy)
-                connection.ensure(_REVIVAL, put, **route.retry_policy)()
-            else:
+        if route.retry:
+            # As kombu's Producer.publish: the policy also governs reconnecting.
+            connection.transport_options.update(route.retry_policy)
+            _ensure(connection, put, route.retry_policy)
+        else:
+            with connection._reraise_as_library_errors():
                 put()
     finally:
         connection.release()
@@ -328,6 +374,33 @@ def _send(
     if parent is not None:
         parent.add_trail(result)
     return result
+
+
+def _ensure(connection: Any, put: Callable[[], None], policy: Mapping[str, Any]) -> None:
+    """``connection.ensure(obj, put, **policy)()``, as kombu's ``Producer.publish`` calls it,
+    with the first attempt made directly.
+
+    ``Connection.ensure``'s wrapper costs a few microseconds per call. Its first iteration only
+    calls ``put``; what it does next depends only on the exception ``put`` raised. So ``put`` is
+    tried first, and if it raises an error the wrapper handles (a recoverable connection or
+    channel error), that same exception is handed to a wrapper made then, as its own first
+    attempt: reconnection, retries, revival and the final ``OperationalError`` are kombu's.
+    Other exceptions propagate as they would through the wrapper.
+    """
+    try:
+        put()
+        return
+    except connection.recoverable_connection_errors + connection.recoverable_channel_errors as exc:
+        failure: BaseException | None = exc
+
+    def replay() -> None:
+        nonlocal failure
+        if failure is not None:
+            error, failure = failure, None
+            raise error
+        put()
+
+    connection.ensure(_REVIVAL, replay, **policy)()
 
 
 class _Revival:
@@ -344,35 +417,46 @@ _REVIVAL = _Revival()
 @dataclass(slots=True)
 class _ChannelState:
     client: Any  # redis.Redis bound to the channel's connection pool
-    declared: set[str]
+    #: Per queue name: the Redis key its messages go to and their "priority" property.
+    queues: dict[str, tuple[str, int]]
 
 
 _channel_states: weakref.WeakKeyDictionary[Any, _ChannelState] = weakref.WeakKeyDictionary()
 
 
-def _put(
-    channel: Any,
-    queue: Any,
-    body: str,
-    headers: dict[str, Any],
-    properties: dict[str, Any],
-    route: _Route,
-) -> None:
-    """One attempt: what kombu's ``Producer._publish`` and the Redis ``Channel._put`` do."""
+def _put(channel: Any, message: _Message, route: _Route) -> None:
+    """One attempt: what kombu's ``Producer._publish`` and the Redis ``Channel._put`` do, with
+    one Redis client per channel instead of one per message."""
     state = _channel_states.get(channel)
     if state is None or state.client.connection_pool is not channel.pool:
-        state = _ChannelState(channel._create_client(), set())
+        state = _ChannelState(channel._create_client(), {})
         _channel_states[channel] = state
+    queue = message.queue
     name = queue.name
-    if name not in state.declared:
+    known = state.queues.get(name)
+    if known is None:
+        # Once per channel (kombu's maybe_declare caches per connection, after a copy and a
+        # bind of the queue on every message).
         maybe_declare(queue, channel, route.retry, **route.retry_policy)
-        state.declared.add(name)
-    message = channel.prepare_message(
-        body, 0, "application/json", "utf-8", headers, dict(properties)
+        # Producer.publish passes priority 0, which prepare_message turns into the channel's
+        # default; the Redis channel picks the list from the priority it then reads back.
+        priority = 0 or channel.default_priority
+        probe = {"properties": {"priority": priority}}
+        key = channel._q_for_pri(name, channel._get_message_priority(probe, reverse=False))
+        known = state.queues[name] = (key, priority)
+    key, priority = known
+    body, body_encoding = channel.encode_body(message.body, channel.body_encoding)
+    # The message as prepare_message and _inplace_augment_message build it and the transport
+    # serialises it with json.dumps: same keys, same order, same separators.
+    payload = (
+        f'{{"body": {_str(body)}, "content-encoding": "utf-8", '
+        f'"content-type": "application/json", "headers": {message.headers_json}, '
+        f'"properties": {{"correlation_id": {_str(message.task_id)}, '
+        f'"reply_to": {_str(message.reply_to)}, "delivery_mode": {message.delivery_mode}, '
+        f'"delivery_info": {{"exchange": "", "routing_key": {_str(name)}}}, '
+        f'"priority": {priority}, "body_encoding": {_nullable(body_encoding)}, '
+        f'"delivery_tag": {_str(channel._next_delivery_tag())}}}}}'
     )
-    channel._inplace_augment_message(message, "", name)
-    key = channel._q_for_pri(name, channel._get_message_priority(message, reverse=False))
-    payload = dumps(message)  # as the Redis transport serialises it
     client = state.client
     expires = channel._expires.get(name) if channel._expires else None
     if expires is None:
@@ -380,9 +464,31 @@ def _put(
         return
     with client.pipeline() as pipe:
         pipe.lpush(key, payload)
-        for priority in channel.priority_steps:
-            pipe.pexpire(channel._q_for_pri(name, priority), expires)
+        for step in channel.priority_steps:
+            pipe.pexpire(channel._q_for_pri(name, step), expires)
         pipe.execute()
+
+
+#: How json.dumps writes a str (ensure_ascii, its default).
+_str: Callable[[str], str] = json.encoder.encode_basestring_ascii
+
+
+def _nullable(value: str | None) -> str:
+    return "null" if value is None else _str(value)
+
+
+def _json(value: Any) -> str:
+    """``kombu.utils.json.dumps(value)``, as kombu's json serializer calls it.
+
+    For plain JSON (what op-celery's validation lets through) that is ``json.dumps`` with its
+    defaults, whose encoder is made once, where kombu's makes one per call. Other values go to
+    kombu's, which knows more types.
+    """
+    try:
+        return json.dumps(value)
+    except TypeError:
+        text: str = dumps(value)
+        return text
 
 
 # --- The text copies of the arguments. ---------------------------------------------------------

@@ -18,6 +18,7 @@ import redis
 from celery import Celery, Task, signals
 from celery._state import _task_stack
 from celery.utils.saferepr import saferepr
+from kombu import Queue
 from kombu.exceptions import OperationalError
 
 import op_celery
@@ -128,6 +129,68 @@ def test_the_message_is_byte_for_byte_what_celery_sends(
     celery_publish(task, message, options, task_id="task-1")
     fast, celery = pop_all(redis_client, queue_key(env))
     assert without_delivery_tag(fast) == without_delivery_tag(celery)
+
+
+@pytest.fixture
+def custom_producer(env: dict[str, str]) -> Iterator[Callable[..., Celery]]:
+    """A user's app like `producer`'s, with extra configuration."""
+    apps: list[Celery] = []
+
+    def make(**conf: Any) -> Celery:
+        app = Celery("custom-app", set_as_current=True)
+        transport_options = conf.pop("broker_transport_options", {})
+        app.conf.update(
+            broker_url=env["OP_CELERY_BROKER_URL"],
+            broker_transport_options={
+                "global_keyprefix": env["OP_CELERY_BROKER_KEY_PREFIX"],
+                **transport_options,
+            },
+            op_celery_queue=env["OP_CELERY_QUEUE"],
+            task_ignore_result=True,
+            **conf,
+        )
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.close()
+    _app.reset_settings()
+
+
+def test_the_message_matches_celery_with_an_unencoded_body(
+    custom_producer: Callable[..., Celery],
+    redis_client: redis.Redis,
+    env: dict[str, str],
+    fast_sends: Spy,
+    publish_calls: Spy,
+) -> None:
+    custom_producer(broker_transport_options={"body_encoding": "utf-8"})
+    kwargs = {"properties": {"quote": 'say "hi"', "café": "☕"}, "event_id": "e" * 32}
+    _tasks.task_for("track").apply_async(("signup",), kwargs, task_id="task-2")
+    [(call_args, _)] = publish_calls.calls
+    _, message, options, *_ = call_args
+    celery_publish(_tasks.task_for("track"), message, options, task_id="task-2")
+    fast, celery = pop_all(redis_client, queue_key(env))
+    assert json.loads(fast)["properties"]["body_encoding"] == "utf-8"
+    assert without_delivery_tag(fast) == without_delivery_tag(celery)
+    assert len(fast_sends.calls) == 1
+
+
+def test_a_queue_with_an_expiry_gets_it_renewed_on_every_message(
+    custom_producer: Callable[..., Celery],
+    redis_client: redis.Redis,
+    env: dict[str, str],
+    fast_sends: Spy,
+) -> None:
+    name = env["OP_CELERY_QUEUE"]
+    custom_producer(task_queues=[Queue(name, expires=600)])
+    op_celery.track.delay("expiring", event_id="e" * 32)
+    key = queue_key(env)
+    assert 0 < redis_client.pttl(key) <= 600_000
+    [raw] = pop_all(redis_client, key)
+    assert json.loads(raw)["headers"]["task"] == "op_celery.track"
+    assert len(fast_sends.calls) == 1
 
 
 def test_a_publish_from_a_running_task_carries_its_parent_and_root_ids(
