@@ -61,6 +61,11 @@ def configure_app(app: Celery, settings: Settings) -> None:
         # instead of hanging in connect().
         "socket_connect_timeout": max(0.1, settings.publish_timeout_s / 2),
         "socket_timeout": 10.0,
+        # kombu sweeps for expired unacked messages only every interval x throttle seconds
+        # (100 s by default): without these, a crashed worker's events would come back up to
+        # 100 s after the visibility timeout, not at it.
+        "unacked_restore_interval": min(10.0, max(1.0, settings.visibility_timeout_s / 10)),
+        "unacked_restore_throttle": 1,
     }
     if settings.broker_key_prefix:
         transport_options["global_keyprefix"] = settings.broker_key_prefix

@@ -36,8 +36,21 @@ def duplicates(stand_in: StandInServer) -> int:
     return sum(count - 1 for count in ids.values())
 
 
+def broker_state(client: redis.Redis, env: dict[str, str]) -> dict[str, object]:
+    prefix = env.get("OP_CELERY_BROKER_KEY_PREFIX", "")
+    return {
+        "queued": client.llen(prefix + env["OP_CELERY_QUEUE"]),
+        "unacked": client.hlen(prefix + "unacked"),
+        "unacked_mutex": client.exists(prefix + "unacked_mutex"),
+    }
+
+
 def test_a_worker_killed_mid_run_loses_no_event(
-    producer: Celery, start_worker: Callable[..., WorkerProcess], stand_in: StandInServer
+    producer: Celery,
+    start_worker: Callable[..., WorkerProcess],
+    stand_in: StandInServer,
+    redis_client: redis.Redis,
+    env: dict[str, str],
 ) -> None:
     sent = 2000
     options = {"OP_CELERY_VISIBILITY_TIMEOUT": "10", "CONCURRENCY": "4"}
@@ -48,7 +61,8 @@ def test_a_worker_killed_mid_run_loses_no_event(
     assert wait_until(lambda: len(stand_in.received) >= sent // 4, timeout=60)
     victim.kill()
     killed_at = len(stand_in.received)
-    assert stand_in.wait_for(sent, timeout=120)
+    delivered = stand_in.wait_for(sent, timeout=90)
+    assert delivered, (len(stand_in.received), broker_state(redis_client, env))
     time.sleep(1.0)
     unique = len({r.headers["request-id"] for r in stand_in.received})
     report(
