@@ -11,15 +11,16 @@ rounded up to a whole microsecond, so the limiter never runs faster than its rat
 
 Against a server that counts ``L`` requests per fixed window (the common ``429`` limiter), the
 windows are such spans: with the rate set to ``L`` per window, a window is sent at most
-``L + burst - 1`` requests, as admitted. The default burst, 2, is one request of slack so that
-workers waking a little late keep the schedule (with ``burst=1`` each late wake-up is lost:
-four sleeping workers reached 95 % of 100/s); its price is at most one request over ``L`` in a
-window, and only when admissions that ran late are followed by ones on time, or at the start
-of a busy spell. A burst of ``L`` (a bucket that starts full) can put ``2L - 1`` requests into
-one window. What the limiter cannot see is the network: a request reaches the server some
-latency after it was admitted, and if that latency varies by up to ``J`` seconds a window can
-receive about ``J * L / period`` more. To never see a 429, set the rate to
-``L - (burst - 1)`` per window, less a margin for that jitter (e.g. 98 % of ``L``).
+``L + burst - 1`` requests, as admitted. The default burst is 1. Callers that ask again after
+sleeping race for each slot and lose the ones they wake late for (four sleeping workers reached
+95 % of 100/s with ``burst=1``); callers that *reserve* (``acquire(max_wait_s=...)``, what the
+tasks do) are handed the next free slot and sleep until it, so the schedule is kept exactly and
+no slack is needed. A burst of 2 is the alternative for non-reserving callers: its price is at
+most one request over ``L`` in a window. A burst of ``L`` (a bucket that starts full) can put
+``2L - 1`` requests into one window. What the limiter cannot see is the network: a request
+reaches the server some latency after it was admitted, and if that latency varies by up to
+``J`` seconds a window can receive about ``J * L / period`` more. To never see a 429, set the
+rate to ``L - (burst - 1)`` per window, less a margin for that jitter (e.g. 99 % of ``L``).
 
 Keys (the prefix is configurable, :data:`DEFAULT_KEY_PREFIX` by default)::
 
@@ -54,6 +55,8 @@ __all__ = ["Acquisition", "LimiterState", "RateLimiter"]
 MAX_CACHED_CLIENT_IDS = 1024
 
 _MICROSECONDS_PER_S = 1_000_000
+#: Replies of acquire.lua below this are reservations (µs to wait), above it admission times.
+_RESERVATION_CEILING_US = 10**12
 
 
 @cache
@@ -66,10 +69,11 @@ def _lua(name: str) -> str:
 class Acquisition:
     """The limiter's answer to one :meth:`RateLimiter.acquire`.
 
-    ``wait_s`` is 0 when ``granted``; otherwise the seconds until a request can be admitted, or
-    until the project's pause ends. ``admitted_at_s`` is the Redis clock at the admission, in
-    seconds since the epoch; ``None`` when refused (or for an answer that did not come from
-    Redis, e.g. a test double).
+    Refused: ``wait_s`` is the seconds until a request can be admitted, or until the project's
+    pause ends. Granted: ``wait_s`` is 0, or, for a reservation (``acquire(max_wait_s=...)``),
+    the seconds until the booked slot, when the caller sends. ``admitted_at_s`` is the Redis
+    clock at an immediate admission, in seconds since the epoch; ``None`` otherwise (refused,
+    reserved, or an answer that did not come from Redis, e.g. a test double).
     """
 
     granted: bool
@@ -106,31 +110,38 @@ class RateLimiter:
         self._acquire = client.register_script(_lua("acquire.lua"))
         self._pause = client.register_script(_lua("pause.lua"))
 
-    def acquire(self, client_id: str, rate: Rate, burst: int = DEFAULT_BURST) -> Acquisition:
+    def acquire(
+        self, client_id: str, rate: Rate, burst: int = DEFAULT_BURST, *, max_wait_s: float = 0.0
+    ) -> Acquisition:
         """Admit one request for ``client_id`` at ``rate``, or say how long to wait.
 
         ``burst`` (at least 1) is how many requests are admitted at once after idling; see the
-        module docstring for what it costs. Raises :class:`LimiterUnavailable` when Redis does
-        not answer.
+        module docstring for what it costs. With ``max_wait_s``, a slot at most that far ahead
+        is booked for the caller (granted, ``wait_s`` until it): callers that then sleep until
+        their slot keep the schedule exactly, where callers that ask again after a wait race for
+        each slot and lose some. Raises :class:`LimiterUnavailable` when Redis does not answer.
         """
         if burst < 1:
             raise ConfigurationError(f"burst must be at least 1, got {burst!r}")
         keys = self._key_cache.get(client_id) or self._cache_keys(client_id)
         interval_us = _interval_us(rate)
         tolerance_us = (burst - 1) * interval_us
+        reserve_us = min(_RESERVATION_CEILING_US - 1, max(0, int(max_wait_s * _MICROSECONDS_PER_S)))
         try:
             try:
                 # EVALSHA straight on the client: calling the Script object costs a few
                 # microseconds more per acquire (benchmarks/acquire_cost.py).
                 answer = self._client.evalsha(
-                    self._acquire.sha, 2, *keys, interval_us, tolerance_us
+                    self._acquire.sha, 2, *keys, interval_us, tolerance_us, reserve_us
                 )
             except redis.exceptions.NoScriptError:
-                answer = self._acquire(keys=keys, args=(interval_us, tolerance_us))
+                answer = self._acquire(keys=keys, args=(interval_us, tolerance_us, reserve_us))
         except redis.RedisError as exc:
             raise self._unavailable("acquire", exc) from exc
-        if answer > 0:
+        if answer >= _RESERVATION_CEILING_US:
             return Acquisition(True, 0.0, answer / _MICROSECONDS_PER_S)
+        if answer > 0:
+            return Acquisition(True, answer / _MICROSECONDS_PER_S)
         return Acquisition(False, -answer / _MICROSECONDS_PER_S)
 
     def pause(self, client_id: str, seconds: float) -> float:

@@ -6,12 +6,9 @@ number (``"50"``) means per second, as in Celery. The limit is a whole number of
 ``"1/2s"`` rather than ``"0.5/s"``.
 
 The burst is how many requests the limiter admits at once after it has been idle; in any span
-of one period it admits at most ``limit + burst - 1``. The default, :data:`DEFAULT_BURST`, is 2:
-one request of slack, so a worker that wakes a little after its slot still gets it and the
-schedule holds. With a burst of 1 every late wake-up is lost for good; four workers sleeping on
-the limiter's waits then reached only 95 % of 100/s and 87 % of 500/s (see
-``benchmarks/RESULTS.md``). See :mod:`op_celery._limiter` for what a burst costs against a
-server that counts requests per fixed window.
+of one period it admits at most ``limit + burst - 1``. The default, :data:`DEFAULT_BURST`, is 1:
+the tasks reserve their slot (see :mod:`op_celery._limiter`), so no slack is needed to keep the
+schedule, and a server that counts ``limit`` per fixed window is never sent more as admitted.
 """
 
 from __future__ import annotations
@@ -35,7 +32,7 @@ RATE_SETTING = "OPENPANEL_RATE_LIMIT"
 #: The setting a burst comes from, named in error messages.
 BURST_SETTING = "OPENPANEL_RATE_BURST"
 #: Requests admitted at once after idling, by default: 2, one request of slack for late wake-ups.
-DEFAULT_BURST = 2
+DEFAULT_BURST = 1
 
 #: Seconds per period unit.
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}

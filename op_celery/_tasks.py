@@ -340,23 +340,23 @@ class OpenPanelTask(_TaskBase):
         )
 
     def take_token(self, services: _Services, event: Event, client_id: str) -> None:
-        """Take a token of the project's shared rate limit, waiting inline only briefly.
+        """Take a slot of the project's shared rate limit, waiting inline only briefly.
 
-        A longer wait re-schedules the event with the exact countdown (plus jitter) without
+        A slot at most ``OP_CELERY_MAX_INLINE_WAIT`` ahead is booked in the same round trip and
+        slept for; a later one re-schedules the event with that countdown (plus jitter) without
         counting a retry: throttling is not an error.
         """
         limit = services.limit(event.project)
         if limit is None:
             return
         rate, burst = limit
-        deadline = time.monotonic() + services.settings.max_inline_wait_s
-        while True:
-            acquisition = services.limiter.acquire(client_id, rate, burst)
-            if acquisition.granted:
-                return
-            if time.monotonic() + acquisition.wait_s > deadline:
-                self.reschedule(event, acquisition.wait_s)
-            time.sleep(acquisition.wait_s)
+        acquisition = services.limiter.acquire(
+            client_id, rate, burst, max_wait_s=services.settings.max_inline_wait_s
+        )
+        if not acquisition.granted:
+            self.reschedule(event, acquisition.wait_s)
+        if acquisition.wait_s:
+            time.sleep(acquisition.wait_s)  # the slot is booked for us: send at it
 
     def reschedule(self, event: Event, wait_s: float) -> None:
         """Put the event back on the queue to run in ``wait_s`` (plus jitter), same retries."""

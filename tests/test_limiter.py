@@ -7,6 +7,7 @@ script itself reports (``Acquisition.admitted_at_s``), against the bound the alg
 from __future__ import annotations
 
 import bisect
+import itertools
 import multiprocessing
 import secrets
 import time
@@ -191,10 +192,10 @@ def test_a_worker_with_a_skewed_clock_obeys_the_shared_limit(
     skewed = RateLimiter(skewed_client, prefix=prefix).acquire("c", rate, burst=1)
     assert not skewed.granted
     assert 59 < skewed.wait_s <= 60
-    # Nothing time-related went to Redis: only the keys, the interval and the tolerance.
+    # Nothing time-related went to Redis: the keys, the interval, the tolerance, no reservation.
     (_sha, numkeys, *keys_and_args) = sent[-1]
     assert numkeys == 2
-    assert keys_and_args[2:] == [60_000_000, 0]
+    assert keys_and_args[2:] == [60_000_000, 0, 0]
     skewed_client.close()
 
 
@@ -340,3 +341,40 @@ def test_scripts_flushed_from_redis_are_loaded_again(
     client.script_flush()
     assert limiter.acquire("c", parse_rate("100/s"), burst=2).granted
     client.close()
+
+
+def test_a_reservation_books_the_next_slot_and_callers_keep_the_schedule(
+    redis_client: redis.Redis, prefix: str
+) -> None:
+    limiter = RateLimiter(redis_client, prefix=prefix)
+    rate = parse_rate("10/s")
+    started = time.monotonic()
+    first = limiter.acquire("c", rate, max_wait_s=1.0)
+    assert first.granted and first.wait_s == 0
+    waits = [limiter.acquire("c", rate, max_wait_s=1.0) for _ in range(5)]
+    elapsed = time.monotonic() - started
+    assert all(a.granted for a in waits)
+    # The k-th reservation is the k-th slot after the first admission, 100 ms apart: its wait is
+    # that, less the time the calls took.
+    for k, answer in enumerate(waits, start=1):
+        assert 0.1 * k - elapsed - 0.001 <= answer.wait_s <= 0.1 * k + 0.001, (k, answer)
+    assert all(a.wait_s < b.wait_s for a, b in itertools.pairwise(waits))
+
+
+def test_a_slot_further_than_the_longest_reservation_is_refused_and_not_booked(
+    redis_client: redis.Redis, prefix: str
+) -> None:
+    limiter = RateLimiter(redis_client, prefix=prefix)
+    rate = parse_rate("1/s")
+    assert limiter.acquire("c", rate, max_wait_s=0.5).granted
+    refused = limiter.acquire("c", rate, max_wait_s=0.5)
+    assert not refused.granted and 0.5 < refused.wait_s <= 1.0
+    again = limiter.acquire("c", rate, max_wait_s=0.5)
+    assert not again.granted and again.wait_s <= refused.wait_s
+
+
+def test_a_pause_is_never_reserved_through(redis_client: redis.Redis, prefix: str) -> None:
+    limiter = RateLimiter(redis_client, prefix=prefix)
+    limiter.pause("c", 0.3)
+    answer = limiter.acquire("c", parse_rate("100/s"), max_wait_s=5.0)
+    assert not answer.granted and 0.2 < answer.wait_s <= 0.3

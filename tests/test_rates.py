@@ -84,5 +84,5 @@ def test_parse_burst_refuses_others_naming_the_setting(value: str | int) -> None
         parse_burst(value)
 
 
-def test_default_burst_is_one_request_of_slack() -> None:
-    assert DEFAULT_BURST == 2
+def test_default_burst_admits_one_at_a_time() -> None:
+    assert DEFAULT_BURST == 1
