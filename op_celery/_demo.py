@@ -51,6 +51,7 @@ from . import _embedded, signals
 from ._app import configure_app, settings_for
 from ._events import OPERATIONS
 from ._exceptions import ConfigurationError, OpenPanelError
+from ._process import pid_alive
 from ._redis import redact_url, redis_for
 from ._settings import EMBEDDED_URL, Settings, _redis_url_of, load_settings
 from ._tasks import OpenPanelTask
@@ -455,25 +456,11 @@ def _shut_down_embedded(db_path: Path) -> None:
     with suppress(redis.RedisError):  # it went down as asked, or was down already
         server.shutdown(nosave=True)
     deadline = time.monotonic() + EMBEDDED_STOP_TIMEOUT_S
-    while pid and _alive(pid) and time.monotonic() < deadline:
+    while pid and pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    if pid and _alive(pid):
+    if pid and pid_alive(pid):
         os.kill(pid, signal.SIGKILL)
     shutil.rmtree(socket_dir, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is gone for our purposes
-        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def _delete_keys(client: redis.Redis, prefix: str) -> None:

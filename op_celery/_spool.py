@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ._process import pid_alive
+
 __all__ = ["Spool", "default_spool_dir"]
 
 log = logging.getLogger("op_celery")
@@ -71,7 +73,7 @@ class Spool:
         """Put back files claimed by a process that died while flushing."""
         for claimed in self.directory.glob(f"*{_SUFFIX}{_CLAIMED}-*"):
             pid = int(claimed.name.rsplit("-", 1)[1])
-            if pid == os.getpid() or _alive(pid):
+            if pid == os.getpid() or pid_alive(pid):
                 continue
             original = claimed.with_name(claimed.name.split(_CLAIMED)[0])
             try:
@@ -139,13 +141,3 @@ class Spool:
                 continue
             if count:
                 log.warning("op_celery: re-published %d spooled events", count)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
