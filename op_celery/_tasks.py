@@ -356,13 +356,10 @@ class OpenPanelTask(_TaskBase):
         if not acquisition.granted:
             self.reschedule(event, acquisition.wait_s)
         if acquisition.wait_s:
+            self.throttled(event, acquisition.wait_s)
             time.sleep(acquisition.wait_s)  # the slot is booked for us: send at it
 
-    def reschedule(self, event: Event, wait_s: float) -> None:
-        """Put the event back on the queue to run in ``wait_s`` (plus jitter), same retries."""
-        countdown = min(
-            wait_s + random.uniform(0, THROTTLE_JITTER_S), self.settings.max_countdown_s
-        )
+    def throttled(self, event: Event, wait_s: float) -> None:
         signals.event_throttled.send(
             sender=self,
             operation=self.operation,
@@ -370,6 +367,13 @@ class OpenPanelTask(_TaskBase):
             event_id=event.event_id,
             wait_s=wait_s,
         )
+
+    def reschedule(self, event: Event, wait_s: float) -> None:
+        """Put the event back on the queue to run in ``wait_s`` (plus jitter), same retries."""
+        countdown = min(
+            wait_s + random.uniform(0, THROTTLE_JITTER_S), self.settings.max_countdown_s
+        )
+        self.throttled(event, wait_s)
         request = self.request
         signature = self.signature_from_request(
             request, (), None, countdown=countdown, retries=request.retries
