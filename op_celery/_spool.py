@@ -69,8 +69,10 @@ class Spool:
     def __len__(self) -> int:
         return len(self.pending())
 
-    def _recover_stale_claims(self) -> None:
+    def recover_stale_claims(self) -> None:
         """Put back files claimed by a process that died while flushing."""
+        if not self.directory.is_dir():
+            return
         for claimed in self.directory.glob(f"*{_SUFFIX}{_CLAIMED}-*"):
             pid = int(claimed.name.rsplit("-", 1)[1])
             if pid == os.getpid() or pid_alive(pid):
@@ -92,7 +94,7 @@ class Spool:
         """
         if not self.directory.is_dir():
             return 0
-        self._recover_stale_claims()
+        self.recover_stale_claims()
         published = 0
         for path in self.pending():
             claimed = path.with_name(f"{path.name}{_CLAIMED}-{os.getpid()}")

@@ -622,7 +622,9 @@ assign_group: AssignGroupTask = _shared(AssignGroupTask)
 
 @worker_ready.connect(weak=False)
 def _announce(sender: Any = None, **_: Any) -> None:
-    """Say once, at worker start, what the default project's limit is (or that it has none)."""
+    """At worker start: say what the default project's limit is (or that it has none), and
+    re-publish what a previous process on this machine left in the spool (a worker that died
+    while the broker was away leaves the retries it could not publish there)."""
     app = getattr(sender, "app", None)
     if app is None or "op_celery.track" not in app.tasks:
         return
@@ -631,3 +633,8 @@ def _announce(sender: Any = None, **_: Any) -> None:
         services_for(settings).limit("default")
     except OpenPanelError as exc:
         log.warning("op_celery: the default project is not usable yet: %s", exc)
+    spool = spool_for(settings)
+    spool.recover_stale_claims()
+    if spool.pending():
+        log.warning("op_celery: %d events in the spool %s", len(spool), spool.directory)
+        spool.start_flusher(_republish)
