@@ -26,6 +26,7 @@ from ._exceptions import (
     PublishError,
     RateLimited,
     ServerError,
+    StorageUnavailable,
     TransientError,
 )
 from ._settings import Project, Secret, Settings, load_settings
@@ -62,6 +63,7 @@ __all__ = [
     "Secret",
     "ServerError",
     "Settings",
+    "StorageUnavailable",
     "TransientError",
     "__version__",
     "alias",

