@@ -7,7 +7,7 @@ that caused them rather than to the server.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
@@ -15,10 +15,16 @@ from dataclasses import dataclass
 __all__ = ["RequestContext", "current_request", "request_context", "set_request_context"]
 
 
+#: Takes a zero-argument publish function and runs it later (Django's transaction.on_commit).
+Defer = Callable[[Callable[[], object]], object]
+
+
 @dataclass(frozen=True, slots=True)
 class RequestContext:
     client_ip: str | None = None
     user_agent: str | None = None
+    #: When set, ``.delay()`` validates at once and hands the publish to it.
+    defer: Defer | None = None
 
 
 _current: ContextVar[RequestContext | None] = ContextVar("op_celery_request", default=None)
@@ -30,10 +36,10 @@ def current_request() -> RequestContext | None:
 
 
 def set_request_context(
-    client_ip: str | None = None, user_agent: str | None = None
+    client_ip: str | None = None, user_agent: str | None = None, defer: Defer | None = None
 ) -> Token[RequestContext | None]:
     """Set the context; pass the returned token to ``reset_request_context`` afterwards."""
-    return _current.set(RequestContext(client_ip or None, user_agent or None))
+    return _current.set(RequestContext(client_ip or None, user_agent or None, defer))
 
 
 def reset_request_context(token: Token[RequestContext | None]) -> None:

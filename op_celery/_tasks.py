@@ -31,6 +31,7 @@ from kombu.exceptions import OperationalError
 from . import signals
 from ._app import publishing_app, settings_for
 from ._client import OpenPanelClient
+from ._context import current_request
 from ._events import Event, build_event, normalize_call
 from ._exceptions import (
     ConfigurationError,
@@ -163,6 +164,8 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (
 )
 #: Option of apply_async (never sent) that makes a publish failure raise instead of spooling.
 _NO_SPOOL = "_op_celery_no_spool"
+#: Option of apply_async (never sent): publish now even if the request context defers.
+_NOW = "_op_celery_now"
 #: Seconds between two publish attempts while the broker does not answer.
 PUBLISH_RETRY_INTERVAL_S = 0.2
 
@@ -260,6 +263,18 @@ class OpenPanelTask(_TaskBase):
         """
         settings = self.settings
         message = normalize_call(self.operation, tuple(args or ()), kwargs)
+        context = current_request()
+        if context is not None and context.defer is not None and not options.pop(_NOW, False):
+            # Validated now; published later (on commit of the request's transaction).
+            task_id = task_id or str(uuid.uuid4())
+            later = {**options, _NOW: True}
+            context.defer(
+                lambda: self.apply_async(
+                    (), message, task_id, producer, link, link_error, shadow, **later
+                )
+            )
+            return self.AsyncResult(task_id)
+        options.pop(_NOW, None)
         spool_on_failure = options.pop(_NO_SPOOL, False) is False
         options.setdefault("queue", settings.queue)
         options["serializer"] = "json"

@@ -58,7 +58,7 @@ __all__ = ["DEFAULTS", "SETTING_NAME", "OpenPanelMiddleware", "delay_on_commit"]
 #: The Django setting that holds the integration's settings (a dict).
 SETTING_NAME = "OPENPANEL"
 #: Its keys and their defaults.
-DEFAULTS: Mapping[str, Any] = {"TRUSTED_PROXIES": None}
+DEFAULTS: Mapping[str, Any] = {"TRUSTED_PROXIES": None, "ENQUEUE_ON_COMMIT": False}
 
 _P = ParamSpec("_P")
 _Response: TypeAlias = HttpResponseBase | Awaitable[HttpResponseBase]
@@ -70,14 +70,8 @@ def _integration_settings() -> dict[str, Any]:
         raise ConfigurationError(f"settings.{SETTING_NAME} must be a dict, got {raw!r}")
     unknown = sorted(set(raw) - set(DEFAULTS))
     if unknown:
-        hint = ""
-        if "ENQUEUE_ON_COMMIT" in unknown:
-            hint = (
-                "; to publish when the transaction commits, call "
-                "op_celery.contrib.django.delay_on_commit(task, ...) instead of task.delay(...)"
-            )
         raise ConfigurationError(
-            f"settings.{SETTING_NAME} has unknown keys {unknown}; known: {sorted(DEFAULTS)}{hint}"
+            f"settings.{SETTING_NAME} has unknown keys {unknown}; known: {sorted(DEFAULTS)}"
         )
     return {**DEFAULTS, **raw}
 
@@ -91,7 +85,11 @@ class OpenPanelMiddleware:
 
     def __init__(self, get_response: Callable[[HttpRequest], _Response]) -> None:
         self.get_response = get_response
-        trusted = _integration_settings()["TRUSTED_PROXIES"]
+        config = _integration_settings()
+        trusted = config["TRUSTED_PROXIES"]
+        # With ENQUEUE_ON_COMMIT, every .delay() in the request is validated at once and
+        # published when the transaction commits (at once outside a transaction).
+        self.defer = _on_commit if config["ENQUEUE_ON_COMMIT"] else None
         try:
             self.proxies = TrustedProxies(trusted)
         except ConfigurationError as exc:
@@ -104,7 +102,7 @@ class OpenPanelMiddleware:
         if self.async_mode:
             return self.__acall__(request)
         context = context_from_environ(request.META, self.proxies)
-        token = set_request_context(context.client_ip, context.user_agent)
+        token = set_request_context(context.client_ip, context.user_agent, self.defer)
         try:
             return self.get_response(request)
         finally:
@@ -112,11 +110,15 @@ class OpenPanelMiddleware:
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         context = context_from_environ(request.META, self.proxies)
-        token = set_request_context(context.client_ip, context.user_agent)
+        token = set_request_context(context.client_ip, context.user_agent, self.defer)
         try:
             return await cast(Awaitable[HttpResponseBase], self.get_response(request))
         finally:
             reset_request_context(token)
+
+
+def _on_commit(publish: Callable[[], object]) -> None:
+    transaction.on_commit(publish, robust=True)
 
 
 class _Delayable(Protocol[_P]):

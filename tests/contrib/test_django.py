@@ -162,7 +162,6 @@ def test_an_explicit_client_ip_wins_over_the_request(published: list[Published])
     [
         ({"TRUSTED_PROXIES": ["not-a-network"]}, "TRUSTED_PROXIES"),
         ({"TRUSTED_PROXY": ["10.0.0.0/8"]}, "unknown keys"),
-        ({"ENQUEUE_ON_COMMIT": True}, "delay_on_commit"),
         (["10.0.0.0/8"], "must be a dict"),
     ],
 )
@@ -255,3 +254,36 @@ def test_mypy_checks_delay_on_commit_arguments_against_the_tasks_signature(
     assert 'Argument "value" to "delay_on_commit" has incompatible type "str"' in out
     errors = [line for line in out.splitlines() if "user_code.py" in line and "error:" in line]
     assert len(errors) == 2, out
+
+
+def test_enqueue_on_commit_defers_every_delay_in_the_request_to_the_commit(
+    published: list[Published],
+) -> None:
+    inside: list[int] = []
+
+    def view(request: HttpRequest) -> HttpResponse:
+        with transaction.atomic():
+            op_celery.track.delay("ordered", profile_id="u1")
+            if request.GET.get("fail"):
+                transaction.set_rollback(True)
+            inside.append(len(published))
+        return HttpResponse("ok")
+
+    with override_settings(OPENPANEL={"ENQUEUE_ON_COMMIT": True}):
+        middleware = OpenPanelMiddleware(view)
+        middleware(RequestFactory().get("/", REMOTE_ADDR=CLIENT))
+        middleware(RequestFactory().get("/?fail=1", REMOTE_ADDR=CLIENT))
+    assert inside == [0, 1]  # nothing published inside either transaction
+    [message] = published  # the committed one only
+    assert (message.kwargs["name"], message.kwargs["client_ip"]) == ("ordered", CLIENT)
+
+
+def test_enqueue_on_commit_still_validates_at_the_call(published: list[Published]) -> None:
+    def view(request: HttpRequest) -> HttpResponse:
+        with pytest.raises(InvalidEvent):
+            op_celery.track.delay("")
+        return HttpResponse("ok")
+
+    with override_settings(OPENPANEL={"ENQUEUE_ON_COMMIT": True}):
+        assert OpenPanelMiddleware(view)(RequestFactory().get("/")).status_code == 200
+    assert published == []
