@@ -19,8 +19,10 @@ Every error the package raises derives from :class:`OpenPanelError`::
             ├── LimiterUnavailable  the limiter's Redis did not answer
             └── StorageUnavailable  the Redis of the ledger or dead letters did not answer
 
-``requests`` exceptions are mapped to these in ``_client.py`` only, ``redis`` ones in
-``_limiter.py`` only. No message ever contains the client secret.
+``requests`` exceptions are mapped to these in ``_client.py`` only; ``redis`` ones in
+``_limiter.py`` (limiter calls) and ``_redis.py`` (ledger and dead letters) only; broker errors
+at publish in ``OpenPanelTask.apply_async``. No message contains the client secret or a Redis
+password.
 """
 
 from __future__ import annotations
