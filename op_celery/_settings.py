@@ -54,6 +54,9 @@ DEFAULT_PUBLISH_TIMEOUT_S = 1.0
 #: Seconds a worker thread may wait inline for a rate-limit token; a longer wait re-schedules
 #: the event with a countdown instead, so throttled events don't hold worker slots.
 DEFAULT_MAX_INLINE_WAIT_S = 1.0
+#: Percent below OPENPANEL_RATE_LIMIT the pool is paced, as room for network jitter against a
+#: server counting that limit per fixed window.
+DEFAULT_RATE_HEADROOM_PCT = 1.0
 #: What ``.delay()`` does when the broker stays away: "spool" to disk, or "raise" PublishError.
 DEFAULT_ON_PUBLISH_FAILURE = "spool"
 
@@ -123,6 +126,7 @@ class Settings:
     on_publish_failure: str = DEFAULT_ON_PUBLISH_FAILURE
     spool_dir: str = ""
     max_inline_wait_s: float = DEFAULT_MAX_INLINE_WAIT_S
+    rate_headroom_pct: float = DEFAULT_RATE_HEADROOM_PCT
     #: Where named projects come from: the raw environment and Celery config, read lazily so a
     #: producer that never sends needs no credentials.
     _env: Mapping[str, str] = field(default_factory=dict, repr=False)
@@ -300,6 +304,7 @@ def load_settings(
         ).lower(),
         spool_dir=str(get("OP_CELERY_SPOOL_DIR") or ""),
         max_inline_wait_s=number("OP_CELERY_MAX_INLINE_WAIT", DEFAULT_MAX_INLINE_WAIT_S),
+        rate_headroom_pct=number("OPENPANEL_RATE_HEADROOM", DEFAULT_RATE_HEADROOM_PCT),
         _env=env,
         _conf=conf,
     )
@@ -307,6 +312,11 @@ def load_settings(
         raise ConfigurationError(
             "OP_CELERY_VISIBILITY_TIMEOUT must be at least 10 seconds, "
             f"got {settings.visibility_timeout_s:g}"
+        )
+    if settings.rate_headroom_pct >= 50:
+        raise ConfigurationError(
+            "OPENPANEL_RATE_HEADROOM is a percent below OPENPANEL_RATE_LIMIT, at most 50, got "
+            f"{settings.rate_headroom_pct:g}"
         )
     if settings.on_publish_failure not in ("spool", "raise"):
         raise ConfigurationError(

@@ -47,7 +47,7 @@ from ._ledger import Ledger
 from ._limiter import RateLimiter
 from ._poison import install as install_poison_guard
 from ._publish import publish
-from ._rates import DEFAULT_BURST, Rate, parse_burst, parse_rate
+from ._rates import DEFAULT_BURST, Rate, parse_burst, parse_rate, with_headroom
 from ._redis import redact_url, redis_for
 from ._retry import backoff_s, decide
 from ._settings import Settings
@@ -119,12 +119,18 @@ class _Services:
         config = self.settings.project(project)
         limit = None
         if config.rate_limit:
+            rate = parse_rate(config.rate_limit)
             limit = (
-                parse_rate(config.rate_limit),
+                with_headroom(rate, self.settings.rate_headroom_pct),
                 DEFAULT_BURST if config.rate_burst is None else parse_burst(config.rate_burst),
             )
             log.info(
-                "op_celery: project %r limited to %s (shared by all workers)", project, limit[0]
+                "op_celery: project %r limited to %s, paced at %.4g/s (%g %% headroom), "
+                "shared by all workers",
+                project,
+                rate,
+                limit[0].per_second,
+                self.settings.rate_headroom_pct,
             )
         else:
             log.info(

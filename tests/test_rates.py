@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from op_celery._exceptions import ConfigurationError
-from op_celery._rates import DEFAULT_BURST, Rate, parse_burst, parse_rate
+from op_celery._rates import DEFAULT_BURST, Rate, parse_burst, parse_rate, with_headroom
 
 
 @pytest.mark.parametrize(
@@ -86,3 +86,10 @@ def test_parse_burst_refuses_others_naming_the_setting(value: str | int) -> None
 
 def test_default_burst_admits_one_at_a_time() -> None:
     assert DEFAULT_BURST == 1
+
+
+def test_headroom_paces_a_rate_a_little_below_its_limit() -> None:
+    slowed = with_headroom(parse_rate("50/s"), 1.0)
+    assert abs(slowed.per_second - 49.5) < 1e-9
+    assert with_headroom(parse_rate("3000/m"), 0) == parse_rate("3000/m")
+    assert abs(with_headroom(parse_rate("100/10s"), 2.5).per_second - 9.75) < 1e-9

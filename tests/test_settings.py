@@ -76,6 +76,7 @@ def test_plain_http_is_refused_unless_loopback_or_allowed() -> None:
         ("OPENPANEL_ALLOW_INSECURE_HTTP", "maybe", "true or false"),
         ("OP_CELERY_LEDGER_TTL", "60", "must exceed OP_CELERY_VISIBILITY_TIMEOUT"),
         ("OP_CELERY_ON_PUBLISH_FAILURE", "drop", "'spool'"),
+        ("OPENPANEL_RATE_HEADROOM", "75", "at most 50"),
     ],
 )
 def test_bad_values_name_the_setting(name: str, value: str, fragment: str) -> None:
