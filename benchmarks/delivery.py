@@ -11,14 +11,16 @@ op-celery (``celery -A op_celery.worker worker``) and the naive task
 enqueued on a fresh queue, the worker(s) are started with ``--pool``, ``--concurrency`` and
 ``--loglevel WARNING``, and the stand-in's arrival times give the delivery rate, counted from
 the first ``--skip`` fraction of arrivals on (worker start-up and pool ramp-up excluded).
-op-celery and the naive task alternate which goes first. Every worker, the stand-in and every
-Redis key of the run (under a private prefix) are removed at the end.
+op-celery and the naive task alternate which goes first. ``--latency-ms`` makes the stand-in
+answer late, as a distant API does: then concurrency, not CPU, bounds the rate. Every worker,
+the stand-in and every Redis key of the run (under a private prefix) are removed at the end.
 
 op-celery does per event what the naive task does not: validation on the worker, a
 delivered-events ledger (two Redis commands), late acknowledgement, keep-alive connections.
 The machine's cores are shared by the workers, the stand-in, Redis and this script.
 
-    python benchmarks/delivery.py [--events 4000] [--configs prefork:1,threads:4,threads:4x2]
+    python benchmarks/delivery.py [--events 4000] [--repeat 3] [--configs prefork:1,threads:4x2]
+    python benchmarks/delivery.py --latency-ms 50 --events 1500 --configs threads:8,threads:32
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from _harness import (
 )
 
 DEFAULT_CONFIGS = (
-    "prefork:1,prefork:2,prefork:4,threads:1,threads:2,threads:4,threads:8,threads:4x2,threads:8x2"
+    "prefork:1,prefork:2,prefork:4,threads:1,threads:2,threads:4,threads:8,threads:4x2"
 )
 USER_AGENT = "Mozilla/5.0 (X11; Linux x86_64; rv:140.0) Gecko/20100101 Firefox/140.0"
 PROPERTIES = {"value": 129.5, "currency": "EUR", "items": 3, "path": "/checkout/complete"}
@@ -116,12 +118,19 @@ def worker_env(namespace: Namespace, queue: str, stand_in: StandIn) -> dict[str,
 
 
 def measure(
-    kind: str, config: Config, events: int, skip: float, namespace: Namespace, stand_in: StandIn
+    kind: str,
+    config: Config,
+    args: argparse.Namespace,
+    namespace: Namespace,
+    stand_in: StandIn,
 ) -> dict[str, Any]:
+    events, skip = args.events, args.skip
     queue = namespace.queue(f"{kind.split('-')[0]}-{config.pool}-{config.concurrency}")
     namespace.delete(queue)
     enqueue(kind, queue, events)
-    stand_in.control.reset()
+    stand_in.control.reset()  # also clears the latency
+    if args.latency_ms:
+        stand_in.control.set_latency(args.latency_ms / 1000)
     app = "op_celery.worker" if kind == "op-celery" else "_naive_app"
     env = worker_env(namespace, queue, stand_in)
     timeout_s = 60 + events * TIMEOUT_PER_EVENT_S
@@ -163,6 +172,12 @@ def main() -> int:
     parser.add_argument(
         "--skip", type=float, default=0.05, help="fraction of first arrivals not counted"
     )
+    parser.add_argument(
+        "--latency-ms",
+        type=float,
+        default=0.0,
+        help="the stand-in waits this long before each answer, as a distant API would",
+    )
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args()
@@ -182,7 +197,7 @@ def main() -> int:
                     kinds.reverse()
                 row = results.setdefault(str(config), {"op-celery": [], "naive": []})
                 for kind in kinds:
-                    figures = measure(kind, config, args.events, args.skip, namespace, stand_in)
+                    figures = measure(kind, config, args, namespace, stand_in)
                     row[kind].append(figures)
                     print(
                         f"run {run + 1}, {config}, {kind}: {figures['events_per_s']:.0f} "
@@ -191,7 +206,8 @@ def main() -> int:
                         flush=True,
                     )
 
-    print(f"\nmedian events/s of {args.repeat} run(s), {args.events:,} events each")
+    latency = f", stand-in latency {args.latency_ms:g} ms" if args.latency_ms else ""
+    print(f"\nmedian events/s of {args.repeat} run(s), {args.events:,} events each{latency}")
     print(f"{'configuration':28s} {'op-celery':>10s} {'naive':>8s} {'ratio':>6s}")
     summary: dict[str, dict[str, float]] = {}
     for name, row in results.items():

@@ -19,6 +19,9 @@ rounds so that load from other processes falls on all of them alike:
   ``openpanel`` 0.0.1 SDK does (``--post-calls`` of them: each leaves a socket in TIME_WAIT);
 - ``Redis PING``: one round trip to the broker, the floor of any enqueue.
 
+``--python-only`` answers every LPUSH inside this process (redis-py's ``execute_command`` is
+patched), which leaves the Python cost of each enqueue without the broker round trip.
+
 Each run reports the median and p99 of every contender's calls and the ratios to bare Celery;
 the summary gives the median of the runs. Then a burst of ``--calls`` posthog captures on a
 fresh client with default settings counts how many its bounded queue drops. The stand-in runs
@@ -26,6 +29,7 @@ in its own process (``python -m op_celery.testing``); all keys go under a privat
 shared Redis and are deleted at the end.
 
     python benchmarks/enqueue.py [--calls 20000] [--rounds 20] [--runs 3] [--post-calls 4000]
+    python benchmarks/enqueue.py --python-only
 """
 
 from __future__ import annotations
@@ -102,7 +106,11 @@ def make_contenders(
     op_queue = os.environ["OP_CELERY_QUEUE"]
     bare_queue = namespace.queue("bare")
 
-    @app.task(name="opc_bench.bare_track", ignore_result=True, queue=bare_queue)  # type: ignore[untyped-decorator]
+    as_task: Callable[[Callable[..., None]], Any] = app.task(
+        name="opc_bench.bare_track", ignore_result=True, queue=bare_queue
+    )
+
+    @as_task
     def bare_track(
         name: str,
         properties: dict[str, Any] | None = None,
@@ -173,6 +181,18 @@ def quiet_posthog() -> None:
     # Each client sets the "posthog" logger's level; it would log every 404 from the stand-in
     # (which has no /batch/) and every dropped event.
     logging.getLogger("posthog").disabled = True
+
+
+def answer_lpush_locally() -> None:
+    """Make redis-py answer LPUSH without sending it, so only the Python work is timed."""
+    real: Any = redis.Redis.execute_command
+
+    def execute_command(self: redis.Redis, *args: Any, **options: Any) -> Any:
+        if args and args[0] == "LPUSH":
+            return 1
+        return real(self, *args, **options)
+
+    redis.Redis.execute_command = execute_command  # type: ignore[method-assign]
 
 
 def check_paths(contenders: list[Contender]) -> None:
@@ -265,6 +285,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=20, help="interleaved chunks per run")
     parser.add_argument("--runs", type=int, default=3, help="repeated runs; medians reported")
     parser.add_argument("--post-calls", type=int, default=4_000, help="requests.post per run")
+    parser.add_argument(
+        "--python-only",
+        action="store_true",
+        help="answer every LPUSH in this process (no round trip): the Python cost alone",
+    )
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args()
@@ -279,6 +304,11 @@ def main() -> int:
         contenders, close = make_contenders(args, namespace, stand_in.url)
         try:
             check_paths(contenders)
+            if args.python_only:
+                contenders = [
+                    c for c in contenders if "posthog" not in c.name and "post" not in c.name
+                ]
+                answer_lpush_locally()
             for contender in contenders:
                 time_calls(
                     contender.call,
@@ -294,7 +324,7 @@ def main() -> int:
                 print_table(f"run {run + 1} of {args.runs}", stats)
         finally:
             close()
-        dropped, burst_s = posthog_burst(stand_in.url, args.calls)
+        dropped, burst_s = (0, 0.0) if args.python_only else posthog_burst(stand_in.url, args.calls)
 
     medians = summary.medians()
     print_table(f"median of {args.runs} runs", medians)
@@ -304,10 +334,11 @@ def main() -> int:
         f"\nop-celery ÷ bare Celery: median {med_ratio:.2f}, p99 {p99_ratio:.2f} "
         f"(target ≤ 1.2, goal ≤ 0.5)"
     )
-    print(
-        f"posthog burst of {args.calls:,} captures in {burst_s:.2f} s on a fresh client: "
-        f"{dropped:,} dropped by its queue (max_queue_size 10,000)"
-    )
+    if not args.python_only:
+        print(
+            f"posthog burst of {args.calls:,} captures in {burst_s:.2f} s on a fresh client: "
+            f"{dropped:,} dropped by its queue (max_queue_size 10,000)"
+        )
     if args.json:
         with open(args.json, "w") as out:
             json.dump(

@@ -62,7 +62,6 @@ def main() -> int:
         env = worker_env(namespace, queue, stand_in)
         with Worker("op_celery.worker", queue, args.pool, args.concurrency, env) as worker:
             delivered = 0
-            readings.append((0, rss_kib(worker.pid)))
             while delivered < args.events:
                 if time.monotonic() - started > args.max_seconds:
                     print(f"stopped at {delivered:,} events: --max-seconds reached")
@@ -83,7 +82,7 @@ def main() -> int:
 
     by_count = dict(readings)
     base = by_count.get(args.checkpoint)
-    last_count, last_rss = readings[-1]
+    last_count, last_rss = readings[-1] if readings else (0, 0)
     if base is None or last_count <= args.checkpoint:
         print("not enough events delivered to compare")
         return 1

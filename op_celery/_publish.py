@@ -127,7 +127,7 @@ class _AppPlan:
     repr_maxlevels: int = 3
     acquire_timeout_s: float | None = None
     #: Per queue declaration: its delivery mode, or None if the fast path cannot publish to it.
-    queues: dict[int, tuple[Any, int | None]] = field(default_factory=dict)
+    queues: dict[str, tuple[Any, int | None]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +208,7 @@ def _fast_route(
         or _AFTER_PUBLISH.receivers
         or (_TASK_SENT is not None and _TASK_SENT.receivers)
         or _callback_publish_retry.get()
-        or not _plain_exec_options(task._get_exec_options())
+        or not _plain_exec_options(task)
     ):
         return None
     conf = app.conf  # read on every call, as Celery's apply_async and send_task read them
@@ -241,9 +241,13 @@ def _fast_route(
                 queue = amqp.queues[queue]
             except KeyError:  # Celery's path raises its QueueNotFound
                 return None
-    cached = plan.queues.get(id(queue))
+    # Cached per queue name, for the declaration the app has under that name (one per name,
+    # so the cache stays as small as the app's set of queues).
+    cached = plan.queues.get(queue.name) if isinstance(queue, Queue) else None
     if cached is None or cached[0] is not queue:
-        cached = plan.queues[id(queue)] = (queue, _queue_delivery_mode(queue, plan))
+        cached = (queue, _queue_delivery_mode(queue, plan))
+        if isinstance(queue, Queue) and amqp.queues.get(queue.name) is queue:
+            plan.queues[queue.name] = cached
     delivery_mode = cached[1]
     if delivery_mode is None:
         return None
@@ -262,18 +266,21 @@ def _fast_route(
     )
 
 
-_plain_exec_verdicts: dict[int, tuple[Mapping[str, Any], bool]] = {}
+_exec_verdicts: weakref.WeakKeyDictionary[Any, tuple[Mapping[str, Any], bool]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def _plain_exec_options(exec_options: Mapping[str, Any]) -> bool:
-    """Whether a task's execution options (cached by Celery per task) are all unset but the
-    queue and the serializer."""
-    cached = _plain_exec_verdicts.get(id(exec_options))
+def _plain_exec_options(task: Any) -> bool:
+    """Whether the task's execution options (which Celery caches per task) are all unset but
+    the queue and the serializer."""
+    exec_options = task._get_exec_options()
+    cached = _exec_verdicts.get(task)
     if cached is None or cached[0] is not exec_options:
         plain = all(
             value is None or key in _HANDLED_EXEC_OPTIONS for key, value in exec_options.items()
         )
-        cached = _plain_exec_verdicts[id(exec_options)] = (exec_options, plain)
+        cached = _exec_verdicts[task] = (exec_options, plain)
     return cached[1]
 
 

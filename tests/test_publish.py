@@ -177,6 +177,24 @@ def test_the_message_matches_celery_with_an_unencoded_body(
     assert len(fast_sends.calls) == 1
 
 
+def test_a_queue_given_as_a_declaration_gets_celerys_message(
+    producer: Celery,
+    redis_client: redis.Redis,
+    env: dict[str, str],
+    fast_sends: Spy,
+    publish_calls: Spy,
+) -> None:
+    queue = Queue(env["OP_CELERY_QUEUE"])
+    task = _tasks.task_for("track")
+    task.apply_async(("declared",), {"event_id": "e" * 32}, task_id="task-3", queue=queue)
+    [(call_args, _)] = publish_calls.calls
+    _, message, options, *_ = call_args
+    celery_publish(task, message, options, task_id="task-3")
+    fast, celery = pop_all(redis_client, queue_key(env))
+    assert without_delivery_tag(fast) == without_delivery_tag(celery)
+    assert len(fast_sends.calls) == 1
+
+
 def test_a_queue_with_an_expiry_gets_it_renewed_on_every_message(
     custom_producer: Callable[..., Celery],
     redis_client: redis.Redis,
