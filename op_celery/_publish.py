@@ -9,18 +9,21 @@ on work an op-celery message does not need (profiled with Celery 5.7 and kombu 5
   (``Channel.conn_or_acquire``): about 50 µs, most of it copying the response-callback table;
 - ``argsrepr``/``kwargsrepr`` run Celery's streaming ``saferepr``: about 40 µs for a ``track``;
 - the queue is re-declared on every publish (kombu binds a copy of the entity before finding it
-  in its cache), and some twenty settings are looked up through Celery's layered config.
+  in its cache), a producer is rebound (its exchange copied) for every message, and settings
+  are looked up through Celery's layered config at 2-3 µs each.
 
-`publish` builds the same protocol-2 message itself (headers, properties and body identical to
-Celery's, byte for byte except the fresh ids) and pushes it over the same pooled broker
-connection with the same retry behaviour: kombu's ``Connection.ensure`` with the app's
-``task_publish_retry``/``task_publish_retry_policy``, revival of the connection after a
-connection error, and errors surfacing as ``kombu.exceptions.OperationalError``. It keeps one
-Redis client per kombu channel (redis-py clients are thread-safe; a channel belongs to one
-pooled connection, used by one thread at a time) and declares each queue once per channel.
+`publish` writes the same protocol-2 message itself (headers, properties and body identical to
+Celery's, byte for byte except the fresh ids; ``tests/test_publish.py`` compares them) and
+pushes it over a connection of the app's broker pool with the same retry behaviour: kombu's
+``Connection.ensure`` with the app's ``task_publish_retry``/``task_publish_retry_policy``
+merged with the call's, reconnection after a connection error, and errors surfacing as
+``kombu.exceptions.OperationalError``. It keeps one Redis client per kombu channel (redis-py
+clients are thread-safe; a channel belongs to one pooled connection, used by one thread at a
+time) and declares each queue once per channel.
 
 Anything it does not reproduce exactly goes through Celery's own path, unchanged: a broker
-other than Redis; publish options beyond ``queue`` (``countdown``, ``eta``, ``expires``,
+other than Redis; publish options beyond ``queue``, ``retry`` and ``retry_policy``
+(``countdown``, ``eta``, ``expires``,
 ``priority``, ``headers``, ``link``, a ``producer``...); task-level execution options
 (time limits, priority...); a router that adds more than a queue; ``task_always_eager``;
 ``task_send_sent_event``; a task inheriting its parent's priority; and any receiver of
@@ -118,7 +121,9 @@ def publish(
 
 @dataclass(slots=True)
 class _AppPlan:
-    """What Celery itself computes once per app (``AMQP._create_task_sender`` caches the same)."""
+    """Settings read once per app: those Celery's task sender also reads once (retry, retry
+    policy, delivery mode, protocol), and two it reads per call but no app changes once it
+    publishes (``task_repr_maxlevels``, ``broker_pool_acquire_timeout``)."""
 
     supported: bool
     retry: bool = False
@@ -126,7 +131,7 @@ class _AppPlan:
     default_delivery_mode: Any = None
     repr_maxlevels: int = 3
     acquire_timeout_s: float | None = None
-    #: Per queue declaration: its delivery mode, or None if the fast path cannot publish to it.
+    #: Per queue name: the app's declaration and its delivery mode (None: not for the fast path).
     queues: dict[str, tuple[Any, int | None]] = field(default_factory=dict)
 
 

@@ -140,14 +140,16 @@ def custom_producer(env: dict[str, str]) -> Iterator[Callable[..., Celery]]:
         app = Celery("custom-app", set_as_current=True)
         transport_options = conf.pop("broker_transport_options", {})
         app.conf.update(
-            broker_url=env["OP_CELERY_BROKER_URL"],
-            broker_transport_options={
-                "global_keyprefix": env["OP_CELERY_BROKER_KEY_PREFIX"],
-                **transport_options,
-            },
-            op_celery_queue=env["OP_CELERY_QUEUE"],
-            task_ignore_result=True,
-            **conf,
+            {
+                "broker_url": env["OP_CELERY_BROKER_URL"],
+                "broker_transport_options": {
+                    "global_keyprefix": env["OP_CELERY_BROKER_KEY_PREFIX"],
+                    **transport_options,
+                },
+                "op_celery_queue": env["OP_CELERY_QUEUE"],
+                "task_ignore_result": True,
+                **conf,
+            }
         )
         apps.append(app)
         return app
@@ -328,6 +330,34 @@ def test_a_dropped_broker_connection_is_retried_as_celery_retries_it(
     assert results["fast"] == results["celery"] == (outcome, 2)
     assert pop_all(redis_client, queue_key(env)) == []
     assert len(fast_sends.calls) == 1
+
+
+def test_a_broker_that_refuses_connections_raises_what_celery_raises(
+    custom_producer: Callable[..., Celery], fast_sends: Spy
+) -> None:
+    custom_producer(broker_url=f"redis://127.0.0.1:{closed_port()}/0")
+    task = _tasks.task_for("track")
+    options = {"queue": "q", "serializer": "json", "retry": True, "retry_policy": NO_WAIT_POLICY}
+    message = {"name": "nowhere", "event_id": "e" * 32}
+    errors = []
+    for publish in (
+        lambda: _publish.publish(task, message, dict(options), super(_tasks.OpenPanelTask, task)),
+        lambda: celery_publish(task, message, dict(options)),
+    ):
+        with pytest.raises(OperationalError) as caught:
+            publish()
+        errors.append(str(caught.value))
+    fast, celery = errors
+    assert fast == celery and "refused" in fast.lower()
+    assert len(fast_sends.calls) == 1
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
 
 
 class CuttableProxy:
