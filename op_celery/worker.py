@@ -1,6 +1,6 @@
 """The package's own Celery app, for users who have none::
 
-    celery -A op_celery.worker worker --pool threads --concurrency 8
+    celery -A op_celery.worker worker --pool threads --concurrency 32
 
 It reads the settings from the environment (see the README), consumes the ``openpanel`` queue
 (``OP_CELERY_QUEUE``) and delivers every event to the OpenPanel API.

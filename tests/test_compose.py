@@ -27,7 +27,7 @@ ENV_EXAMPLE = ROOT / ".env.example"
 ENV_FILE = ".env"
 WORKER_COMMAND = [
     "celery", "-A", "op_celery.worker", "worker",
-    "--pool", "threads", "--concurrency", "8", "--loglevel", "INFO",
+    "--pool", "threads", "--concurrency", "32", "--loglevel", "INFO",
 ]  # fmt: skip
 SECRET = "OPENPANEL_CLIENT_SECRET"
 _INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^}]*))?\}")
