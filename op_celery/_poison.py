@@ -1,4 +1,5 @@
-"""Poison messages: what arrives on the queue but is no event, kept as dead letters.
+"""Poison messages: what arrives on the queue but is no event, kept as dead letters; and a
+worker that survives its broker going away.
 
 Celery acks a message it cannot decode and rejects one with an unknown task name or format,
 logging it and nothing more. A consumer bootstep, added to every app the tasks register on,
@@ -76,6 +77,45 @@ class PoisonGuard(bootsteps.StartStopStep):
         for name, strategy in list(consumer.strategies.items()):
             if name.startswith("op_celery.") and not getattr(strategy, "_op_guarded", False):
                 consumer.strategies[name] = _guard(app, name, strategy)
+        task_consumer = getattr(consumer, "task_consumer", None)
+        qos = getattr(getattr(task_consumer, "channel", None), "qos", None)
+        if qos is not None and hasattr(qos, "restore_unacked_once"):
+            _survive_restore_on_lost_connection(qos)
+
+
+def _survive_restore_on_lost_connection(qos: Any) -> None:
+    """Work around kombu's Redis transport stopping the worker when the broker goes away.
+
+    On a lost connection Celery closes the channel, whose QoS then pushes the unacked messages
+    back, and acks of events finishing meanwhile, through that same connection, already torn
+    down: kombu raises AttributeError ("'NoneType' object has no attribute 'hostname'"), which
+    Celery treats as an unrecoverable error, and the worker exits. Those messages stay in
+    Redis' unacked set and come back through the visibility-timeout sweep (an event delivered
+    meanwhile is then skipped by the ledger), so the failure is logged and the worker carries on.
+    """
+    if getattr(qos, "_op_survives", False):
+        return
+    for name in ("restore_unacked_once", "ack", "reject"):
+        original = getattr(qos, name, None)
+        if original is not None:
+            setattr(qos, name, _logging_attribute_errors(name, original))
+    qos._op_survives = True
+
+
+def _logging_attribute_errors(name: str, original: Any) -> Any:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(*args, **kwargs)
+        except AttributeError as exc:
+            log.warning(
+                "op_celery: %s on the lost broker connection failed (%s); the events concerned "
+                "return after the visibility timeout",
+                name,
+                exc,
+            )
+            return None
+
+    return call
 
 
 def _guard(app: Celery, name: str, strategy: Any) -> Any:
