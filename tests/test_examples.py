@@ -93,3 +93,25 @@ def test_the_fastapi_example(published: list[Published]) -> None:
         ("identify", CLIENT, BROWSER),
         ("increment", CLIENT, BROWSER),
     ]
+
+
+def test_the_plain_example_delivers_every_operation_through_a_real_worker(
+    redis_url: str, key_prefix: str
+) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "examples" / "plain" / "run_against_stand_in.py"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENPANEL_", "OP_CELERY_"))}
+    env.update(
+        OP_CELERY_BROKER_URL=redis_url,
+        OP_CELERY_BROKER_KEY_PREFIX=key_prefix,
+        OP_CELERY_KEY_PREFIX=key_prefix + "op-celery",
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=90
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "accepted 7 of 7 expected" in result.stdout

@@ -2,7 +2,8 @@
 
 Starts the stand-in server on a free port, one ``celery -A op_celery.worker worker`` process,
 runs ``send_every_operation.py``, waits for the events, and prints what the server recorded.
-Needs a Redis broker (``OP_CELERY_BROKER_URL``, default redis://127.0.0.1:6379/0).
+Uses the broker in ``OP_CELERY_BROKER_URL``; with none, the embedded Redis, which this script
+starts first so that it stays up for the worker and the app alike.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import time
 import uuid
 from pathlib import Path
 
+from op_celery import load_settings
+from op_celery._embedded import embedded_redis
+from op_celery._settings import EMBEDDED_URL
 from op_celery.testing import StandInServer
 
 HERE = Path(__file__).resolve().parent
@@ -26,6 +30,8 @@ EXPECTED_REQUESTS = 8
 
 
 def main() -> int:
+    if load_settings().broker_url == EMBEDDED_URL:
+        embedded_redis()  # held by this process until it exits
     with StandInServer(clients={CLIENT_ID: CLIENT_SECRET}) as server:
         env = dict(
             os.environ,
