@@ -222,3 +222,32 @@ def _test_redis_url() -> str:
 
 
 REDIS_URL = _test_redis_url()
+
+
+def dead_letter(**overrides: object) -> object:
+    """A DeadLetter of a refused track event, with fields overridden as given."""
+    from op_celery.dead_letters import DeadLetter
+
+    now = time.time()
+    fields: dict[str, object] = {
+        "id": uuid.uuid4().hex, "operation": "track", "project": "default",
+        "kwargs": {"name": "x", "project": "default"}, "error": "HTTP 401 'Ingestion: nope'",
+        "error_type": "AuthenticationError", "status": 401, "attempts": 1,
+        "failed_at": now, "first_failed_at": now,
+    }  # fmt: skip
+    fields.update(overrides)
+    return DeadLetter(**fields)  # type: ignore[arg-type]
+
+
+def mypy_on(source: str, folder: Path) -> tuple[str, list[str]]:
+    """Run ``mypy --strict`` on ``source`` as a user's module; its output and its error lines."""
+    user = folder / "user_code.py"
+    user.write_text(source)
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(user)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    errors = [line for line in result.stdout.splitlines() if "user_code.py" in line]
+    return result.stdout, [line for line in errors if "error:" in line]

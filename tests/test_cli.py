@@ -9,11 +9,10 @@ import re
 import signal
 import subprocess
 import sys
-import time
-import uuid
 from collections.abc import Iterator
 from importlib.util import find_spec
 from pathlib import Path
+from typing import cast
 
 import pytest
 import redis
@@ -28,7 +27,7 @@ from op_celery.cli import main
 from op_celery.dead_letters import DeadLetter, DeadLetterStore
 from op_celery.testing import StandInServer
 
-from ._support import CLIENT_ID, CLIENT_SECRET, free_port
+from ._support import CLIENT_ID, CLIENT_SECRET, dead_letter, free_port
 
 #: Seconds the demo subprocess may take before the test gives up on it.
 DEMO_TIMEOUT_S = 100
@@ -82,15 +81,7 @@ def one_line_error(result: Result) -> str:
 
 
 def letter(**overrides: object) -> DeadLetter:
-    now = time.time()
-    fields: dict[str, object] = {
-        "id": uuid.uuid4().hex, "operation": "track", "project": "default",
-        "kwargs": {"name": "x", "project": "default"}, "error": "HTTP 401 'Ingestion: nope'",
-        "error_type": "AuthenticationError", "status": 401, "attempts": 1,
-        "failed_at": now, "first_failed_at": now,
-    }  # fmt: skip
-    fields.update(overrides)
-    return DeadLetter(**fields)  # type: ignore[arg-type]
+    return cast(DeadLetter, dead_letter(**overrides))
 
 
 def test_every_command_has_help() -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 import uuid
 from collections.abc import Callable
+from typing import cast
 
 import pytest
 import redis
@@ -17,7 +17,7 @@ from op_celery._settings import load_settings
 from op_celery.dead_letters import DeadLetter, DeadLetterStore
 from op_celery.testing import StandInServer
 
-from ._support import CLIENT_SECRET, WorkerProcess, wait_until
+from ._support import CLIENT_SECRET, WorkerProcess, dead_letter, wait_until
 
 
 @pytest.fixture
@@ -34,15 +34,7 @@ def worker_store(env: dict[str, str]) -> DeadLetterStore:
 
 
 def letter(**overrides: object) -> DeadLetter:
-    now = time.time()
-    fields: dict[str, object] = {
-        "id": uuid.uuid4().hex, "operation": "track", "project": "default",
-        "kwargs": {"name": "x", "project": "default"}, "error": "HTTP 401 'Ingestion: nope'",
-        "error_type": "AuthenticationError", "status": 401, "attempts": 1,
-        "failed_at": now, "first_failed_at": now,
-    }  # fmt: skip
-    fields.update(overrides)
-    return DeadLetter(**fields)  # type: ignore[arg-type]
+    return cast(DeadLetter, dead_letter(**overrides))
 
 
 def test_list_filters_by_project_and_error(store: DeadLetterStore) -> None:

@@ -328,6 +328,12 @@ def _string_at_most(limit: int) -> _Rule:
     return rule
 
 
+#: increment and decrement share one schema on the server.
+_COUNTER_SCHEMA: Final[dict[str, tuple[_Rule, bool]]] = {
+    "profileId": (_profile_id, True),
+    "property": (_non_empty_string, True),
+    "value": (_positive_number, False),
+}
 #: Per type: field name -> (rule, required). Keys not listed are ignored, as zod strips them.
 _SCHEMAS: Final[dict[str, dict[str, tuple[_Rule, bool]]]] = {
     "track": {
@@ -344,16 +350,8 @@ _SCHEMAS: Final[dict[str, dict[str, tuple[_Rule, bool]]]] = {
         "avatar": (_url, False),
         "properties": (_record, False),
     },
-    "increment": {
-        "profileId": (_profile_id, True),
-        "property": (_non_empty_string, True),
-        "value": (_positive_number, False),
-    },
-    "decrement": {
-        "profileId": (_profile_id, True),
-        "property": (_non_empty_string, True),
-        "value": (_positive_number, False),
-    },
+    "increment": _COUNTER_SCHEMA,
+    "decrement": _COUNTER_SCHEMA,
     "alias": {
         "profileId": (_profile_id, True),
         "alias": (_non_empty_string, True),

@@ -6,8 +6,6 @@ This module is also the URLconf of its tests (``ROOT_URLCONF = __name__``).
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +13,7 @@ from pathlib import Path
 import pytest
 from asgiref.sync import iscoroutinefunction
 
+from .._support import mypy_on
 from ._support import BROWSER, CLIENT, Published, capturing_publishes, configure_django
 
 configure_django()
@@ -231,28 +230,18 @@ def test_delay_on_commit_in_a_view_publishes_the_committed_event_with_the_reques
 def test_mypy_checks_delay_on_commit_arguments_against_the_tasks_signature(
     tmp_path: Path,
 ) -> None:
-    user = tmp_path / "user_code.py"
-    user.write_text(
-        textwrap.dedent(
-            """
-            from op_celery import increment, track
-            from op_celery.contrib.django import delay_on_commit
-            delay_on_commit(track, nme="x")
-            delay_on_commit(increment, "u1", "logins", value="2")
-            delay_on_commit(track, "fine", properties={"a": 1}, profile_id="u1")
-            """
-        )
+    source = textwrap.dedent(
+        """
+        from op_celery import increment, track
+        from op_celery.contrib.django import delay_on_commit
+        delay_on_commit(track, nme="x")
+        delay_on_commit(increment, "u1", "logins", value="2")
+        delay_on_commit(track, "fine", properties={"a": 1}, profile_id="u1")
+        """
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(user)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    out = result.stdout
+    out, errors = mypy_on(source, tmp_path)
     assert 'Unexpected keyword argument "nme"' in out
     assert 'Argument "value" to "delay_on_commit" has incompatible type "str"' in out
-    errors = [line for line in out.splitlines() if "user_code.py" in line and "error:" in line]
     assert len(errors) == 2, out
 
 
