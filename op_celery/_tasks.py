@@ -5,7 +5,8 @@ operation's builder and enqueues plain JSON: the caller's arguments with default
 an event id, and for ``track`` the time of the call. On the worker, ``run`` builds the event
 again from the message, looks up the project's credentials, and sends it. Transient failures go
 through Celery's autoretry to ``retry``, which asks ``_retry.decide`` for the countdown;
-permanent ones are logged once and handed to the failure hooks (the dead letters).
+permanent ones are logged once and stored as dead letters. Before sending, a worker checks the
+ledger of delivered events and takes a slot of the project's shared rate limit.
 """
 
 from __future__ import annotations
