@@ -32,6 +32,7 @@ from kombu.exceptions import OperationalError
 from . import signals
 from ._app import publishing_app, settings_for
 from ._client import OpenPanelClient
+from ._consumer import install as install_consumer_step
 from ._context import current_request
 from ._events import Event, build_event, normalize_call
 from ._exceptions import (
@@ -46,7 +47,6 @@ from ._exceptions import (
 )
 from ._ledger import Ledger
 from ._limiter import RateLimiter
-from ._poison import install as install_poison_guard
 from ._publish import publish
 from ._rates import DEFAULT_BURST, Rate, parse_burst, parse_rate, with_headroom
 from ._redis import redact_url, redis_for
@@ -629,7 +629,7 @@ def _shared(base: type[OpenPanelTask]) -> Any:
     a proxy that resolves it on the app that publishes: the user's, else the package's."""
     name = f"op_celery.{base.operation}"
     shared_task(base=base, bind=True, name=name)(cast(Any, _deliver))
-    connect_on_app_finalize(install_poison_guard)
+    connect_on_app_finalize(install_consumer_step)
     return Proxy(lambda: publishing_app().tasks[name])
 
 

@@ -251,3 +251,13 @@ def mypy_on(source: str, folder: Path) -> tuple[str, list[str]]:
     )
     errors = [line for line in result.stdout.splitlines() if "user_code.py" in line]
     return result.stdout, [line for line in errors if "error:" in line]
+
+
+def answer_429_once(stand_in: object, retry_after: str = "2") -> None:
+    """Make the stand-in's next /track answer a 429 with ``retry-after``."""
+    stand_in.fail_next(  # type: ignore[attr-defined]
+        1,
+        status=429,
+        body='{"status":429,"error":"Too Many Requests","message":"slow down"}',
+        headers={"retry-after": retry_after, "content-type": "application/json"},
+    )

@@ -17,7 +17,7 @@ import op_celery
 from op_celery import InvalidEvent
 from op_celery.testing import StandInServer
 
-from ._support import CLIENT_ID, CLIENT_SECRET, WorkerProcess, wait_until
+from ._support import CLIENT_ID, CLIENT_SECRET, WorkerProcess, answer_429_once, wait_until
 
 
 def queued(redis_client: redis.Redis, env: dict[str, str]) -> list[bytes]:
@@ -128,12 +128,7 @@ def test_a_503_then_success_delivers_exactly_once(
 def test_a_429_with_retry_after_is_retried_no_sooner_than_it_says(
     producer: Celery, start_worker: Callable[..., WorkerProcess], stand_in: StandInServer
 ) -> None:
-    stand_in.fail_next(
-        1,
-        status=429,
-        body='{"status":429,"error":"Too Many Requests","message":"slow down"}',
-        headers={"retry-after": "2", "content-type": "application/json"},
-    )
+    answer_429_once(stand_in)
     start_worker()
     op_celery.track.delay("throttled")
     assert stand_in.wait_for(1, timeout=20)

@@ -10,7 +10,7 @@ from celery import Celery
 import op_celery
 from op_celery.testing import StandInServer
 
-from ._support import RedisServer, WorkerProcess, free_port, wait_until
+from ._support import RedisServer, WorkerProcess, answer_429_once, free_port, wait_until
 
 
 def test_two_workers_sharing_a_limit_get_no_429_from_a_server_with_that_limit(
@@ -39,12 +39,7 @@ def test_throttled_events_do_not_use_up_their_retries(
 def test_a_429_pauses_every_worker_of_the_pool(
     producer: Celery, start_worker: Callable[..., WorkerProcess], stand_in: StandInServer
 ) -> None:
-    stand_in.fail_next(
-        1,
-        status=429,
-        body='{"status":429,"error":"Too Many Requests","message":"slow down"}',
-        headers={"retry-after": "2", "content-type": "application/json"},
-    )
+    answer_429_once(stand_in)
     start_worker(OPENPANEL_RATE_LIMIT="100/s")
     start_worker(OPENPANEL_RATE_LIMIT="100/s")
     op_celery.track.delay("first")

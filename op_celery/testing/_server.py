@@ -1225,8 +1225,7 @@ class StandInControl:
         headers: Mapping[str, str] | None = None,
     ) -> None:
         """`StandInServer.fail_next` (``POST /__stand-in/fail`` with ``count``)."""
-        data = {"count": count, "status": status, "body": body, "headers": dict(headers or {})}
-        self._call("POST", "fail", data)
+        self._fail({"count": count}, status, body, headers)
 
     def fail_for(
         self,
@@ -1236,7 +1235,16 @@ class StandInControl:
         headers: Mapping[str, str] | None = None,
     ) -> None:
         """`StandInServer.fail_for` (``POST /__stand-in/fail`` with ``seconds``)."""
-        data = {"seconds": seconds, "status": status, "body": body, "headers": dict(headers or {})}
+        self._fail({"seconds": seconds}, status, body, headers)
+
+    def _fail(
+        self,
+        how_long: dict[str, float],
+        status: int,
+        body: str | None,
+        headers: Mapping[str, str] | None,
+    ) -> None:
+        data = {**how_long, "status": status, "body": body, "headers": dict(headers or {})}
         self._call("POST", "fail", data)
 
     def drop_next(self, count: int) -> None:

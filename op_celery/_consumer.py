@@ -1,5 +1,6 @@
-"""Poison messages: what arrives on the queue but is no event, kept as dead letters; and a
-worker that survives its broker going away.
+"""The package's consumer step, added to every app the tasks register on. It does two jobs
+for the worker's message consumer: poison messages (what arrives on the queue but is no event)
+are kept as dead letters, and the worker survives its broker going away.
 
 Celery acks a message it cannot decode and rejects one with an unknown task name or format,
 logging it and nothing more. A consumer bootstep, added to every app the tasks register on,
