@@ -1,32 +1,89 @@
-"""The ledger of delivered events: how a redelivered or retried event is not sent twice.
+"""The ledger of delivered events: how a redelivered, retried or copied event is not sent twice.
 
 The OpenPanel server stores every accepted request as a new event (no idempotency key), so the
 sender must remember what it delivered. After a 2xx the worker writes the event id with a TTL
-longer than the broker's visibility timeout; before sending, it checks for it. What remains is
-the window between the server's 2xx and the write (a crash exactly there re-sends once).
+longer than the broker's visibility timeout; before sending, it checks for it.
+
+Two copies of one event can also be in flight at once: the outbox's sweeper re-publishes a
+message it could not find (``_outbox``), and in a rare race the original was only in transit.
+So the check is a *claim* (``lua/claim.lua``, the same one round trip as a plain check): an
+event not delivered is claimed for one attempt, for at most :meth:`Ledger.claim`'s ``ttl_s``;
+a second copy meanwhile is told how long the claim still holds and comes back then. Delivery
+replaces the claim by the delivered mark; a failed attempt releases it (``lua/release.lua``).
+
+What remains is the window between the server's 2xx and the write of the mark: a worker killed
+exactly there leaves its event to be sent again once.
 """
 
 from __future__ import annotations
 
+import uuid
+from dataclasses import dataclass
+
+from ._lua import lua
 from ._redis import redis_for, storage_errors
 from ._settings import Settings
 
-__all__ = ["Ledger"]
+__all__ = ["Claim", "Ledger"]
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """The ledger's answer to :meth:`Ledger.claim`."""
+
+    #: The event was delivered before: do not send it.
+    delivered: bool
+    #: The token of this attempt's claim; None when not claimed.
+    token: str | None
+    #: Seconds until another attempt's claim runs out, when it holds one; else 0.
+    busy_s: float = 0.0
+
+    @property
+    def claimed(self) -> bool:
+        return self.token is not None
 
 
 class Ledger:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._redis = redis_for(settings)
-        self._prefix = f"{settings.key_prefix}:delivered:"
+        self._delivered = f"{settings.key_prefix}:delivered:"
+        self._inflight = f"{settings.key_prefix}:inflight:"
         self._ttl_s = int(settings.ledger_ttl_s)
+        self._claim = self._redis.register_script(lua("claim.lua"))
+        self._release = self._redis.register_script(lua("release.lua"))
 
     def delivered(self, event_id: str) -> bool:
         """Whether the event was already delivered; raises StorageUnavailable if unknown."""
         with storage_errors("checking the delivered-events ledger", self._settings.redis_url):
-            return bool(self._redis.exists(self._prefix + event_id))
+            return bool(self._redis.exists(self._delivered + event_id))
+
+    def claim(self, event_id: str, ttl_s: float) -> Claim:
+        """Claim the event for one attempt to send it, for at most ``ttl_s`` seconds.
+
+        Raises StorageUnavailable when Redis does not answer.
+        """
+        token = uuid.uuid4().hex
+        keys = (self._delivered + event_id, self._inflight + event_id)
+        with storage_errors("checking the delivered-events ledger", self._settings.redis_url):
+            answer = int(self._claim(keys, (token, max(1, int(ttl_s * 1000)))))
+        if answer == 0:
+            return Claim(delivered=False, token=token)
+        if answer < 0:
+            return Claim(delivered=True, token=None)
+        return Claim(delivered=False, token=None, busy_s=answer / 1000)
+
+    def release(self, event_id: str, token: str) -> None:
+        """Give up this attempt's claim (if it still holds), so a retry can claim again."""
+        with storage_errors("releasing an event's claim", self._settings.redis_url):
+            self._release((self._inflight + event_id,), (token,))
 
     def record(self, event_id: str) -> None:
-        """Remember a delivered event for ``OP_CELERY_LEDGER_TTL`` seconds."""
-        with storage_errors("recording a delivered event", self._settings.redis_url):
-            self._redis.set(self._prefix + event_id, b"1", ex=self._ttl_s)
+        """Remember a delivered event for ``OP_CELERY_LEDGER_TTL`` seconds; its claim ends."""
+        with (
+            storage_errors("recording a delivered event", self._settings.redis_url),
+            self._redis.pipeline(transaction=True) as pipe,
+        ):
+            pipe.set(self._delivered + event_id, b"1", ex=self._ttl_s)
+            pipe.delete(self._inflight + event_id)
+            pipe.execute()

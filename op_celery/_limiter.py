@@ -39,13 +39,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cache
-from importlib.resources import files
 from typing import Any, TypedDict
 
 import redis
 
 from ._exceptions import ConfigurationError, LimiterUnavailable
+from ._lua import lua
 from ._rates import DEFAULT_BURST, Rate
 from ._settings import DEFAULT_KEY_PREFIX
 
@@ -57,12 +56,6 @@ MAX_CACHED_CLIENT_IDS = 1024
 _MICROSECONDS_PER_S = 1_000_000
 #: Replies of acquire.lua below this are reservations (µs to wait), above it admission times.
 _RESERVATION_CEILING_US = 10**12
-
-
-@cache
-def _lua(name: str) -> str:
-    """The text of ``op_celery/lua/<name>``, read once per process."""
-    return (files("op_celery") / "lua" / name).read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,8 +101,8 @@ class RateLimiter:
         self._where = _describe(client)
         self._key_cache: dict[str, tuple[bytes, bytes]] = {}
         self._packed: dict[tuple[str, int, int, int], Any] = {}
-        self._acquire = client.register_script(_lua("acquire.lua"))
-        self._pause = client.register_script(_lua("pause.lua"))
+        self._acquire = client.register_script(lua("acquire.lua"))
+        self._pause = client.register_script(lua("pause.lua"))
 
     def acquire(
         self, client_id: str, rate: Rate, burst: int = DEFAULT_BURST, *, max_wait_s: float = 0.0

@@ -35,9 +35,11 @@ to add headers.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,8 +56,13 @@ from kombu.exceptions import LimitExceeded, OperationalError
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
 from kombu.utils.uuid import uuid
+from redis import exceptions as redis_errors
 
-__all__ = ["publish"]
+from ._outbox import Outbox, record_json
+
+__all__ = ["broker_client", "publish", "redis_broker"]
+
+log = logging.getLogger("op_celery")
 
 #: The only publish options the fast path handles; any other one goes through Celery.
 FAST_OPTIONS = frozenset({"queue", "serializer", "retry", "retry_policy"})
@@ -91,12 +98,14 @@ def publish(
     link: Any = None,
     link_error: Any = None,
     shadow: str | None = None,
+    outbox: Outbox | None = None,
 ) -> AsyncResult[Any]:
     """Enqueue ``task`` with keyword arguments ``kwargs`` (validated plain JSON).
 
     The arguments are those of ``Task.apply_async``; ``base`` is the calling class's
     ``super()``, whose ``apply_async`` (Celery's) publishes whatever the fast path does not
-    reproduce exactly.
+    reproduce exactly. With ``outbox`` and a Redis broker, the call's outbox record is written
+    in the same transaction as the message (fast path) or right after it (Celery's path).
     """
     app: Any = task.app
     route = None
@@ -112,8 +121,26 @@ def publish(
         result: AsyncResult[Any] = base.apply_async(
             (), kwargs, task_id, producer, link, link_error, shadow, **options
         )
+        if outbox is not None and _app_plan(app).redis_broker:
+            _add_record(app, outbox, task, kwargs, result.id, options.get("queue"))
         return result
-    return _send(task, app, route, kwargs, task_id or uuid())
+    return _send(task, app, route, kwargs, task_id or uuid(), outbox)
+
+
+def _add_record(
+    app: Any, outbox: Outbox, task: Any, kwargs: Mapping[str, Any], task_id: str, queue: Any
+) -> None:
+    """Write the outbox record of a call Celery published: a second round trip, so a crash
+    in between leaves that one message without a record (as without an outbox)."""
+    name = queue.name if isinstance(queue, Queue) else str(queue or app.conf.task_default_queue)
+    record = record_json(task.name, task_id, name, _json(kwargs))
+    try:
+        with broker_client(app) as client:
+            outbox.add(client, name, str(kwargs.get("event_id")), record)
+    except (OperationalError, OSError, redis_errors.RedisError) as exc:
+        # The event is enqueued; only its protection against a lost message is missing.
+        log.warning("op_celery: event %s enqueued without its outbox record: %s",
+                    kwargs.get("event_id"), exc)  # fmt: skip
 
 
 # --- Deciding whether the fast path reproduces Celery exactly. --------------------------------
@@ -126,6 +153,7 @@ class _AppPlan:
     publishes (``task_repr_maxlevels``, ``broker_pool_acquire_timeout``)."""
 
     supported: bool
+    redis_broker: bool = False
     retry: bool = False
     retry_policy: dict[str, Any] = field(default_factory=dict)
     default_delivery_mode: Any = None
@@ -178,9 +206,10 @@ def _make_app_plan(app: Any) -> _AppPlan:
         and _callback_publish_retry is not None
     )
     if not supported:
-        return _AppPlan(supported=False)
+        return _AppPlan(supported=False, redis_broker=redis_broker)
     return _AppPlan(
         supported=True,
+        redis_broker=True,
         retry=bool(conf.task_publish_retry),
         retry_policy=dict(conf.task_publish_retry_policy or {}),
         default_delivery_mode=conf.task_default_delivery_mode,
@@ -323,10 +352,18 @@ class _Message:
     reply_to: str
     delivery_mode: int
     queue: Any  # kombu.Queue
+    outbox: Outbox | None
+    event_id: str
+    record: str  # the outbox record, when there is an outbox
 
 
 def _send(
-    task: Any, app: Any, route: _Route, kwargs: dict[str, Any], task_id: str
+    task: Any,
+    app: Any,
+    route: _Route,
+    kwargs: dict[str, Any],
+    task_id: str,
+    outbox: Outbox | None,
 ) -> AsyncResult[Any]:
     amqp = app.amqp
     plan = route.plan
@@ -349,13 +386,19 @@ def _send(
         f'"origin": {_str(_origin())}, "ignore_result": true, "replaced_task_nesting": 0, '
         '"stamped_headers": null, "stamps": {}}'
     )
+    kwargs_json = _json(kwargs)
     message = _Message(
-        body=f"[[], {_json(kwargs)}, {_EMBED_JSON}]",  # kombu's json serializer's text
+        body=f"[[], {kwargs_json}, {_EMBED_JSON}]",  # kombu's json serializer's text
         headers_json=headers_json,
         task_id=task_id,
         reply_to=app.thread_oid,
         delivery_mode=route.delivery_mode,
         queue=route.queue,
+        outbox=outbox,
+        event_id=str(kwargs.get("event_id")),
+        record=""
+        if outbox is None
+        else record_json(task.name, task_id, route.queue.name, kwargs_json),
     )
     # A pooled broker connection, as Celery's producer pool lends (its producers hold one each
     # from this same pool); the producer itself would only be rebound and copied.
@@ -439,10 +482,7 @@ _channel_states: weakref.WeakKeyDictionary[Any, _ChannelState] = weakref.WeakKey
 def _put(channel: Any, message: _Message, route: _Route) -> None:
     """One attempt: what kombu's ``Producer._publish`` and the Redis ``Channel._put`` do, with
     one Redis client per channel instead of one per message."""
-    state = _channel_states.get(channel)
-    if state is None or state.client.connection_pool is not channel.pool:
-        state = _ChannelState(channel._create_client(), {})
-        _channel_states[channel] = state
+    state = _channel_state(channel)
     queue = message.queue
     name = queue.name
     known = state.queues.get(name)
@@ -471,14 +511,43 @@ def _put(channel: Any, message: _Message, route: _Route) -> None:
     )
     client = state.client
     expires = channel._expires.get(name) if channel._expires else None
-    if expires is None:
+    outbox = message.outbox
+    if expires is None and outbox is None:
         client.lpush(key, payload)
         return
-    with client.pipeline() as pipe:
+    # One round trip either way; with an outbox, one transaction: no message without its record.
+    with client.pipeline(transaction=outbox is not None) as pipe:
         pipe.lpush(key, payload)
-        for step in channel.priority_steps:
-            pipe.pexpire(channel._q_for_pri(name, step), expires)
+        if outbox is not None:
+            outbox.stage(pipe, name, message.event_id, message.record)
+        if expires is not None:
+            for step in channel.priority_steps:
+                pipe.pexpire(channel._q_for_pri(name, step), expires)
         pipe.execute()
+
+
+def redis_broker(app: Any) -> bool:
+    """Whether the app's broker is Redis (read once per app)."""
+    return _app_plan(app).redis_broker
+
+
+@contextmanager
+def broker_client(app: Any) -> Iterator[Any]:
+    """A Redis client of the app's (Redis) broker, on a connection of its pool: for the
+    outbox's writes outside a publish. Keys get the broker's ``global_keyprefix``."""
+    connection = app.pool.acquire(block=True, timeout=_app_plan(app).acquire_timeout_s)
+    try:
+        yield _channel_state(connection.default_channel).client
+    finally:
+        connection.release()
+
+
+def _channel_state(channel: Any) -> _ChannelState:
+    state = _channel_states.get(channel)
+    if state is None or state.client.connection_pool is not channel.pool:
+        state = _ChannelState(channel._create_client(), {})
+        _channel_states[channel] = state
+    return state
 
 
 #: How json.dumps writes a str (ensure_ascii, its default).

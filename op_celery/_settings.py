@@ -57,6 +57,9 @@ DEFAULT_MAX_INLINE_WAIT_S = 1.0
 #: Percent below OPENPANEL_RATE_LIMIT the pool is paced, as room for network jitter against a
 #: server counting that limit per fixed window.
 DEFAULT_RATE_HEADROOM_PCT = 1.0
+#: Seconds an outbox record (an enqueued, unfinished event) waits before the sweeper checks
+#: that its message still exists; messages vanish only in kombu's BRPOP window (``_outbox``).
+DEFAULT_OUTBOX_GRACE_S = 60.0
 #: What ``.delay()`` does when the broker stays away: "spool" to disk, or "raise" PublishError.
 DEFAULT_ON_PUBLISH_FAILURE = "spool"
 
@@ -127,6 +130,8 @@ class Settings:
     spool_dir: str = ""
     max_inline_wait_s: float = DEFAULT_MAX_INLINE_WAIT_S
     rate_headroom_pct: float = DEFAULT_RATE_HEADROOM_PCT
+    outbox: bool = True
+    outbox_grace_s: float = DEFAULT_OUTBOX_GRACE_S
     #: Where named projects come from: the raw environment and Celery config, read lazily so a
     #: producer that never sends needs no credentials.
     _env: Mapping[str, str] = field(default_factory=dict, repr=False)
@@ -137,6 +142,12 @@ class Settings:
         """Longest countdown the project sets: half the visibility timeout, so an event that
         waits its turn on a worker is never redelivered to another meanwhile."""
         return self.visibility_timeout_s / 2
+
+    @property
+    def claim_ttl_s(self) -> float:
+        """Longest time one attempt holds an event (``_ledger``): its inline wait for a token and
+        both HTTP timeouts, plus a margin; a killed worker's claim runs out after that."""
+        return self.max_inline_wait_s + self.connect_timeout_s + self.read_timeout_s + 5.0
 
     def project(self, name: str = "default") -> Project:
         """The named project's credentials; :class:`ConfigurationError` if it has none."""
@@ -236,6 +247,10 @@ def _as_float(name: str, value: object) -> float:
     return number
 
 
+def _default(value: object, default: object) -> object:
+    return default if value in (None, "") else value
+
+
 def _as_bool(name: str, value: object) -> bool:
     if isinstance(value, bool):
         return value
@@ -305,6 +320,8 @@ def load_settings(
         spool_dir=str(get("OP_CELERY_SPOOL_DIR") or ""),
         max_inline_wait_s=number("OP_CELERY_MAX_INLINE_WAIT", DEFAULT_MAX_INLINE_WAIT_S),
         rate_headroom_pct=number("OPENPANEL_RATE_HEADROOM", DEFAULT_RATE_HEADROOM_PCT),
+        outbox=_as_bool("OP_CELERY_OUTBOX", _default(get("OP_CELERY_OUTBOX"), True)),
+        outbox_grace_s=number("OP_CELERY_OUTBOX_GRACE", DEFAULT_OUTBOX_GRACE_S),
         _env=env,
         _conf=conf,
     )
@@ -322,6 +339,12 @@ def load_settings(
         raise ConfigurationError(
             "OP_CELERY_ON_PUBLISH_FAILURE must be 'spool' (keep the event on disk and return) "
             f"or 'raise' (raise PublishError), got {settings.on_publish_failure!r}"
+        )
+    if settings.outbox_grace_s < 1:
+        raise ConfigurationError(
+            "OP_CELERY_OUTBOX_GRACE must be at least 1 second (how long an unfinished event "
+            f"waits before the sweeper checks its message still exists), got "
+            f"{settings.outbox_grace_s:g}"
         )
     if settings.ledger_ttl_s <= settings.visibility_timeout_s:
         raise ConfigurationError(

@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, cast
 
 import redis
 from celery import Task, shared_task
@@ -47,7 +47,9 @@ from ._exceptions import (
 )
 from ._ledger import Ledger
 from ._limiter import RateLimiter
-from ._publish import publish
+from ._outbox import BROKER_ERRORS as OUTBOX_ERRORS
+from ._outbox import Outbox, Sweeper
+from ._publish import broker_client, publish, redis_broker
 from ._rates import DEFAULT_BURST, Rate, parse_burst, parse_rate, with_headroom
 from ._redis import redact_url, redis_for
 from ._retry import backoff_s, decide
@@ -289,8 +291,9 @@ class OpenPanelTask(_TaskBase):
         options.setdefault("retry_policy", _publish_retry_policy(settings.publish_timeout_s))
         try:
             return publish(
-                self, message, options, super(), task_id, producer, link, link_error, shadow
-            )
+                self, message, options, super(), task_id, producer, link, link_error, shadow,
+                Outbox.for_settings(settings),
+            )  # fmt: skip
         except BROKER_ERRORS as exc:
             if not spool_on_failure or settings.on_publish_failure == "raise":
                 raise PublishError(
@@ -321,19 +324,47 @@ class OpenPanelTask(_TaskBase):
             self.give_up(event, kwargs, exc, "refused")
 
     def deliver(self, event: Event, kwargs: Mapping[str, Any]) -> None:
-        """Send one validated event unless the ledger says it was delivered already."""
+        """Send one validated event unless the ledger says it was delivered already, or another
+        worker is sending a copy of it right now (then it comes back when that one is done)."""
         settings = self.settings
         client = client_for(settings, event.project)
-        services = None if self.request.called_directly else services_for(settings)
-        if services is not None and services.ledger.delivered(event.event_id):
+        if self.request.called_directly:
+            self.send(client, event, kwargs, None)
+            return
+        services = services_for(settings)
+        claim = services.ledger.claim(event.event_id, settings.claim_ttl_s)
+        if claim.delivered:
             log.info(
                 "op_celery: %s event %s was delivered before; not sent again",
                 self.operation,
                 event.event_id,
             )
+            self.finished(event.event_id)
             return
-        if services is not None:
+        if claim.token is None:
+            log.info(
+                "op_celery: %s event %s is being sent by another worker; looking again in %.3g s",
+                self.operation,
+                event.event_id,
+                claim.busy_s,
+            )
+            self.reschedule(event, claim.busy_s, throttled=False)
+        try:
             self.take_token(services, event, client.client_id)
+            self.send(client, event, kwargs, services)
+        except BaseException:
+            self.release(services, event.event_id, claim.token)
+            raise
+        self.finished(event.event_id)
+
+    def send(
+        self,
+        client: OpenPanelClient,
+        event: Event,
+        kwargs: Mapping[str, Any],
+        services: _Services | None,
+    ) -> None:
+        """POST the event; once the API took it, mark it delivered in the ledger."""
         started = time.perf_counter()
         try:
             delivered = client.send(event)
@@ -360,6 +391,33 @@ class OpenPanelTask(_TaskBase):
             latency_s=latency_s,
             age_s=_age_s(kwargs),
         )
+
+    def release(self, services: _Services, event_id: str, token: str) -> None:
+        """End this attempt's claim on the event, so its retry (or a copy) can send it."""
+        try:
+            services.ledger.release(event_id, token)
+        except StorageUnavailable as exc:
+            log.warning(
+                "op_celery: event %s: claim not released (it runs out in %g s): %s",
+                event_id, self.settings.claim_ttl_s, exc,
+            )  # fmt: skip
+
+    def finished(self, event_id: str) -> None:
+        """Forget the event's outbox record: it was delivered or dead-lettered."""
+        outbox = Outbox.for_settings(self.settings)
+        if outbox is None or not redis_broker(self.app):
+            return
+        try:
+            with broker_client(self.app) as client:
+                outbox.done(client, self.queue_name(), (event_id,))
+        except OUTBOX_ERRORS as exc:
+            # The sweeper finds the record later, sees the event delivered, and removes it.
+            log.info("op_celery: event %s: outbox record kept for the sweeper: %s", event_id, exc)
+
+    def queue_name(self) -> str:
+        """The queue the current message came from (retries and copies go back to it)."""
+        info = self.request.delivery_info or {}
+        return str(info.get("routing_key") or self.settings.queue)
 
     def take_token(self, services: _Services, event: Event, client_id: str) -> None:
         """Take a slot of the project's shared rate limit, waiting inline only briefly.
@@ -390,12 +448,13 @@ class OpenPanelTask(_TaskBase):
             wait_s=wait_s,
         )
 
-    def reschedule(self, event: Event, wait_s: float) -> None:
+    def reschedule(self, event: Event, wait_s: float, *, throttled: bool = True) -> NoReturn:
         """Put the event back on the queue to run in ``wait_s`` (plus jitter), same retries."""
         countdown = min(
             wait_s + random.uniform(0, THROTTLE_JITTER_S), self.settings.max_countdown_s
         )
-        self.throttled(event, wait_s)
+        if throttled:
+            self.throttled(event, wait_s)
         request = self.request
         signature = self.signature_from_request(
             request, (), None, countdown=countdown, retries=request.retries
@@ -484,6 +543,8 @@ class OpenPanelTask(_TaskBase):
             # Nowhere to keep it: put it back on the broker for later rather than lose it.
             log.error("op_celery: event %s kept on the queue: %s", letter.id, exc)
             Task.retry(self, exc=exc, countdown=backoff_s(retries, self.settings), max_retries=None)
+        if kwargs.get("event_id"):
+            self.finished(letter.id)
         signals.event_dead_lettered.send(
             sender=self,
             operation=self.operation,
@@ -655,8 +716,39 @@ def _announce(sender: Any = None, **_: Any) -> None:
         services_for(settings).limit("default")
     except OpenPanelError as exc:
         log.warning("op_celery: the default project is not usable yet: %s", exc)
+    _start_sweeper(app, settings)
     spool = spool_for(settings)
     spool.recover_stale_claims()
     if spool.pending():
         log.warning("op_celery: %d events in the spool %s", len(spool), spool.directory)
         spool.start_flusher(_republish)
+
+
+_sweepers: dict[int, Sweeper] = {}
+
+
+def _start_sweeper(app: Any, settings: Settings) -> None:
+    """Start this process's outbox sweeper (``_outbox``), on a Redis broker with an outbox."""
+    outbox = Outbox.for_settings(settings)
+    if outbox is None or not redis_broker(app) or id(app) in _sweepers:
+        return
+
+    def republish(task: str, kwargs: dict[str, Any], task_id: str, queue: str) -> object:
+        options: dict[str, Any] = {"queue": queue, _NO_SPOOL: True}
+        return app.tasks[task].apply_async((), kwargs, task_id=task_id, **options)
+
+    sweeper = _sweepers[id(app)] = Sweeper(
+        outbox,
+        connect=app.connection_for_write,
+        queues=lambda: _consumed_queues(app, settings),
+        republish=republish,
+        delivered=services_for(settings).ledger.delivered,
+    )
+    sweeper.start()
+
+
+def _consumed_queues(app: Any, settings: Settings) -> list[str]:
+    """The queues this worker consumes (``-Q``), else all the app declares, and the package's."""
+    queues = app.amqp.queues
+    names = list(queues.consume_from or queues)
+    return names if names else [settings.queue]

@@ -35,6 +35,7 @@ from ._exceptions import (
     PublishError,
     StorageUnavailable,
 )
+from ._outbox import RECORDS_KEY
 from ._redis import redact_url
 from ._settings import EMBEDDED_URL, Settings, _redis_url_of, load_settings
 from .dead_letters import DeadLetter, DeadLetterStore
@@ -219,6 +220,7 @@ def _status_report(settings: Settings, env: Mapping[str, str]) -> dict[str, Any]
         "queue": settings.queue,
         "queue_key": queue_key,
         "queue_length": None,
+        "unfinished": None,
         "note": None,
     }
     client = _broker_redis(settings)
@@ -227,6 +229,10 @@ def _status_report(settings: Settings, env: Mapping[str, str]) -> dict[str, Any]
     else:
         with _broker_errors(settings):
             broker["queue_length"] = int(client.llen(queue_key))
+            if settings.outbox:
+                # Events enqueued and not yet delivered or dead-lettered (``_outbox``).
+                records = settings.broker_key_prefix + RECORDS_KEY.format(queue=settings.queue)
+                broker["unfinished"] = int(client.hlen(records))
     letters = list(DeadLetterStore(settings).list())
     pairs = Counter((x.project, x.error_type) for x in letters)
     spool = spool_for(settings)
@@ -263,7 +269,11 @@ def _print_status(report: Mapping[str, Any]) -> None:
     if broker["queue_length"] is None:
         click.echo(f"queue         {broker['queue']}: {broker['note']}")
     else:
-        click.echo(f"queue         {broker['queue']}: {broker['queue_length']} waiting")
+        unfinished = broker["unfinished"]
+        click.echo(
+            f"queue         {broker['queue']}: {broker['queue_length']} waiting"
+            + ("" if unfinished is None else f", {unfinished} not yet finished (outbox)")
+        )
     dead = report["dead_letters"]
     click.echo(f"dead letters  {dead['total']}")
     rows = [

@@ -21,6 +21,7 @@ from click.testing import CliRunner, Result
 
 from op_celery import OpenPanelClient, _app, build_event
 from op_celery._events import normalize_call
+from op_celery._outbox import RECORDS_KEY
 from op_celery._settings import load_settings
 from op_celery._spool import Spool
 from op_celery.cli import main
@@ -266,6 +267,9 @@ def test_status_shows_queue_dead_letters_spool_and_projects(
 ) -> None:
     monkeypatch.setenv("OPENPANEL_RATE_LIMIT", "50/s")
     redis_client.rpush(queue_key, b"one", b"two")
+    queue = cli_env["OP_CELERY_QUEUE"]
+    records = queue_key.removesuffix(queue) + RECORDS_KEY.format(queue=queue)
+    redis_client.hset(records, mapping={"e1": "{}", "e2": "{}", "e3": "{}"})
     store.add(letter())
     store.add(letter(project="shop", error_type="InvalidPayload", status=400))
     Spool(cli_env["OP_CELERY_SPOOL_DIR"]).write("op_celery.track", {"name": "x"}, {})
@@ -275,6 +279,7 @@ def test_status_shows_queue_dead_letters_spool_and_projects(
     report = json.loads(result.output)
     assert report["broker"]["queue"] == cli_env["OP_CELERY_QUEUE"]
     assert report["broker"]["queue_length"] == 2
+    assert report["broker"]["unfinished"] == 3
     dead = report["dead_letters"]
     assert dead["total"] == 2 and dead["by_project"] == {"default": 1, "shop": 1}
     assert dead["by_error_type"] == {"AuthenticationError": 1, "InvalidPayload": 1}
@@ -288,7 +293,7 @@ def test_status_shows_queue_dead_letters_spool_and_projects(
 
     text = run("status")
     assert text.exit_code == 0, text.output
-    assert f"{cli_env['OP_CELERY_QUEUE']}: 2 waiting" in text.output
+    assert f"{queue}: 2 waiting, 3 not yet finished (outbox)" in text.output
     assert "dead letters  2" in text.output and "1 files in" in text.output
     assert CLIENT_SECRET not in text.output and CLIENT_SECRET not in result.output
 

@@ -77,9 +77,19 @@ def test_plain_http_is_refused_unless_loopback_or_allowed() -> None:
         ("OP_CELERY_LEDGER_TTL", "60", "must exceed OP_CELERY_VISIBILITY_TIMEOUT"),
         ("OP_CELERY_ON_PUBLISH_FAILURE", "drop", "'spool'"),
         ("OPENPANEL_RATE_HEADROOM", "75", "at most 50"),
+        ("OP_CELERY_OUTBOX_GRACE", "0.5", "at least 1 second"),
+        ("OP_CELERY_OUTBOX", "sometimes", "true or false"),
     ],
 )
 def test_bad_values_name_the_setting(name: str, value: str, fragment: str) -> None:
     with pytest.raises(ConfigurationError, match=name) as caught:
         load_settings(env={name: value})
     assert fragment in str(caught.value)
+
+
+def test_the_outbox_is_on_by_default_and_can_be_switched_off() -> None:
+    assert load_settings(env={}).outbox
+    assert load_settings(env={"OP_CELERY_OUTBOX": ""}).outbox
+    assert not load_settings(env={"OP_CELERY_OUTBOX": "off"}).outbox
+    assert not load_settings({"op_celery_outbox": False}, env={}).outbox
+    assert load_settings(env={"OP_CELERY_OUTBOX_GRACE": "5"}).outbox_grace_s == 5.0

@@ -1,0 +1,283 @@
+"""The outbox: the broker's own record of each event enqueued and not yet finished.
+
+Why: kombu's Redis transport takes a message off the queue (``BRPOP``) before it writes it to
+its ``unacked`` hash. A worker SIGKILLed between the two, or a Redis that dies there, takes the
+message with it; no visibility timeout brings it back (measured: one event in about 8 SIGKILL
+runs of the fault test, one in 5 Redis restarts). RabbitMQ has no such window.
+
+How, on a Redis broker:
+
+- ``.delay()`` writes a record of the call (task, task id, queue, arguments) in the same
+  ``MULTI``/``EXEC`` as its ``LPUSH`` (``_publish``): the message never exists without it. On
+  Celery's own publish path (options the fast path does not reproduce, retries with a
+  countdown) the record follows the publish in a second round trip.
+- A worker deletes the record once it is done with the event: delivered, found delivered
+  already, or dead-lettered. A failed delete only leaves work for the sweeper.
+- A sweeper thread in each worker process (one at a time across the pool, under a lock) looks
+  at records older than the grace period (``OP_CELERY_OUTBOX_GRACE``). ``lua/outbox_sweep.lua``
+  checks, atomically, whether each one's task id is on a queue list or in kombu's ``unacked``
+  hash (a message waiting in a backlog, reserved by a worker, or held for its countdown is in
+  one of them); a record whose message is in neither was lost in that window, and the sweeper
+  publishes it again (unless the ledger says it was delivered). A record found is looked at
+  again a grace period later, so a long backlog is scanned, never re-published.
+
+Limits, stated plainly: the scan reads every message on the lists and in ``unacked``; with more
+than :data:`MAX_SCAN_MESSAGES` there, the sweeper judges nothing until the backlog shrinks (a
+lost event then waits longer, but is not duplicated). A message caught in transit at the very
+instant of a scan can be re-published while its original is delivered; the ledger's claim and
+its delivered mark (``_ledger``) keep that copy from reaching the API. Records take broker
+memory for as long as their events wait: about the size of the arguments per event.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from kombu.exceptions import OperationalError
+
+from ._lua import lua
+from ._settings import Settings
+
+__all__ = ["Outbox", "Sweeper", "record_json"]
+
+log = logging.getLogger("op_celery")
+
+#: Records the sweeper looks at per pass.
+MAX_RECORDS_PER_SWEEP = 500
+#: Messages (queue lists plus unacked) the sweeper scans at most in one pass; the scan blocks
+#: Redis for about 2 µs a message.
+MAX_SCAN_MESSAGES = 20_000
+#: Errors of the broker's Redis, as redis-py and kombu raise them.
+BROKER_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, OperationalError, OSError)
+
+_str: Callable[[str], str] = json.encoder.encode_basestring_ascii
+
+
+def record_json(task: str, task_id: str, queue: str, kwargs_json: str) -> str:
+    """The outbox record of one call: what the sweeper needs to publish it again.
+
+    ``"id"`` (the task id) comes first, where the sweep script looks for it.
+    """
+    return (
+        f'{{"id": {_str(task_id)}, "task": {_str(task)}, "queue": {_str(queue)}, '
+        f'"kwargs": {kwargs_json}}}'
+    )
+
+
+#: Key names, per queue (kombu adds the broker's ``global_keyprefix``, as to its own keys):
+#: the records (event id -> record), when each is due to be looked at, and the sweep lock.
+RECORDS_KEY = "_op_celery.outbox.{queue}"
+DUE_KEY = "_op_celery.outbox_due.{queue}"
+LOCK_KEY = "_op_celery.outbox_sweeping.{queue}"
+
+
+@dataclass(frozen=True, slots=True)
+class Outbox:
+    """The outbox of each queue, in the broker's Redis.
+
+    Keyed by queue, as kombu's own queue keys are, and not by ``OP_CELERY_KEY_PREFIX``: the
+    web app and the workers always agree on the queue, and a worker sweeps the queues it
+    consumes, whose lists and unacked messages it can see.
+    """
+
+    grace_s: float
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> Outbox | None:
+        """The outbox of these settings; None when switched off (``OP_CELERY_OUTBOX=off``)."""
+        if not settings.outbox:
+            return None
+        outbox = _outboxes.get(settings.outbox_grace_s)
+        if outbox is None:
+            outbox = _outboxes[settings.outbox_grace_s] = cls(settings.outbox_grace_s)
+        return outbox
+
+    def stage(self, pipe: Any, queue: str, event_id: str, record: str) -> None:
+        """Add the writes of one record to ``pipe`` (a transaction that also pushes it)."""
+        pipe.hset(RECORDS_KEY.format(queue=queue), event_id, record)
+        pipe.zadd(DUE_KEY.format(queue=queue), {event_id: time.time() + self.grace_s})
+
+    def add(self, client: Any, queue: str, event_id: str, record: str) -> None:
+        """Write one record now (after a publish that could not include it)."""
+        with client.pipeline(transaction=True) as pipe:
+            self.stage(pipe, queue, event_id, record)
+            pipe.execute()
+
+    def done(self, client: Any, queue: str, event_ids: Iterable[str]) -> None:
+        """Forget the records of finished events."""
+        ids = list(event_ids)
+        if ids:
+            with client.pipeline(transaction=True) as pipe:
+                pipe.hdel(RECORDS_KEY.format(queue=queue), *ids)
+                pipe.zrem(DUE_KEY.format(queue=queue), *ids)
+                pipe.execute()
+
+    def size(self, client: Any, queue: str) -> int:
+        """How many events of ``queue`` have a record (enqueued, not yet finished)."""
+        return int(client.hlen(RECORDS_KEY.format(queue=queue)))
+
+
+_outboxes: dict[float, Outbox] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class SweepResult:
+    """What one pass of the sweeper did."""
+
+    #: False when another worker holds the sweep lock, so this pass did nothing.
+    swept: bool = False
+    #: Messages on the lists and in unacked, when too many to scan; else 0.
+    too_busy: int = 0
+    #: Records whose message was nowhere.
+    lost: int = 0
+    #: Of those, published again (the others were delivered already, or failed to publish).
+    republished: int = 0
+
+
+class Sweeper:
+    """Finds the events the broker lost and publishes them again, every ``grace_s / 2``.
+
+    ``republish(task, kwargs, task_id, queue)`` publishes one call again; ``delivered(event_id)``
+    asks the ledger. ``connect()`` returns a kombu connection to the broker (a Redis one).
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        connect: Callable[[], Any],
+        queues: Callable[[], Iterable[str]],
+        republish: Callable[[str, dict[str, Any], str, str], object],
+        delivered: Callable[[str], bool],
+    ) -> None:
+        self.outbox = outbox
+        self._connect = connect
+        self._queues = queues
+        self._republish = republish
+        self._delivered = delivered
+        self._token = uuid.uuid4().hex
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    @property
+    def interval_s(self) -> float:
+        return max(0.5, self.outbox.grace_s / 2)
+
+    def start(self) -> None:
+        """Sweep in a daemon thread until :meth:`stop`."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="op-celery-outbox", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        connection = None
+        while not self._stop.wait(self.interval_s):
+            try:
+                if connection is None:
+                    connection = self._connect()
+                self.sweep(connection)
+            except BROKER_ERRORS as exc:
+                log.warning("op_celery: outbox sweep skipped, the broker did not answer: %s", exc)
+                if connection is not None:
+                    _close(connection)
+                    connection = None
+            except Exception:  # a bug must not end the thread that keeps events from being lost
+                log.exception("op_celery: outbox sweep failed")
+
+    def sweep(self, connection: Any) -> SweepResult:
+        """One pass over each queue, on ``connection`` (a kombu connection to the Redis broker)."""
+        total = SweepResult()
+        for queue in dict.fromkeys(self._queues()):
+            result = self.sweep_queue(connection, queue)
+            total = SweepResult(
+                swept=total.swept or result.swept,
+                too_busy=total.too_busy + result.too_busy,
+                lost=total.lost + result.lost,
+                republished=total.republished + result.republished,
+            )
+        return total
+
+    def sweep_queue(self, connection: Any, queue: str) -> SweepResult:
+        """One pass over the records of ``queue``."""
+        channel = connection.default_channel
+        # kombu's client adds the broker's key prefix, but to the first key of a script only:
+        # the script gets a plain client on the same pool and prefixed key names.
+        prefixed = channel._create_client()
+        prefix = getattr(prefixed, "global_keyprefix", "")
+        client = redis.Redis(connection_pool=channel.pool)
+        # Held until just before this sweeper's next pass: another one sweeps if it stops.
+        lock, hold_ms = prefix + LOCK_KEY.format(queue=queue), max(1, int(self.interval_s * 900))
+        if not client.set(lock, self._token, nx=True, px=hold_ms):
+            if client.get(lock) != self._token.encode():
+                return SweepResult()
+            client.pexpire(lock, hold_ms)
+        lists = dict.fromkeys(
+            prefix + channel._q_for_pri(queue, step) for step in channel.priority_steps
+        )
+        answer = client.register_script(lua("outbox_sweep.lua"))(
+            keys=[
+                prefix + RECORDS_KEY.format(queue=queue),
+                prefix + DUE_KEY.format(queue=queue),
+                prefix + channel.unacked_key,
+                *lists,
+            ],
+            args=[self.outbox.grace_s, MAX_RECORDS_PER_SWEEP, MAX_SCAN_MESSAGES],
+        )
+        status = int(answer[0])
+        if status == 0:
+            return SweepResult(swept=True)
+        if status < 0:
+            log.info(
+                "op_celery: %d messages queued or unacked, more than the outbox sweeper scans "
+                "(%d); it looks for lost events of queue %r again once the backlog is smaller",
+                int(answer[1]),
+                MAX_SCAN_MESSAGES,
+                queue,
+            )
+            return SweepResult(swept=True, too_busy=int(answer[1]))
+        republished = 0
+        finished: list[str] = []
+        for raw in answer[1:]:
+            record = json.loads(raw)
+            kwargs = record["kwargs"]
+            event_id = str(kwargs.get("event_id"))
+            if self._delivered(event_id):
+                finished.append(event_id)
+                continue
+            try:
+                self._republish(record["task"], kwargs, record["id"], queue)
+            except Exception as exc:  # kept, and looked at again after the grace period
+                log.warning(
+                    "op_celery: event %s was lost by the broker and could not be published "
+                    "again yet (%s); the outbox keeps it",
+                    event_id,
+                    exc,
+                )
+                continue
+            republished += 1
+            log.warning(
+                "op_celery: event %s was lost by the broker (taken off the queue, never "
+                "recorded as unacked); published again from the outbox",
+                event_id,
+            )
+        self.outbox.done(prefixed, queue, finished)
+        return SweepResult(swept=True, lost=len(answer) - 1, republished=republished)
+
+
+def _close(connection: Any) -> None:
+    try:
+        connection.close()
+    except Exception:  # closing a dead connection may fail in any way; it is gone either way
+        log.debug("op_celery: closing the sweeper's broker connection failed", exc_info=True)

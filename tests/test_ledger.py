@@ -1,0 +1,109 @@
+"""The ledger: a delivered event is not sent again, and two copies of one event are never sent at
+the same time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+import redis
+from celery import Celery
+
+import op_celery
+from op_celery._app import settings_for
+from op_celery._ledger import Ledger
+from op_celery._settings import load_settings
+from op_celery.testing import StandInServer
+
+from ._support import WorkerProcess, wait_until
+
+
+@pytest.fixture
+def ledger(redis_url: str, key_prefix: str) -> Ledger:
+    settings = load_settings(
+        env={"OP_CELERY_REDIS_URL": redis_url, "OP_CELERY_KEY_PREFIX": key_prefix + "op-celery"}
+    )
+    return Ledger(settings)
+
+
+def test_an_event_never_seen_is_claimed(ledger: Ledger) -> None:
+    claim = ledger.claim("e1", ttl_s=10)
+    assert claim.claimed and not claim.delivered
+
+
+def test_a_second_claim_is_told_how_long_the_first_holds(ledger: Ledger) -> None:
+    ledger.claim("e1", ttl_s=10)
+    second = ledger.claim("e1", ttl_s=10)
+    assert not second.claimed and not second.delivered
+    assert 0 < second.busy_s <= 10
+
+
+def test_a_delivered_event_is_reported_delivered_not_claimed(ledger: Ledger) -> None:
+    first = ledger.claim("e1", ttl_s=10)
+    assert first.claimed
+    ledger.record("e1")
+    assert ledger.delivered("e1")
+    again = ledger.claim("e1", ttl_s=10)
+    assert again.delivered and not again.claimed
+
+
+def test_a_released_claim_can_be_taken_again(ledger: Ledger) -> None:
+    first = ledger.claim("e1", ttl_s=10)
+    assert first.token is not None
+    ledger.release("e1", first.token)
+    assert ledger.claim("e1", ttl_s=10).claimed
+
+
+def test_releasing_with_another_attempts_token_leaves_the_claim(ledger: Ledger) -> None:
+    assert ledger.claim("e1", ttl_s=10).claimed
+    ledger.release("e1", "some-other-attempt")
+    assert not ledger.claim("e1", ttl_s=10).claimed
+
+
+def test_a_claim_runs_out_after_its_ttl(ledger: Ledger) -> None:
+    assert ledger.claim("e1", ttl_s=0.05).claimed
+    assert wait_until(lambda: ledger.claim("e1", ttl_s=10).claimed, timeout=5)
+
+
+def test_a_copy_arriving_while_another_worker_sends_waits_and_is_not_sent_twice(
+    producer: Celery,
+    start_worker: Callable[..., WorkerProcess],
+    stand_in: StandInServer,
+    redis_client: redis.Redis,
+    env: dict[str, str],
+) -> None:
+    worker_settings = load_settings(env=env)
+    ledger = Ledger(worker_settings)
+    event_id = "f" * 32
+    # Another attempt holds the event for 1.5 s (as a worker sending the original would).
+    assert ledger.claim(event_id, ttl_s=1.5).claimed
+    start_worker()
+    started = time.monotonic()
+    op_celery.track.apply_async(("copied",), {"event_id": event_id})
+    assert stand_in.wait_for(1, timeout=30)
+    assert time.monotonic() - started >= 1.0  # not before the claim ran out
+    assert wait_until(lambda: ledger.delivered(event_id), timeout=10)
+    op_celery.track.apply_async(("copied",), {"event_id": event_id})  # a late copy
+    time.sleep(1.0)
+    assert len(stand_in.received) == 1
+
+
+def test_an_event_delivered_before_is_not_sent_and_its_record_is_forgotten(
+    producer: Celery,
+    start_worker: Callable[..., WorkerProcess],
+    stand_in: StandInServer,
+    redis_client: redis.Redis,
+    env: dict[str, str],
+) -> None:
+    ledger = Ledger(load_settings(env=env))
+    ledger.record("d" * 32)
+    op_celery.track.apply_async(("seen",), {"event_id": "d" * 32})
+    op_celery.track.delay("new")
+    start_worker()
+    assert stand_in.wait_for(1, timeout=30)
+    time.sleep(0.5)
+    assert [r.payload["name"] for r in stand_in.received] == ["new"]
+    records = env["OP_CELERY_BROKER_KEY_PREFIX"] + "_op_celery.outbox." + env["OP_CELERY_QUEUE"]
+    assert wait_until(lambda: redis_client.hlen(records) == 0, timeout=10)
+    assert settings_for(producer).outbox

@@ -1,0 +1,276 @@
+"""The outbox: every enqueued event has a record until a worker is done with it, and the sweeper
+publishes again exactly the events whose message the broker lost, never one still waiting."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+import op_celery
+from op_celery import _outbox
+from op_celery._app import settings_for
+from op_celery._ledger import Ledger
+from op_celery._outbox import DUE_KEY, RECORDS_KEY, Outbox, Sweeper
+from op_celery.testing import StandInServer
+
+from ._support import WorkerProcess, wait_until
+
+
+def queue_key(env: dict[str, str]) -> str:
+    return env["OP_CELERY_BROKER_KEY_PREFIX"] + env["OP_CELERY_QUEUE"]
+
+
+def records(client: redis.Redis, env: dict[str, str]) -> dict[str, dict[str, Any]]:
+    key = env["OP_CELERY_BROKER_KEY_PREFIX"] + RECORDS_KEY.format(queue=env["OP_CELERY_QUEUE"])
+    return {k.decode(): json.loads(v) for k, v in client.hgetall(key).items()}
+
+
+def make_due(client: redis.Redis, env: dict[str, str]) -> None:
+    """Age every record past its grace period (as if the grace had passed)."""
+    key = env["OP_CELERY_BROKER_KEY_PREFIX"] + DUE_KEY.format(queue=env["OP_CELERY_QUEUE"])
+    for member in client.zrange(key, 0, -1):
+        client.zadd(key, {member: 0})
+
+
+def task_ids(client: redis.Redis, env: dict[str, str]) -> list[str]:
+    messages = client.lrange(queue_key(env), 0, -1)
+    return [json.loads(m)["headers"]["id"] for m in messages]
+
+
+class Republished:
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self.calls: list[tuple[str, str]] = []
+
+    def __call__(self, task: str, kwargs: dict[str, Any], task_id: str, queue: str) -> object:
+        self.calls.append((task, task_id))
+        return self.app.tasks[task].apply_async((), kwargs, task_id=task_id, queue=queue)
+
+
+@pytest.fixture
+def sweeper(producer: Celery, env: dict[str, str]) -> Iterator[Callable[[], Sweeper]]:
+    """Sweepers over the test's queue, publishing again through the producer's app."""
+    settings = settings_for(producer)
+    outbox = Outbox.for_settings(settings)
+    assert outbox is not None
+
+    def make() -> Sweeper:
+        return Sweeper(
+            outbox,
+            connect=producer.connection_for_write,
+            queues=lambda: [env["OP_CELERY_QUEUE"]],
+            republish=Republished(producer),
+            delivered=Ledger(settings).delivered,
+        )
+
+    yield make
+
+
+def sweep(sweeper: Sweeper, producer: Celery) -> _outbox.SweepResult:
+    with producer.connection_for_write() as connection:
+        return sweeper.sweep(connection)
+
+
+def test_every_enqueued_event_has_a_record_written_with_its_message(
+    producer: Celery, redis_client: redis.Redis, env: dict[str, str]
+) -> None:
+    result = op_celery.track.delay("signup", properties={"plan": "pro"}, profile_id="u1")
+    [(event_id, record)] = records(redis_client, env).items()
+    assert record["id"] == result.id == task_ids(redis_client, env)[0]
+    assert record["task"] == "op_celery.track"
+    assert record["queue"] == env["OP_CELERY_QUEUE"]
+    assert record["kwargs"]["event_id"] == event_id
+    assert record["kwargs"]["properties"] == {"plan": "pro"}
+
+
+def test_an_event_published_through_celerys_path_has_a_record_too(
+    producer: Celery, redis_client: redis.Redis, env: dict[str, str]
+) -> None:
+    # A countdown is an option the fast path leaves to Celery.
+    result = op_celery.track.apply_async(("later",), countdown=30)
+    [record] = records(redis_client, env).values()
+    assert record["id"] == result.id
+    assert record["kwargs"]["name"] == "later"
+
+
+def test_a_message_popped_and_never_recorded_as_unacked_is_published_again(
+    producer: Celery,
+    redis_client: redis.Redis,
+    env: dict[str, str],
+    sweeper: Callable[[], Sweeper],
+) -> None:
+    result = op_celery.track.delay("lost")
+    # What a worker SIGKILLed right after kombu's BRPOP leaves: the message is gone.
+    assert redis_client.rpop(queue_key(env)) is not None
+    make_due(redis_client, env)
+    outcome = sweep(sweeper(), producer)
+    assert (outcome.lost, outcome.republished) == (1, 1)
+    assert task_ids(redis_client, env) == [result.id]
+    assert len(records(redis_client, env)) == 1
+
+
+def test_a_message_still_waiting_on_the_queue_is_not_published_again(
+    producer: Celery,
+    redis_client: redis.Redis,
+    env: dict[str, str],
+    sweeper: Callable[[], Sweeper],
+) -> None:
+    for i in range(5):
+        op_celery.track.delay(f"backlog-{i}")
+    make_due(redis_client, env)
+    outcome = sweep(sweeper(), producer)
+    assert outcome.swept and (outcome.lost, outcome.republished) == (0, 0)
+    assert len(task_ids(redis_client, env)) == 5
+    # Looked at again only a grace period later.
+    due = env["OP_CELERY_BROKER_KEY_PREFIX"] + DUE_KEY.format(queue=env["OP_CELERY_QUEUE"])
+    assert min(score for _, score in redis_client.zrange(due, 0, -1, withscores=True)) > time.time()
+
+
+def test_a_message_a_consumer_holds_unacked_is_not_published_again(
+    producer: Celery,
+    redis_client: redis.Redis,
+    env: dict[str, str],
+    sweeper: Callable[[], Sweeper],
+) -> None:
+    result = op_celery.track.delay("held")
+    with producer.connection_for_write() as connection:
+        queue = connection.SimpleQueue(env["OP_CELERY_QUEUE"], no_ack=False)
+        message = queue.get(timeout=5)  # kombu moves it to its unacked hash
+        assert message.headers["id"] == result.id
+        assert task_ids(redis_client, env) == []
+        make_due(redis_client, env)
+        outcome = sweep(sweeper(), producer)
+        assert (outcome.lost, outcome.republished) == (0, 0)
+        assert task_ids(redis_client, env) == []
+        message.ack()
+        queue.close()
+
+
+def test_a_lost_event_the_ledger_knows_as_delivered_loses_its_record_instead(
+    producer: Celery,
+    redis_client: redis.Redis,
+    env: dict[str, str],
+    sweeper: Callable[[], Sweeper],
+) -> None:
+    op_celery.track.delay("delivered, then the record stayed")
+    [event_id] = records(redis_client, env)
+    redis_client.rpop(queue_key(env))
+    Ledger(settings_for(producer)).record(event_id)
+    make_due(redis_client, env)
+    outcome = sweep(sweeper(), producer)
+    assert (outcome.lost, outcome.republished) == (1, 0)
+    assert task_ids(redis_client, env) == []
+    assert records(redis_client, env) == {}
+
+
+def test_one_sweeper_at_a_time_looks_at_a_queue(
+    producer: Celery, env: dict[str, str], sweeper: Callable[[], Sweeper]
+) -> None:
+    assert sweep(sweeper(), producer).swept
+    assert not sweep(sweeper(), producer).swept
+
+
+def test_a_backlog_too_long_to_scan_is_judged_later_not_published_again(
+    producer: Celery,
+    redis_client: redis.Redis,
+    env: dict[str, str],
+    sweeper: Callable[[], Sweeper],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_outbox, "MAX_SCAN_MESSAGES", 1)
+    for i in range(3):
+        op_celery.track.delay(f"long-{i}")
+    redis_client.rpop(queue_key(env))  # lost, but behind a backlog the sweeper won't scan
+    make_due(redis_client, env)
+    the_sweeper = sweeper()
+    outcome = sweep(the_sweeper, producer)
+    assert (outcome.too_busy, outcome.republished) == (2, 0)
+    redis_client.rpop(queue_key(env))
+    monkeypatch.setattr(_outbox, "MAX_SCAN_MESSAGES", 10)
+    outcome = sweep(the_sweeper, producer)  # the records are still due
+    assert (outcome.lost, outcome.republished) == (2, 2)
+    assert len(task_ids(redis_client, env)) == 3
+
+
+def test_with_the_outbox_off_no_record_is_written(
+    producer: Celery, redis_client: redis.Redis, env: dict[str, str]
+) -> None:
+    producer.conf.op_celery_outbox = "off"
+    op_celery.track.delay("no record")
+    assert records(redis_client, env) == {}
+    assert len(task_ids(redis_client, env)) == 1
+
+
+def test_a_worker_forgets_the_record_of_each_event_it_finished(
+    producer: Celery,
+    start_worker: Callable[..., WorkerProcess],
+    stand_in: StandInServer,
+    redis_client: redis.Redis,
+    env: dict[str, str],
+) -> None:
+    start_worker()
+    for i in range(10):
+        op_celery.track.delay(f"done-{i}")
+    assert stand_in.wait_for(10, timeout=30)
+    # The producer names no OP_CELERY_KEY_PREFIX and the worker does: the outbox is keyed by
+    # queue, so they still agree.
+    assert wait_until(lambda: records(redis_client, env) == {}, timeout=10)
+
+
+def test_a_dead_lettered_event_leaves_no_record(
+    producer: Celery,
+    start_worker: Callable[..., WorkerProcess],
+    stand_in: StandInServer,
+    redis_client: redis.Redis,
+    env: dict[str, str],
+) -> None:
+    start_worker(OPENPANEL_CLIENT_SECRET="not-the-secret")
+    op_celery.track.delay("refused")
+    assert wait_until(lambda: stand_in.counts().get(401, 0) == 1, timeout=30)
+    assert wait_until(lambda: records(redis_client, env) == {}, timeout=30)
+
+
+def test_a_worker_publishes_again_an_event_lost_from_its_queue(
+    producer: Celery,
+    start_worker: Callable[..., WorkerProcess],
+    stand_in: StandInServer,
+    redis_client: redis.Redis,
+    env: dict[str, str],
+) -> None:
+    producer.conf.op_celery_outbox_grace = 1
+    op_celery.track.delay("lost before any worker ran")
+    redis_client.rpop(queue_key(env))
+    worker = start_worker(OP_CELERY_OUTBOX_GRACE="1")
+    assert stand_in.wait_for(1, timeout=30)
+    assert [r.payload["name"] for r in stand_in.received] == ["lost before any worker ran"]
+    assert "published again from the outbox" in worker.log
+    assert wait_until(lambda: records(redis_client, env) == {}, timeout=10)
+
+
+def test_the_sweeper_thread_keeps_going_when_the_broker_is_away(
+    producer: Celery, env: dict[str, str]
+) -> None:
+    attempts: list[float] = []
+
+    def connect() -> Any:
+        attempts.append(time.monotonic())
+        raise redis.ConnectionError("broker away")
+
+    swept = Sweeper(
+        Outbox(grace_s=1.0),
+        connect=connect,
+        queues=lambda: [env["OP_CELERY_QUEUE"]],
+        republish=Republished(producer),
+        delivered=lambda event_id: False,
+    )
+    swept.start()
+    try:
+        assert wait_until(lambda: len(attempts) >= 2, timeout=10)
+    finally:
+        swept.stop()
