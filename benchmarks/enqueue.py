@@ -98,11 +98,19 @@ def make_contenders(
 ) -> tuple[list[Contender], Callable[[], None]]:
     """The contenders, and a function that closes what they opened."""
     import posthog
+    from celery import Celery
 
     import op_celery
-    from op_celery._app import package_app
+    from op_celery._app import configure_app, package_app, settings_for
 
     app = package_app()
+    # The same app without the outbox, to measure what the outbox adds to an enqueue. The
+    # package app is made the default, so that op_celery.track still publishes through it.
+    app.set_default()
+    no_outbox_app = Celery("opc_bench_no_outbox", set_as_current=False)
+    no_outbox_app.conf.op_celery_outbox = False
+    configure_app(no_outbox_app, settings_for(no_outbox_app))
+    no_outbox_track = no_outbox_app.tasks["op_celery.track"]
     op_queue = os.environ["OP_CELERY_QUEUE"]
     bare_queue = namespace.queue("bare")
 
@@ -147,6 +155,12 @@ def make_contenders(
             clear_queues,
         ),
         Contender(
+            "op-celery, outbox off",
+            lambda: no_outbox_track.delay(NAME, **call_kwargs),
+            per_round,
+            clear_queues,
+        ),
+        Contender(
             "op-celery, Celery path",
             lambda: op_celery.track.apply_async((NAME,), call_kwargs, exchange=None),
             per_round,
@@ -184,19 +198,30 @@ def quiet_posthog() -> None:
 
 
 def answer_lpush_locally() -> None:
-    """Make redis-py answer LPUSH without sending it, so only the Python work is timed."""
+    """Make redis-py answer LPUSH (alone, or in the outbox's transaction) without sending it,
+    so only the Python work is timed."""
     real: Any = redis.Redis.execute_command
+    real_execute: Any = redis.client.Pipeline.execute
 
     def execute_command(self: redis.Redis, *args: Any, **options: Any) -> Any:
         if args and args[0] == "LPUSH":
             return 1
         return real(self, *args, **options)
 
+    def execute(self: redis.client.Pipeline, raise_on_error: bool = True) -> Any:
+        commands = self.command_stack
+        if any(args and args[0] == "LPUSH" for args, _ in commands):
+            answers = [1] * len(commands)
+            self.reset()
+            return answers
+        return real_execute(self, raise_on_error)
+
     redis.Redis.execute_command = execute_command  # type: ignore[method-assign]
+    redis.client.Pipeline.execute = execute  # type: ignore[method-assign]
 
 
 def check_paths(contenders: list[Contender]) -> None:
-    """Make sure the first contender takes the fast path and the second does not."""
+    """Make sure the op-celery contenders take the fast path, but the "Celery path" one."""
     from op_celery import _publish
 
     real = _publish._send
@@ -207,12 +232,14 @@ def check_paths(contenders: list[Contender]) -> None:
         return real(*a, **k)
 
     _publish._send = counting
+    by_name = {c.name: c for c in contenders}
     try:
-        contenders[0].call()
-        contenders[1].call()
+        by_name["op-celery"].call()
+        by_name["op-celery, outbox off"].call()
+        by_name["op-celery, Celery path"].call()
     finally:
         _publish._send = real
-    if len(calls) != 1:
+    if len(calls) != 2:
         raise RuntimeError("the fast path was not taken as expected; the comparison is void")
 
 

@@ -23,10 +23,13 @@ How, on a Redis broker:
 
 Limits, stated plainly: the scan reads every message on the lists and in ``unacked``; with more
 than :data:`MAX_SCAN_MESSAGES` there, the sweeper judges nothing until the backlog shrinks (a
-lost event then waits longer, but is not duplicated). A message caught in transit at the very
-instant of a scan can be re-published while its original is delivered; the ledger's claim and
-its delivered mark (``_ledger``) keep that copy from reaching the API. Records take broker
-memory for as long as their events wait: about the size of the arguments per event.
+lost event then waits longer, but is not duplicated). A worker that has popped a message and
+not yet recorded it (its BRPOP reply still unread in a busy process) looks exactly like a loss
+for that moment, so a suspect is looked at again :data:`CONFIRM_DELAY_S` later and published
+only if still nowhere; one stalled even longer can be re-published while its original is
+delivered, and then the ledger's claim and its delivered mark (``_ledger``) keep that copy
+from reaching the API. Records take broker memory for as long as their events wait: about the
+size of the arguments per event.
 """
 
 from __future__ import annotations
@@ -55,6 +58,10 @@ MAX_RECORDS_PER_SWEEP = 500
 #: Messages (queue lists plus unacked) the sweeper scans at most in one pass; the scan blocks
 #: Redis for about 2 µs a message.
 MAX_SCAN_MESSAGES = 20_000
+#: Seconds between finding a record's message nowhere and looking again before publishing it:
+#: a message a worker has popped but not yet recorded as unacked (its BRPOP reply still in the
+#: socket of a busy worker) is in that state for milliseconds, a lost one for good.
+CONFIRM_DELAY_S = 1.0
 #: Errors of the broker's Redis, as redis-py and kombu raise them.
 BROKER_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, OperationalError, OSError)
 
@@ -226,15 +233,20 @@ class Sweeper:
         lists = dict.fromkeys(
             prefix + channel._q_for_pri(queue, step) for step in channel.priority_steps
         )
-        answer = client.register_script(lua("outbox_sweep.lua"))(
-            keys=[
-                prefix + RECORDS_KEY.format(queue=queue),
-                prefix + DUE_KEY.format(queue=queue),
-                prefix + channel.unacked_key,
-                *lists,
-            ],
-            args=[self.outbox.grace_s, MAX_RECORDS_PER_SWEEP, MAX_SCAN_MESSAGES],
-        )
+        script = client.register_script(lua("outbox_sweep.lua"))
+        keys = [
+            prefix + RECORDS_KEY.format(queue=queue),
+            prefix + DUE_KEY.format(queue=queue),
+            prefix + channel.unacked_key,
+            *lists,
+        ]
+        limits = [self.outbox.grace_s, MAX_RECORDS_PER_SWEEP, MAX_SCAN_MESSAGES]
+        answer = script(keys=keys, args=limits)
+        if int(answer[0]) > 0 and len(answer) > 1:
+            # Suspects: look again a moment later, and publish only what is still nowhere.
+            suspects = [str(json.loads(raw)["kwargs"].get("event_id")) for raw in answer[1:]]
+            time.sleep(CONFIRM_DELAY_S)
+            answer = script(keys=keys, args=[*limits, *suspects])
         status = int(answer[0])
         if status == 0:
             return SweepResult(swept=True)

@@ -4,6 +4,7 @@ publishes again exactly the events whose message the broker lost, never one stil
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -150,6 +151,32 @@ def test_a_message_a_consumer_holds_unacked_is_not_published_again(
         assert task_ids(redis_client, env) == []
         message.ack()
         queue.close()
+
+
+def test_a_message_in_transit_at_the_first_look_is_not_published_again(
+    producer: Celery,
+    redis_client: redis.Redis,
+    env: dict[str, str],
+    sweeper: Callable[[], Sweeper],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_outbox, "CONFIRM_DELAY_S", 3.0)
+    op_celery.track.delay("in transit")
+    message = redis_client.rpop(queue_key(env))  # popped by a worker that is slow to record it
+    assert message is not None
+    make_due(redis_client, env)
+    outcomes: list[_outbox.SweepResult] = []
+    pass_ = threading.Thread(target=lambda: outcomes.append(sweep(sweeper(), producer)))
+    pass_.start()
+    due = env["OP_CELERY_BROKER_KEY_PREFIX"] + DUE_KEY.format(queue=env["OP_CELERY_QUEUE"])
+    # The first look is over when the record is due again later; then the message turns up.
+    assert wait_until(lambda: min(s for _, s in redis_client.zrange(due, 0, -1, withscores=True))
+                      > time.time(), timeout=5)  # fmt: skip
+    redis_client.lpush(queue_key(env), message)
+    pass_.join(10)
+    [outcome] = outcomes
+    assert (outcome.lost, outcome.republished) == (0, 0)
+    assert len(task_ids(redis_client, env)) == 1
 
 
 def test_a_lost_event_the_ledger_knows_as_delivered_loses_its_record_instead(

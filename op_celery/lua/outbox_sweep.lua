@@ -7,6 +7,8 @@
 -- ARGV[1]     grace period in seconds: a record looked at is due again that long after now.
 -- ARGV[2]     records to look at, at most.
 -- ARGV[3]     messages to scan, at most: with more on the lists and in unacked, judge later.
+-- ARGV[4...]  optional: event ids to look at again now (the suspects of a previous call),
+--             instead of the due records; their due times are left as they are.
 --
 -- Returns {0} when no record is due; {-1, messages} when there are too many messages to scan
 -- now; else {1, record, record, ...}: the records whose task id is nowhere, i.e. whose message
@@ -17,7 +19,12 @@
 
 local now = redis.call('TIME')
 local now_s = tonumber(now[1]) + tonumber(now[2]) / 1000000
-local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now_s, 'LIMIT', 0, tonumber(ARGV[2]))
+local due
+if #ARGV > 3 then
+  due = {unpack(ARGV, 4)}
+else
+  due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now_s, 'LIMIT', 0, tonumber(ARGV[2]))
+end
 if #due == 0 then
   return {0}
 end
@@ -46,7 +53,9 @@ for _, event in ipairs(due) do
   if not record then
     redis.call('ZREM', KEYS[2], event)
   else
-    redis.call('ZADD', KEYS[2], again, event)
+    if #ARGV == 3 then
+      redis.call('ZADD', KEYS[2], again, event)
+    end
     local id = string.match(record, '"id": "([^"]*)"')
     if not (id and present[id]) then
       lost[#lost + 1] = record

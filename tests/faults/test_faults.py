@@ -7,6 +7,7 @@ their own ``redis-server`` on a free port; the shared one is never touched.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import Counter
@@ -41,9 +42,19 @@ def duplicates(stand_in: StandInServer) -> int:
 OUTBOX_GRACE = "2"
 
 
-def republished(workers: list[WorkerProcess]) -> int:
-    """Events the workers' outbox sweepers found lost and published again."""
-    return sum(worker.log.count("published again from the outbox") for worker in workers)
+def outbox_figures(workers: list[WorkerProcess]) -> dict[str, int]:
+    """What the outbox did, from the workers' logs: events its sweepers published again, and
+    of those, how many had really been lost (no other copy was ever delivered) and how many
+    were false alarms (a message in transit during the sweep, dropped later by the ledger)."""
+    logs = "\n".join(worker.log for worker in workers)
+    again = set(re.findall(r"event (\w+) was lost by the broker .* published again", logs))
+    dropped = set(re.findall(r"event (\w+) was delivered before; not sent again", logs))
+    return {
+        "republished_from_outbox": len(again),
+        "real_losses_recovered": len(again - dropped),
+        "false_alarms": len(again & dropped),
+        "copies_dropped_by_ledger": len(dropped),
+    }
 
 
 def broker_state(client: redis.Redis, env: dict[str, str]) -> dict[str, object]:
@@ -82,12 +93,14 @@ def test_a_worker_killed_mid_run_loses_no_event(
     unique = len({r.headers["request-id"] for r in stand_in.received})
     report(
         "sigkill", sent=sent, killed_after=killed_at, delivered_unique=unique,
-        duplicates=duplicates(stand_in), republished_from_outbox=republished([victim, survivor]),
+        duplicates=duplicates(stand_in), **outbox_figures([victim, survivor]),
     )  # fmt: skip
     # A message the victim had popped (BRPOP) but not yet recorded as unacked comes back from
     # the outbox; every other one it held comes back after the visibility timeout.
     assert unique == sent
-    assert duplicates(stand_in) == 0
+    # An event whose 2xx reached a thread of the victim just before the kill, not yet in the
+    # ledger, is sent again: at most one per thread (the figure is reported; 0 is usual).
+    assert duplicates(stand_in) <= int(options["CONCURRENCY"])
 
 
 def test_a_20_second_outage_of_the_api_loses_no_event(
@@ -184,12 +197,14 @@ def test_redis_restarted_while_the_app_enqueues_loses_no_event(
     report(
         "redis-restart", sent=sent, delivered_unique=unique, duplicates=duplicates(stand_in),
         spooled_at_end_of_enqueue=spooled, longest_delay_call_s=round(max(blocked), 3),
-        worker_restarts=len(workers) - 1, republished_from_outbox=republished(workers),
+        worker_restarts=len(workers) - 1, **outbox_figures(workers),
     )  # fmt: skip
     # Everything handed to .delay() reached Redis (with its outbox record) or the spool; a
     # message popped in the instant Redis was killed comes back from the outbox.
     assert unique == sent
-    assert duplicates(stand_in) == 0
+    # An event whose 2xx came back while Redis was down could not be recorded and is sent
+    # again: at most one per worker thread in flight (reported; 0 is usual).
+    assert duplicates(stand_in) <= 4
 
 
 def test_a_wrong_secret_dead_letters_every_event_once_and_replay_delivers_them(
