@@ -16,7 +16,9 @@ answer late, as a distant API does: then concurrency, not CPU, bounds the rate. 
 the stand-in and every Redis key of the run (under a private prefix) are removed at the end.
 
 op-celery does per event what the naive task does not: validation on the worker, a
-delivered-events ledger (two Redis commands), late acknowledgement, keep-alive connections.
+delivered-events ledger (a claim and a mark: two Redis round trips), the outbox (one more, to
+forget the event's record; measured apart as ``op-celery-outbox-off``), late acknowledgement,
+keep-alive connections.
 The machine's cores are shared by the workers, the stand-in, Redis and this script.
 
     python benchmarks/delivery.py [--events 4000] [--repeat 3] [--configs prefork:1,threads:4x2]
@@ -78,6 +80,12 @@ class Config:
         return f"{self.pool} -c {self.concurrency}{extra}"
 
 
+#: op-celery's worker with OP_CELERY_OUTBOX=off: what the outbox costs the worker.
+OUTBOX_OFF = "op-celery-outbox-off"
+#: What each configuration runs, in an order rotated per configuration and run.
+KINDS = ["op-celery", OUTBOX_OFF, "naive"]
+
+
 def enqueue(kind: str, queue: str, count: int) -> None:
     import op_celery
     from op_celery._app import package_app
@@ -85,7 +93,7 @@ def enqueue(kind: str, queue: str, count: int) -> None:
     app = package_app()
     for i in range(count):
         properties = {**PROPERTIES, "n": i}
-        if kind == "op-celery":
+        if kind.startswith("op-celery"):
             kwargs = {
                 "properties": properties,
                 "profile_id": f"user-{i % 100}",
@@ -125,14 +133,16 @@ def measure(
     stand_in: StandIn,
 ) -> dict[str, Any]:
     events, skip = args.events, args.skip
-    queue = namespace.queue(f"{kind.split('-')[0]}-{config.pool}-{config.concurrency}")
+    queue = namespace.queue(f"{kind}-{config.pool}-{config.concurrency}")
     namespace.delete(queue)
     enqueue(kind, queue, events)
     stand_in.control.reset()  # also clears the latency
     if args.latency_ms:
         stand_in.control.set_latency(args.latency_ms / 1000)
-    app = "op_celery.worker" if kind == "op-celery" else "_naive_app"
+    app = "op_celery.worker" if kind.startswith("op-celery") else "_naive_app"
     env = worker_env(namespace, queue, stand_in)
+    if kind == OUTBOX_OFF:
+        env["OP_CELERY_OUTBOX"] = "off"  # the worker forgets no records: the outbox's cost
     timeout_s = 60 + events * TIMEOUT_PER_EVENT_S
     with ExitStack() as stack:
         workers = [
@@ -192,10 +202,9 @@ def main() -> int:
         os.environ.update(broker_env(namespace, namespace.queue("unused")))
         for run in range(args.repeat):
             for index, config in enumerate(configs):
-                kinds = ["op-celery", "naive"]
-                if (index + run) % 2:
-                    kinds.reverse()
-                row = results.setdefault(str(config), {"op-celery": [], "naive": []})
+                shift = (index + run) % len(KINDS)
+                kinds = KINDS[shift:] + KINDS[:shift]
+                row = results.setdefault(str(config), {kind: [] for kind in KINDS})
                 for kind in kinds:
                     figures = measure(kind, config, args, namespace, stand_in)
                     row[kind].append(figures)
@@ -208,13 +217,22 @@ def main() -> int:
 
     latency = f", stand-in latency {args.latency_ms:g} ms" if args.latency_ms else ""
     print(f"\nmedian events/s of {args.repeat} run(s), {args.events:,} events each{latency}")
-    print(f"{'configuration':28s} {'op-celery':>10s} {'naive':>8s} {'ratio':>6s}")
+    print(
+        f"{'configuration':28s} {'op-celery':>10s} {'outbox off':>11s} {'naive':>8s} "
+        f"{'ratio':>6s} {'outbox off ratio':>17s}"
+    )
     summary: dict[str, dict[str, float]] = {}
     for name, row in results.items():
         op = median([r["events_per_s"] for r in row["op-celery"]])
+        off = median([r["events_per_s"] for r in row[OUTBOX_OFF]])
         naive = median([r["events_per_s"] for r in row["naive"]])
-        summary[name] = {"op-celery": op, "naive": naive, "ratio": op / naive}
-        print(f"{name:28s} {op:10.0f} {naive:8.0f} {op / naive:6.2f}")
+        summary[name] = {
+            "op-celery": op, OUTBOX_OFF: off, "naive": naive, "ratio": op / naive,
+            "outbox_off_ratio": off / naive,
+        }  # fmt: skip
+        print(
+            f"{name:28s} {op:10.0f} {off:11.0f} {naive:8.0f} {op / naive:6.2f} {off / naive:17.2f}"
+        )
     lost = [
         (name, kind)
         for name, row in results.items()

@@ -65,7 +65,6 @@ def measure(redis_url: str, namespace: Namespace, size: int, rounds: int) -> dic
         op_celery.track.delay(f"event-{i}", properties=PROPERTIES, profile_id=f"u{i}")
     settings = settings_for(app)
     outbox = Outbox.for_settings(settings)
-    assert outbox is not None
     sweeper = Sweeper(
         outbox,
         connect=app.connection_for_write,

@@ -98,10 +98,8 @@ class Outbox:
     grace_s: float
 
     @classmethod
-    def for_settings(cls, settings: Settings) -> Outbox | None:
-        """The outbox of these settings; None when switched off (``OP_CELERY_OUTBOX=off``)."""
-        if not settings.outbox:
-            return None
+    def for_settings(cls, settings: Settings) -> Outbox:
+        """The outbox with these settings' grace period (whether it is on is theirs to say)."""
         outbox = _outboxes.get(settings.outbox_grace_s)
         if outbox is None:
             outbox = _outboxes[settings.outbox_grace_s] = cls(settings.outbox_grace_s)

@@ -292,7 +292,7 @@ class OpenPanelTask(_TaskBase):
         try:
             return publish(
                 self, message, options, super(), task_id, producer, link, link_error, shadow,
-                Outbox.for_settings(settings),
+                Outbox.for_settings(settings) if settings.outbox else None,
             )  # fmt: skip
         except BROKER_ERRORS as exc:
             if not spool_on_failure or settings.on_publish_failure == "raise":
@@ -403,10 +403,14 @@ class OpenPanelTask(_TaskBase):
             )  # fmt: skip
 
     def finished(self, event_id: str) -> None:
-        """Forget the event's outbox record: it was delivered or dead-lettered."""
-        outbox = Outbox.for_settings(self.settings)
-        if outbox is None or not redis_broker(self.app):
+        """Forget the event's outbox record: it was delivered or dead-lettered.
+
+        Also with ``OP_CELERY_OUTBOX=off`` here: a web app that has it on still writes records,
+        and they must not pile up.
+        """
+        if not redis_broker(self.app):
             return
+        outbox = Outbox.for_settings(self.settings)
         try:
             with broker_client(self.app) as client:
                 outbox.done(client, self.queue_name(), (event_id,))
@@ -729,9 +733,9 @@ _sweepers: dict[int, Sweeper] = {}
 
 def _start_sweeper(app: Any, settings: Settings) -> None:
     """Start this process's outbox sweeper (``_outbox``), on a Redis broker with an outbox."""
-    outbox = Outbox.for_settings(settings)
-    if outbox is None or not redis_broker(app) or id(app) in _sweepers:
+    if not settings.outbox or not redis_broker(app) or id(app) in _sweepers:
         return
+    outbox = Outbox.for_settings(settings)
 
     def republish(task: str, kwargs: dict[str, Any], task_id: str, queue: str) -> object:
         options: dict[str, Any] = {"queue": queue, _NO_SPOOL: True}

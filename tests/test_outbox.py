@@ -59,7 +59,6 @@ def sweeper(producer: Celery, env: dict[str, str]) -> Iterator[Callable[[], Swee
     """Sweepers over the test's queue, publishing again through the producer's app."""
     settings = settings_for(producer)
     outbox = Outbox.for_settings(settings)
-    assert outbox is not None
 
     def make() -> Sweeper:
         return Sweeper(
@@ -247,6 +246,20 @@ def test_a_worker_forgets_the_record_of_each_event_it_finished(
     assert stand_in.wait_for(10, timeout=30)
     # The producer names no OP_CELERY_KEY_PREFIX and the worker does: the outbox is keyed by
     # queue, so they still agree.
+    assert wait_until(lambda: records(redis_client, env) == {}, timeout=10)
+
+
+def test_a_worker_with_the_outbox_off_still_forgets_records_a_web_app_wrote(
+    producer: Celery,
+    start_worker: Callable[..., WorkerProcess],
+    stand_in: StandInServer,
+    redis_client: redis.Redis,
+    env: dict[str, str],
+) -> None:
+    start_worker(OP_CELERY_OUTBOX="off")
+    for i in range(3):
+        op_celery.track.delay(f"mixed-{i}")
+    assert stand_in.wait_for(3, timeout=30)
     assert wait_until(lambda: records(redis_client, env) == {}, timeout=10)
 
 
