@@ -8,7 +8,8 @@ runs of the fault test, one in 5 Redis restarts). RabbitMQ has no such window.
 How, on a Redis broker:
 
 - ``.delay()`` writes a record of the call (task, task id, queue, arguments) in the same
-  ``MULTI``/``EXEC`` as its ``LPUSH`` (``_publish``): the message never exists without it. On
+  script as its ``LPUSH`` (``lua/outbox_record.lua``, called by ``_publish``): the message
+  never exists without it. On
   Celery's own publish path (options the fast path does not reproduce, retries with a
   countdown) the record follows the publish in a second round trip.
 - A worker deletes the record once it is done with the event: delivered, found delivered
@@ -53,6 +54,8 @@ __all__ = ["Outbox", "Sweeper", "record_json"]
 
 log = logging.getLogger("op_celery")
 
+#: Queues whose key names a writer keeps ready.
+MAX_CACHED_QUEUES = 256
 #: Records the sweeper looks at per pass.
 MAX_RECORDS_PER_SWEEP = 500
 #: Messages (queue lists plus unacked) the sweeper scans at most in one pass; the scan blocks
@@ -105,32 +108,68 @@ class Outbox:
             outbox = _outboxes[settings.outbox_grace_s] = cls(settings.outbox_grace_s)
         return outbox
 
-    def stage(self, pipe: Any, queue: str, event_id: str, record: str) -> None:
-        """Add the writes of one record to ``pipe`` (a transaction that also pushes it)."""
-        pipe.hset(RECORDS_KEY.format(queue=queue), event_id, record)
-        pipe.zadd(DUE_KEY.format(queue=queue), {event_id: time.time() + self.grace_s})
-
-    def add(self, client: Any, queue: str, event_id: str, record: str) -> None:
-        """Write one record now (after a publish that could not include it)."""
-        with client.pipeline(transaction=True) as pipe:
-            self.stage(pipe, queue, event_id, record)
-            pipe.execute()
-
-    def done(self, client: Any, queue: str, event_ids: Iterable[str]) -> None:
-        """Forget the records of finished events."""
-        ids = list(event_ids)
-        if ids:
-            with client.pipeline(transaction=True) as pipe:
-                pipe.hdel(RECORDS_KEY.format(queue=queue), *ids)
-                pipe.zrem(DUE_KEY.format(queue=queue), *ids)
-                pipe.execute()
-
-    def size(self, client: Any, queue: str) -> int:
-        """How many events of ``queue`` have a record (enqueued, not yet finished)."""
-        return int(client.hlen(RECORDS_KEY.format(queue=queue)))
-
 
 _outboxes: dict[float, Outbox] = {}
+
+
+class Writer:
+    """The outbox's writes, on one connection pool of the broker's Redis.
+
+    ``prefix`` is kombu's ``global_keyprefix`` of the broker: kombu's own client adds it to the
+    first key of a script only, so this plain client is given whole key names.
+    """
+
+    def __init__(self, pool: Any, prefix: str = "") -> None:
+        self._client = redis.Redis(connection_pool=pool)
+        self._prefix = prefix
+        self._record = self._client.register_script(lua("outbox_record.lua"))
+        self._execute: Any = self._client.execute_command
+        #: Per queue: its records and due keys, prefixed.
+        self._keys: dict[str, tuple[str, str]] = {}
+
+    def _keys_of(self, queue: str) -> tuple[str, str]:
+        keys = self._keys.get(queue)
+        if keys is None:
+            prefix = self._prefix
+            keys = prefix + RECORDS_KEY.format(queue=queue), prefix + DUE_KEY.format(queue=queue)
+            if len(self._keys) < MAX_CACHED_QUEUES:
+                self._keys[queue] = keys
+        return keys
+
+    def push(
+        self,
+        grace_s: float,
+        queue: str,
+        event_id: str,
+        record: str,
+        list_key: str = "",
+        message: str = "",
+    ) -> None:
+        """Write an event's record, due after ``grace_s``; with ``message``, also push that to
+        ``list_key`` in the same step (one round trip, atomic)."""
+        records, due = self._keys_of(queue)
+        target = self._prefix + list_key if list_key else records
+        # EVALSHA directly: redis-py's Script call costs more than the rest of this method.
+        command = ("EVALSHA", self._record.sha, 3, target, records, due)
+        try:
+            self._execute(*command, message, event_id, record, grace_s)
+        except redis.exceptions.NoScriptError:  # a restarted or flushed Redis
+            self._client.script_load(self._record.script)
+            self._execute(*command, message, event_id, record, grace_s)
+
+    def forget(self, queue: str, event_ids: Iterable[str]) -> None:
+        """Delete the records of finished events."""
+        ids = list(event_ids)
+        if ids:
+            records, due = self._keys_of(queue)
+            with self._client.pipeline(transaction=True) as pipe:
+                pipe.hdel(records, *ids)
+                pipe.zrem(due, *ids)
+                pipe.execute()
+
+    def size(self, queue: str) -> int:
+        """How many events of ``queue`` have a record (enqueued, not yet finished)."""
+        return int(self._client.hlen(self._keys_of(queue)[0]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,7 +321,7 @@ class Sweeper:
                 "recorded as unacked); published again from the outbox",
                 event_id,
             )
-        self.outbox.done(prefixed, queue, finished)
+        Writer(channel.pool, prefix).forget(queue, finished)
         return SweepResult(swept=True, lost=len(answer) - 1, republished=republished)
 
 

@@ -58,9 +58,9 @@ from kombu.utils.json import dumps
 from kombu.utils.uuid import uuid
 from redis import exceptions as redis_errors
 
-from ._outbox import Outbox, record_json
+from ._outbox import Outbox, Writer, record_json
 
-__all__ = ["broker_client", "publish", "redis_broker"]
+__all__ = ["outbox_writer", "publish", "redis_broker"]
 
 log = logging.getLogger("op_celery")
 
@@ -135,8 +135,8 @@ def _add_record(
     name = queue.name if isinstance(queue, Queue) else str(queue or app.conf.task_default_queue)
     record = record_json(task.name, task_id, name, _json(kwargs))
     try:
-        with broker_client(app) as client:
-            outbox.add(client, name, str(kwargs.get("event_id")), record)
+        with outbox_writer(app) as writer:
+            writer.push(outbox.grace_s, name, str(kwargs.get("event_id")), record)
     except (OperationalError, OSError, redis_errors.RedisError) as exc:
         # The event is enqueued; only its protection against a lost message is missing.
         log.warning("op_celery: event %s enqueued without its outbox record: %s",
@@ -474,6 +474,13 @@ class _ChannelState:
     client: Any  # redis.Redis bound to the channel's connection pool
     #: Per queue name: the Redis key its messages go to and their "priority" property.
     queues: dict[str, tuple[str, int]]
+    writer: Writer | None = None  # the outbox's, made when first needed
+
+    def outbox_writer(self) -> Writer:
+        if self.writer is None:
+            pool = self.client.connection_pool
+            self.writer = Writer(pool, getattr(self.client, "global_keyprefix", ""))
+        return self.writer
 
 
 _channel_states: weakref.WeakKeyDictionary[Any, _ChannelState] = weakref.WeakKeyDictionary()
@@ -510,20 +517,20 @@ def _put(channel: Any, message: _Message, route: _Route) -> None:
         f'"delivery_tag": {_str(channel._next_delivery_tag())}}}}}'
     )
     client = state.client
-    expires = channel._expires.get(name) if channel._expires else None
     outbox = message.outbox
-    if expires is None and outbox is None:
+    if outbox is None:
         client.lpush(key, payload)
-        return
-    # One round trip either way; with an outbox, one transaction: no message without its record.
-    with client.pipeline(transaction=outbox is not None) as pipe:
-        pipe.lpush(key, payload)
-        if outbox is not None:
-            outbox.stage(pipe, name, message.event_id, message.record)
-        if expires is not None:
+    else:
+        # One script: the message never exists without its record.
+        state.outbox_writer().push(
+            outbox.grace_s, name, message.event_id, message.record, key, payload
+        )
+    expires = channel._expires.get(name) if channel._expires else None
+    if expires is not None:
+        with client.pipeline(transaction=False) as pipe:
             for step in channel.priority_steps:
                 pipe.pexpire(channel._q_for_pri(name, step), expires)
-        pipe.execute()
+            pipe.execute()
 
 
 def redis_broker(app: Any) -> bool:
@@ -532,12 +539,12 @@ def redis_broker(app: Any) -> bool:
 
 
 @contextmanager
-def broker_client(app: Any) -> Iterator[Any]:
-    """A Redis client of the app's (Redis) broker, on a connection of its pool: for the
-    outbox's writes outside a publish. Keys get the broker's ``global_keyprefix``."""
+def outbox_writer(app: Any) -> Iterator[Writer]:
+    """The outbox's writer on a connection of the app's (Redis) broker pool, for writes
+    outside a publish."""
     connection = app.pool.acquire(block=True, timeout=_app_plan(app).acquire_timeout_s)
     try:
-        yield _channel_state(connection.default_channel).client
+        yield _channel_state(connection.default_channel).outbox_writer()
     finally:
         connection.release()
 

@@ -49,7 +49,7 @@ from ._ledger import Ledger
 from ._limiter import RateLimiter
 from ._outbox import BROKER_ERRORS as OUTBOX_ERRORS
 from ._outbox import Outbox, Sweeper
-from ._publish import broker_client, publish, redis_broker
+from ._publish import outbox_writer, publish, redis_broker
 from ._rates import DEFAULT_BURST, Rate, parse_burst, parse_rate, with_headroom
 from ._redis import redact_url, redis_for
 from ._retry import backoff_s, decide
@@ -410,10 +410,9 @@ class OpenPanelTask(_TaskBase):
         """
         if not redis_broker(self.app):
             return
-        outbox = Outbox.for_settings(self.settings)
         try:
-            with broker_client(self.app) as client:
-                outbox.done(client, self.queue_name(), (event_id,))
+            with outbox_writer(self.app) as writer:
+                writer.forget(self.queue_name(), (event_id,))
         except OUTBOX_ERRORS as exc:
             # The sweeper finds the record later, sees the event delivered, and removes it.
             log.info("op_celery: event %s: outbox record kept for the sweeper: %s", event_id, exc)

@@ -73,19 +73,18 @@ def test_a_copy_arriving_while_another_worker_sends_waits_and_is_not_sent_twice(
     redis_client: redis.Redis,
     env: dict[str, str],
 ) -> None:
-    worker_settings = load_settings(env=env)
-    ledger = Ledger(worker_settings)
+    ledger = Ledger(load_settings(env=env))
     event_id = "f" * 32
-    # Another attempt holds the event for 1.5 s (as a worker sending the original would).
-    assert ledger.claim(event_id, ttl_s=1.5).claimed
-    start_worker()
-    started = time.monotonic()
+    worker = start_worker()
+    # Another attempt holds the event (as a worker sending the original would) for 5 s.
+    assert ledger.claim(event_id, ttl_s=5).claimed
     op_celery.track.apply_async(("copied",), {"event_id": event_id})
-    assert stand_in.wait_for(1, timeout=30)
-    assert time.monotonic() - started >= 1.0  # not before the claim ran out
+    assert wait_until(lambda: "is being sent by another worker" in worker.log, timeout=10)
+    assert stand_in.received == []  # turned away, to come back when the claim runs out
+    assert stand_in.wait_for(1, timeout=30)  # once the claim ran out
     assert wait_until(lambda: ledger.delivered(event_id), timeout=10)
     op_celery.track.apply_async(("copied",), {"event_id": event_id})  # a late copy
-    time.sleep(1.0)
+    assert wait_until(lambda: "was delivered before; not sent again" in worker.log, timeout=10)
     assert len(stand_in.received) == 1
 
 
