@@ -123,7 +123,6 @@ class Writer:
         self._client = redis.Redis(connection_pool=pool)
         self._prefix = prefix
         self._record = self._client.register_script(lua("outbox_record.lua"))
-        self._execute: Any = self._client.execute_command
         #: Per queue: its records and due keys, prefixed.
         self._keys: dict[str, tuple[str, str]] = {}
 
@@ -151,11 +150,13 @@ class Writer:
         target = self._prefix + list_key if list_key else records
         # EVALSHA directly: redis-py's Script call costs more than the rest of this method.
         command = ("EVALSHA", self._record.sha, 3, target, records, due)
+        due_at = repr(time.time() + grace_s)
+        client: Any = self._client
         try:
-            self._execute(*command, message, event_id, record, grace_s)
+            client.execute_command(*command, message, event_id, record, due_at)
         except redis.exceptions.NoScriptError:  # a restarted or flushed Redis
-            self._client.script_load(self._record.script)
-            self._execute(*command, message, event_id, record, grace_s)
+            client.script_load(self._record.script)
+            client.execute_command(*command, message, event_id, record, due_at)
 
     def forget(self, queue: str, event_ids: Iterable[str]) -> None:
         """Delete the records of finished events."""

@@ -8,14 +8,13 @@
 -- ARGV[1]  the message as kombu's Redis transport stores it; empty: write the record only.
 -- ARGV[2]  the event id.
 -- ARGV[3]  the record (JSON).
--- ARGV[4]  the grace period in seconds: the record is due that long after now (Redis clock,
---          as the sweep script reads it).
+-- ARGV[4]  when the record is due, in seconds since the epoch: the caller's clock plus the
+--          grace period (the Redis clock would cost a third of this script's time; a skewed
+--          caller only makes its records due that much earlier or later).
 
 if ARGV[1] ~= '' then
   redis.call('LPUSH', KEYS[1], ARGV[1])
 end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-local now = redis.call('TIME')
-local due = tonumber(now[1]) + tonumber(now[2]) / 1000000 + tonumber(ARGV[4])
-redis.call('ZADD', KEYS[3], string.format('%.6f', due), ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
 return 1
