@@ -58,9 +58,9 @@ log = logging.getLogger("op_celery")
 MAX_CACHED_QUEUES = 256
 #: Records the sweeper looks at per pass.
 MAX_RECORDS_PER_SWEEP = 500
-#: Messages (queue lists plus unacked) the sweeper scans at most in one pass; the scan blocks
-#: Redis for about 2 µs a message.
-MAX_SCAN_MESSAGES = 20_000
+#: Messages (queue lists plus unacked) the sweeper scans at most in one pass: a pass blocks
+#: Redis for about 6 µs a ``track`` message (``benchmarks/outbox_sweep.py``), so about 30 ms.
+MAX_SCAN_MESSAGES = 5_000
 #: Seconds between finding a record's message nowhere and looking again before publishing it:
 #: a message a worker has popped but not yet recorded as unacked (its BRPOP reply still in the
 #: socket of a busy worker) is in that state for milliseconds, a lost one for good.
