@@ -52,6 +52,7 @@ class Ledger:
         self._ttl_s = int(settings.ledger_ttl_s)
         self._claim = self._redis.register_script(lua("claim.lua"))
         self._release = self._redis.register_script(lua("release.lua"))
+        self._record = self._redis.register_script(lua("delivered.lua"))
 
     def delivered(self, event_id: str) -> bool:
         """Whether the event was already delivered; raises StorageUnavailable if unknown."""
@@ -78,12 +79,12 @@ class Ledger:
         with storage_errors("releasing an event's claim", self._settings.redis_url):
             self._release((self._inflight + event_id,), (token,))
 
-    def record(self, event_id: str) -> None:
-        """Remember a delivered event for ``OP_CELERY_LEDGER_TTL`` seconds; its claim ends."""
-        with (
-            storage_errors("recording a delivered event", self._settings.redis_url),
-            self._redis.pipeline(transaction=True) as pipe,
-        ):
-            pipe.set(self._delivered + event_id, b"1", ex=self._ttl_s)
-            pipe.delete(self._inflight + event_id)
-            pipe.execute()
+    def record(self, event_id: str, outbox_keys: tuple[str, str] | None = None) -> None:
+        """Remember a delivered event for ``OP_CELERY_LEDGER_TTL`` seconds; its claim ends.
+
+        ``outbox_keys`` (the records hash and due set of the event's queue, when this Redis is
+        the broker's) also forgets the event's outbox record, in the same round trip.
+        """
+        keys = [self._delivered + event_id, self._inflight + event_id, *(outbox_keys or ())]
+        with storage_errors("recording a delivered event", self._settings.redis_url):
+            self._record(keys, (self._ttl_s, event_id))

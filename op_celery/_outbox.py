@@ -50,7 +50,7 @@ from kombu.exceptions import OperationalError
 from ._lua import lua
 from ._settings import Settings
 
-__all__ = ["Outbox", "Sweeper", "record_json"]
+__all__ = ["Outbox", "Sweeper", "Writer", "outbox_keys", "record_json"]
 
 log = logging.getLogger("op_celery")
 
@@ -87,6 +87,11 @@ def record_json(task: str, task_id: str, queue: str, kwargs_json: str) -> str:
 RECORDS_KEY = "_op_celery.outbox.{queue}"
 DUE_KEY = "_op_celery.outbox_due.{queue}"
 LOCK_KEY = "_op_celery.outbox_sweeping.{queue}"
+
+
+def outbox_keys(queue: str, prefix: str = "") -> tuple[str, str]:
+    """The records hash and due set of ``queue``, with the broker's key prefix."""
+    return prefix + RECORDS_KEY.format(queue=queue), prefix + DUE_KEY.format(queue=queue)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,8 +134,7 @@ class Writer:
     def _keys_of(self, queue: str) -> tuple[str, str]:
         keys = self._keys.get(queue)
         if keys is None:
-            prefix = self._prefix
-            keys = prefix + RECORDS_KEY.format(queue=queue), prefix + DUE_KEY.format(queue=queue)
+            keys = outbox_keys(queue, self._prefix)
             if len(self._keys) < MAX_CACHED_QUEUES:
                 self._keys[queue] = keys
         return keys

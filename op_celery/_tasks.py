@@ -48,12 +48,12 @@ from ._exceptions import (
 from ._ledger import Ledger
 from ._limiter import RateLimiter
 from ._outbox import BROKER_ERRORS as OUTBOX_ERRORS
-from ._outbox import Outbox, Sweeper
+from ._outbox import Outbox, Sweeper, outbox_keys
 from ._publish import outbox_writer, publish, redis_broker
 from ._rates import DEFAULT_BURST, Rate, parse_burst, parse_rate, with_headroom
 from ._redis import redact_url, redis_for
 from ._retry import backoff_s, decide
-from ._settings import Settings
+from ._settings import Settings, _redis_url_of
 from ._spool import Spool, default_spool_dir
 from .dead_letters import DeadLetter, DeadLetterStore
 
@@ -351,11 +351,12 @@ class OpenPanelTask(_TaskBase):
             self.reschedule(event, claim.busy_s, throttled=False)
         try:
             self.take_token(services, event, client.client_id)
-            self.send(client, event, kwargs, services)
+            forgotten = self.send(client, event, kwargs, services)
         except BaseException:
             self.release(services, event.event_id, claim.token)
             raise
-        self.finished(event.event_id)
+        if not forgotten:
+            self.finished(event.event_id)
 
     def send(
         self,
@@ -363,8 +364,13 @@ class OpenPanelTask(_TaskBase):
         event: Event,
         kwargs: Mapping[str, Any],
         services: _Services | None,
-    ) -> None:
-        """POST the event; once the API took it, mark it delivered in the ledger."""
+    ) -> bool:
+        """POST the event; once the API took it, mark it delivered in the ledger.
+
+        Returns whether that also forgot the event's outbox record (when the ledger's Redis is
+        the broker's, it is one round trip).
+        """
+        forgotten = False
         started = time.perf_counter()
         try:
             delivered = client.send(event)
@@ -376,7 +382,9 @@ class OpenPanelTask(_TaskBase):
         latency_s = time.perf_counter() - started
         if services is not None:
             try:
-                services.ledger.record(event.event_id)
+                outbox_keys = self.outbox_keys()
+                services.ledger.record(event.event_id, outbox_keys)
+                forgotten = outbox_keys is not None
             except StorageUnavailable as exc:
                 # Delivered; only the memory that prevents a duplicate after a crash is missing.
                 log.warning(
@@ -391,6 +399,18 @@ class OpenPanelTask(_TaskBase):
             latency_s=latency_s,
             age_s=_age_s(kwargs),
         )
+        return forgotten
+
+    def outbox_keys(self) -> tuple[str, str] | None:
+        """The outbox keys of the current message's queue, as the ledger's client names them:
+        only when the ledger's Redis is the broker's (the default), else None."""
+        settings = self.settings
+        if settings.redis_url is None or settings.redis_url != _redis_url_of(settings.broker_url):
+            return None
+        if not redis_broker(self.app):
+            return None
+        options = self.app.conf.broker_transport_options or {}
+        return outbox_keys(self.queue_name(), str(options.get("global_keyprefix") or ""))
 
     def release(self, services: _Services, event_id: str, token: str) -> None:
         """End this attempt's claim on the event, so its retry (or a copy) can send it."""

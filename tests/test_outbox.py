@@ -263,6 +263,23 @@ def test_a_worker_with_the_outbox_off_still_forgets_records_a_web_app_wrote(
     assert wait_until(lambda: records(redis_client, env) == {}, timeout=10)
 
 
+def test_a_worker_whose_ledger_is_in_another_redis_still_forgets_records(
+    producer: Celery,
+    start_worker: Callable[..., WorkerProcess],
+    stand_in: StandInServer,
+    redis_client: redis.Redis,
+    env: dict[str, str],
+) -> None:
+    # Another URL, so the ledger's mark and the record's deletion are two round trips.
+    ledger_url = env["OP_CELERY_BROKER_URL"].replace("127.0.0.1", "localhost")
+    assert ledger_url != env["OP_CELERY_BROKER_URL"]
+    start_worker(OP_CELERY_REDIS_URL=ledger_url)
+    for i in range(3):
+        op_celery.track.delay(f"apart-{i}")
+    assert stand_in.wait_for(3, timeout=30)
+    assert wait_until(lambda: records(redis_client, env) == {}, timeout=10)
+
+
 def test_a_dead_lettered_event_leaves_no_record(
     producer: Celery,
     start_worker: Callable[..., WorkerProcess],
