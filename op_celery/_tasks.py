@@ -5,8 +5,10 @@ operation's builder and enqueues plain JSON: the caller's arguments with default
 an event id, and for ``track`` the time of the call. On the worker, ``run`` builds the event
 again from the message, looks up the project's credentials, and sends it. Transient failures go
 through Celery's autoretry to ``retry``, which asks ``_retry.decide`` for the countdown;
-permanent ones are logged once and stored as dead letters. Before sending, a worker checks the
-ledger of delivered events and takes a slot of the project's shared rate limit.
+permanent ones are logged once and stored as dead letters. Before sending, a worker claims the
+event in the ledger of delivered events (``_ledger``: not delivered before, no copy in flight)
+and takes a slot of the project's shared rate limit; once it is finished, the event's outbox
+record goes (``_outbox``), and each worker process runs the outbox's sweeper.
 """
 
 from __future__ import annotations
@@ -382,9 +384,9 @@ class OpenPanelTask(_TaskBase):
         latency_s = time.perf_counter() - started
         if services is not None:
             try:
-                outbox_keys = self.outbox_keys()
-                services.ledger.record(event.event_id, outbox_keys)
-                forgotten = outbox_keys is not None
+                keys = self.outbox_keys()
+                services.ledger.record(event.event_id, keys)
+                forgotten = keys is not None
             except StorageUnavailable as exc:
                 # Delivered; only the memory that prevents a duplicate after a crash is missing.
                 log.warning(
