@@ -293,17 +293,19 @@ def test_a_dead_lettered_event_leaves_no_record(
     assert wait_until(lambda: records(redis_client, env) == {}, timeout=30)
 
 
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
 def test_a_worker_publishes_again_an_event_lost_from_its_queue(
     producer: Celery,
     start_worker: Callable[..., WorkerProcess],
     stand_in: StandInServer,
     redis_client: redis.Redis,
     env: dict[str, str],
+    pool: str,
 ) -> None:
     producer.conf.op_celery_outbox_grace = 1
     op_celery.track.delay("lost before any worker ran")
     redis_client.rpop(queue_key(env))
-    worker = start_worker(OP_CELERY_OUTBOX_GRACE="1")
+    worker = start_worker(OP_CELERY_OUTBOX_GRACE="1", POOL=pool, CONCURRENCY="2")
     assert stand_in.wait_for(1, timeout=30)
     assert [r.payload["name"] for r in stand_in.received] == ["lost before any worker ran"]
     assert "published again from the outbox" in worker.log
