@@ -86,25 +86,27 @@ log = logging.getLogger("op_celery")
 
 JSON = Mapping[str, Any]
 
-_clients: dict[tuple[int, str], OpenPanelClient] = {}
+#: Per (id of a settings object, project): the settings (kept alive, so that id is not reused
+#: by a later settings object while the entry exists) and the project's client.
+_clients: dict[tuple[int, str], tuple[Settings, OpenPanelClient]] = {}
 _clients_lock = threading.Lock()
 
 
 def client_for(settings: Settings, project: str) -> OpenPanelClient:
     """The worker's client for a project, made once per settings object and project."""
     key = (id(settings), project)
-    client = _clients.get(key)
-    if client is None:
+    entry = _clients.get(key)
+    if entry is None:
         with _clients_lock:
-            client = _clients.get(key)
-            if client is None:
+            entry = _clients.get(key)
+            if entry is None:
                 client = OpenPanelClient.for_project(
                     settings.project(project),
                     connect_timeout_s=settings.connect_timeout_s,
                     read_timeout_s=settings.read_timeout_s,
                 )
-                _clients[key] = client
-    return client
+                entry = _clients[key] = (settings, client)
+    return entry[1]
 
 
 class _Services:
@@ -147,6 +149,7 @@ class _Services:
         return limit
 
 
+#: Per id of a settings object; each entry keeps its settings alive, so the id is not reused.
 _services: dict[int, _Services] = {}
 
 
