@@ -172,10 +172,6 @@ class Writer:
                 pipe.zrem(due, *ids)
                 pipe.execute()
 
-    def size(self, queue: str) -> int:
-        """How many events of ``queue`` have a record (enqueued, not yet finished)."""
-        return int(self._client.hlen(self._keys_of(queue)[0]))
-
 
 @dataclass(frozen=True, slots=True)
 class SweepResult:

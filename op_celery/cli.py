@@ -35,7 +35,7 @@ from ._exceptions import (
     PublishError,
     StorageUnavailable,
 )
-from ._outbox import RECORDS_KEY
+from ._outbox import outbox_keys
 from ._redis import redact_url
 from ._settings import EMBEDDED_URL, Settings, _redis_url_of, load_settings
 from .dead_letters import DeadLetter, DeadLetterStore
@@ -231,7 +231,7 @@ def _status_report(settings: Settings, env: Mapping[str, str]) -> dict[str, Any]
             broker["queue_length"] = int(client.llen(queue_key))
             if settings.outbox:
                 # Events enqueued and not yet delivered or dead-lettered (``_outbox``).
-                records = settings.broker_key_prefix + RECORDS_KEY.format(queue=settings.queue)
+                records, _ = outbox_keys(settings.queue, settings.broker_key_prefix)
                 broker["unfinished"] = int(client.hlen(records))
     letters = list(DeadLetterStore(settings).list())
     pairs = Counter((x.project, x.error_type) for x in letters)
