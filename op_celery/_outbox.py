@@ -59,7 +59,7 @@ MAX_CACHED_QUEUES = 256
 #: Records the sweeper looks at per pass.
 MAX_RECORDS_PER_SWEEP = 500
 #: Messages (queue lists plus unacked) the sweeper scans at most in one pass: a pass blocks
-#: Redis for about 6 µs a ``track`` message (``benchmarks/outbox_sweep.py``), so about 30 ms.
+#: Redis for about 7 µs a ``track`` message (``benchmarks/outbox_sweep.py``), so about 35 ms.
 MAX_SCAN_MESSAGES = 5_000
 #: Seconds between finding a record's message nowhere and looking again before publishing it:
 #: a message a worker has popped but not yet recorded as unacked (its BRPOP reply still in the
@@ -82,8 +82,8 @@ def record_json(task: str, task_id: str, queue: str, kwargs_json: str) -> str:
     )
 
 
-#: Key names, per queue (kombu adds the broker's ``global_keyprefix``, as to its own keys):
-#: the records (event id -> record), when each is due to be looked at, and the sweep lock.
+#: Key names, per queue, written with the broker's ``global_keyprefix`` in front as kombu's own
+#: keys are: the records (event id -> record), when each is due to be looked at, the sweep lock.
 RECORDS_KEY = "_op_celery.outbox.{queue}"
 DUE_KEY = "_op_celery.outbox_due.{queue}"
 LOCK_KEY = "_op_celery.outbox_sweeping.{queue}"
