@@ -57,6 +57,8 @@ class Republished:
 @pytest.fixture
 def sweeper(producer: Celery, env: dict[str, str]) -> Iterator[Callable[[], Sweeper]]:
     """Sweepers over the test's queue, publishing again through the producer's app."""
+    # The ledger they ask lives under the test's private prefix on the shared Redis.
+    producer.conf.op_celery_key_prefix = env["OP_CELERY_KEY_PREFIX"]
     settings = settings_for(producer)
     outbox = Outbox.for_settings(settings)
 
