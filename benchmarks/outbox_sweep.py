@@ -39,7 +39,7 @@ from celery import Celery
 import op_celery
 from op_celery._app import reset_settings, settings_for
 from op_celery._ledger import Ledger
-from op_celery._outbox import DUE_KEY, Outbox, Sweeper
+from op_celery._outbox import Sweeper, outbox_keys
 
 #: The floor of any scan in Lua: read the list in chunks of 500, as the sweep script does.
 READ_IN_CHUNKS = """
@@ -73,9 +73,8 @@ def measure(redis_url: str, namespace: Namespace, size: int, rounds: int) -> dic
     for i in range(size):
         op_celery.track.delay(f"event-{i}", properties=PROPERTIES, profile_id=f"u{i}")
     settings = settings_for(app)
-    outbox = Outbox.for_settings(settings)
     sweeper = Sweeper(
-        outbox,
+        settings.outbox_grace_s,
         connect=app.connection_for_write,
         queues=lambda: [queue],
         republish=lambda *a: None,
@@ -83,7 +82,7 @@ def measure(redis_url: str, namespace: Namespace, size: int, rounds: int) -> dic
     )
     client = redis.Redis.from_url(redis_url)
     list_key = namespace.prefix + queue
-    due_key = namespace.prefix + DUE_KEY.format(queue=queue)
+    _, due_key = outbox_keys(queue, namespace.prefix)
     members = client.zrange(due_key, 0, -1)
     assert client.llen(list_key) == size == len(members)
     ping = client.script_load("return 1")

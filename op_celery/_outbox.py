@@ -9,9 +9,10 @@ How, on a Redis broker:
 
 - ``.delay()`` writes a record of the call (task, task id, queue, arguments) in the same
   script as its ``LPUSH`` (``lua/outbox_record.lua``, called by ``_publish``): the message
-  never exists without it. On
-  Celery's own publish path (options the fast path does not reproduce, retries with a
-  countdown) the record follows the publish in a second round trip.
+  never exists without it. On Celery's own publish path (options the fast path does not
+  reproduce, such as a countdown) the record follows the publish in a second round trip. A
+  worker's retries and reschedules of an event publish it again under the same task id and
+  queue: they keep the record its first publish wrote.
 - A worker deletes the record once it is done with the event: delivered, found delivered
   already, or dead-lettered. A failed delete only leaves work for the sweeper.
 - A sweeper thread in each worker process (one at a time across the pool, under a lock) looks
@@ -48,9 +49,8 @@ import redis
 from kombu.exceptions import OperationalError
 
 from ._lua import lua
-from ._settings import Settings
 
-__all__ = ["Outbox", "Sweeper", "Writer", "outbox_keys", "record_json"]
+__all__ = ["Sweeper", "Writer", "outbox_keys", "record_json"]
 
 log = logging.getLogger("op_celery")
 
@@ -92,29 +92,6 @@ LOCK_KEY = "_op_celery.outbox_sweeping.{queue}"
 def outbox_keys(queue: str, prefix: str = "") -> tuple[str, str]:
     """The records hash and due set of ``queue``, with the broker's key prefix."""
     return prefix + RECORDS_KEY.format(queue=queue), prefix + DUE_KEY.format(queue=queue)
-
-
-@dataclass(frozen=True, slots=True)
-class Outbox:
-    """The outbox of each queue, in the broker's Redis.
-
-    Keyed by queue, as kombu's own queue keys are, and not by ``OP_CELERY_KEY_PREFIX``: the
-    web app and the workers always agree on the queue, and a worker sweeps the queues it
-    consumes, whose lists and unacked messages it can see.
-    """
-
-    grace_s: float
-
-    @classmethod
-    def for_settings(cls, settings: Settings) -> Outbox:
-        """The outbox with these settings' grace period (whether it is on is theirs to say)."""
-        outbox = _outboxes.get(settings.outbox_grace_s)
-        if outbox is None:
-            outbox = _outboxes[settings.outbox_grace_s] = cls(settings.outbox_grace_s)
-        return outbox
-
-
-_outboxes: dict[float, Outbox] = {}
 
 
 class Writer:
@@ -190,19 +167,21 @@ class SweepResult:
 class Sweeper:
     """Finds the events the broker lost and publishes them again, every ``grace_s / 2``.
 
+    ``grace_s`` is how old a record gets before it is looked at (``OP_CELERY_OUTBOX_GRACE``).
+
     ``republish(task, kwargs, task_id, queue)`` publishes one call again; ``delivered(event_id)``
     asks the ledger. ``connect()`` returns a kombu connection to the broker (a Redis one).
     """
 
     def __init__(
         self,
-        outbox: Outbox,
+        grace_s: float,
         connect: Callable[[], Any],
         queues: Callable[[], Iterable[str]],
         republish: Callable[[str, dict[str, Any], str, str], object],
         delivered: Callable[[str], bool],
     ) -> None:
-        self.outbox = outbox
+        self.grace_s = grace_s
         self._connect = connect
         self._queues = queues
         self._republish = republish
@@ -213,7 +192,7 @@ class Sweeper:
 
     @property
     def interval_s(self) -> float:
-        return max(0.5, self.outbox.grace_s / 2)
+        return max(0.5, self.grace_s / 2)
 
     def start(self) -> None:
         """Sweep in a daemon thread until :meth:`stop`."""
@@ -278,7 +257,7 @@ class Sweeper:
             prefix + channel.unacked_key,
             *lists,
         ]
-        limits = [self.outbox.grace_s, MAX_RECORDS_PER_SWEEP, MAX_SCAN_MESSAGES]
+        limits = [self.grace_s, MAX_RECORDS_PER_SWEEP, MAX_SCAN_MESSAGES]
         answer = script(keys=keys, args=limits)
         if int(answer[0]) > 0 and len(answer) > 1:
             # Suspects: look again a moment later, and publish only what is still nowhere.

@@ -56,9 +56,9 @@ from kombu.exceptions import LimitExceeded, OperationalError
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
 from kombu.utils.uuid import uuid
-from redis import exceptions as redis_errors
 
-from ._outbox import Outbox, Writer, record_json
+from ._outbox import BROKER_ERRORS as OUTBOX_ERRORS
+from ._outbox import Writer, record_json
 
 __all__ = ["outbox_writer", "publish", "redis_broker"]
 
@@ -98,14 +98,15 @@ def publish(
     link: Any = None,
     link_error: Any = None,
     shadow: str | None = None,
-    outbox: Outbox | None = None,
+    outbox_grace_s: float | None = None,
 ) -> AsyncResult[Any]:
     """Enqueue ``task`` with keyword arguments ``kwargs`` (validated plain JSON).
 
     The arguments are those of ``Task.apply_async``; ``base`` is the calling class's
     ``super()``, whose ``apply_async`` (Celery's) publishes whatever the fast path does not
-    reproduce exactly. With ``outbox`` and a Redis broker, the call's outbox record is written
-    in the same transaction as the message (fast path) or right after it (Celery's path).
+    reproduce exactly. With ``outbox_grace_s`` (the outbox is on) and a Redis broker, the call's
+    outbox record is written in the same script as the message (fast path) or right after it
+    (Celery's path), due that many seconds later.
     """
     app: Any = task.app
     route = None
@@ -121,14 +122,25 @@ def publish(
         result: AsyncResult[Any] = base.apply_async(
             (), kwargs, task_id, producer, link, link_error, shadow, **options
         )
-        if outbox is not None and _app_plan(app).redis_broker:
-            _add_record(app, outbox, task, kwargs, result.id, options.get("queue"))
+        if (
+            outbox_grace_s is not None
+            and _app_plan(app).redis_broker
+            and not _own_retry(app, result.id)
+        ):
+            _add_record(app, outbox_grace_s, task, kwargs, result.id, options.get("queue"))
         return result
-    return _send(task, app, route, kwargs, task_id or uuid(), outbox)
+    return _send(task, app, route, kwargs, task_id or uuid(), outbox_grace_s)
+
+
+def _own_retry(app: Any, task_id: str) -> bool:
+    """Whether a worker publishes this task again from within it (a retry or a reschedule):
+    its record exists since the first publish, with the same task id and queue."""
+    current = app.current_worker_task
+    return current is not None and current.request.id == task_id
 
 
 def _add_record(
-    app: Any, outbox: Outbox, task: Any, kwargs: Mapping[str, Any], task_id: str, queue: Any
+    app: Any, grace_s: float, task: Any, kwargs: Mapping[str, Any], task_id: str, queue: Any
 ) -> None:
     """Write the outbox record of a call Celery published: a second round trip, so a crash
     in between leaves that one message without a record (as without an outbox)."""
@@ -136,8 +148,8 @@ def _add_record(
     record = record_json(task.name, task_id, name, _json(kwargs))
     try:
         with outbox_writer(app) as writer:
-            writer.push(outbox.grace_s, name, str(kwargs.get("event_id")), record)
-    except (OperationalError, OSError, redis_errors.RedisError) as exc:
+            writer.push(grace_s, name, str(kwargs.get("event_id")), record)
+    except OUTBOX_ERRORS as exc:
         # The event is enqueued; only its protection against a lost message is missing.
         log.warning("op_celery: event %s enqueued without its outbox record: %s",
                     kwargs.get("event_id"), exc)  # fmt: skip
@@ -352,7 +364,7 @@ class _Message:
     reply_to: str
     delivery_mode: int
     queue: Any  # kombu.Queue
-    outbox: Outbox | None
+    outbox_grace_s: float | None  # None: the outbox is off
     event_id: str
     record: str  # the outbox record, when there is an outbox
 
@@ -363,7 +375,7 @@ def _send(
     route: _Route,
     kwargs: dict[str, Any],
     task_id: str,
-    outbox: Outbox | None,
+    outbox_grace_s: float | None,
 ) -> AsyncResult[Any]:
     amqp = app.amqp
     plan = route.plan
@@ -394,10 +406,10 @@ def _send(
         reply_to=app.thread_oid,
         delivery_mode=route.delivery_mode,
         queue=route.queue,
-        outbox=outbox,
+        outbox_grace_s=outbox_grace_s,
         event_id=str(kwargs.get("event_id")),
         record=""
-        if outbox is None
+        if outbox_grace_s is None
         else record_json(task.name, task_id, route.queue.name, kwargs_json),
     )
     # A pooled broker connection, as Celery's producer pool lends (its producers hold one each
@@ -517,14 +529,12 @@ def _put(channel: Any, message: _Message, route: _Route) -> None:
         f'"delivery_tag": {_str(channel._next_delivery_tag())}}}}}'
     )
     client = state.client
-    outbox = message.outbox
-    if outbox is None:
+    grace_s = message.outbox_grace_s
+    if grace_s is None:
         client.lpush(key, payload)
     else:
         # One script: the message never exists without its record.
-        state.outbox_writer().push(
-            outbox.grace_s, name, message.event_id, message.record, key, payload
-        )
+        state.outbox_writer().push(grace_s, name, message.event_id, message.record, key, payload)
     expires = channel._expires.get(name) if channel._expires else None
     if expires is not None:
         with client.pipeline(transaction=False) as pipe:

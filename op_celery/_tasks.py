@@ -50,7 +50,7 @@ from ._exceptions import (
 from ._ledger import Ledger
 from ._limiter import RateLimiter
 from ._outbox import BROKER_ERRORS as OUTBOX_ERRORS
-from ._outbox import Outbox, Sweeper, outbox_keys
+from ._outbox import Sweeper, outbox_keys
 from ._publish import outbox_writer, publish, redis_broker
 from ._rates import DEFAULT_BURST, Rate, parse_burst, parse_rate, with_headroom
 from ._redis import redact_url, redis_for
@@ -297,7 +297,7 @@ class OpenPanelTask(_TaskBase):
         try:
             return publish(
                 self, message, options, super(), task_id, producer, link, link_error, shadow,
-                Outbox.for_settings(settings) if settings.outbox else None,
+                settings.outbox_grace_s if settings.outbox else None,
             )  # fmt: skip
         except BROKER_ERRORS as exc:
             if not spool_on_failure or settings.on_publish_failure == "raise":
@@ -759,14 +759,13 @@ def _start_sweeper(app: Any, settings: Settings) -> None:
     """Start this process's outbox sweeper (``_outbox``), on a Redis broker with an outbox."""
     if not settings.outbox or not redis_broker(app) or id(app) in _sweepers:
         return
-    outbox = Outbox.for_settings(settings)
 
     def republish(task: str, kwargs: dict[str, Any], task_id: str, queue: str) -> object:
         options: dict[str, Any] = {"queue": queue, _NO_SPOOL: True}
         return app.tasks[task].apply_async((), kwargs, task_id=task_id, **options)
 
     sweeper = _sweepers[id(app)] = Sweeper(
-        outbox,
+        settings.outbox_grace_s,
         connect=app.connection_for_write,
         queues=lambda: _consumed_queues(app, settings),
         republish=republish,

@@ -21,7 +21,7 @@ from click.testing import CliRunner, Result
 
 from op_celery import OpenPanelClient, _app, build_event
 from op_celery._events import normalize_call
-from op_celery._outbox import RECORDS_KEY
+from op_celery._outbox import outbox_keys
 from op_celery._settings import load_settings
 from op_celery._spool import Spool
 from op_celery.cli import main
@@ -268,7 +268,7 @@ def test_status_shows_queue_dead_letters_spool_and_projects(
     monkeypatch.setenv("OPENPANEL_RATE_LIMIT", "50/s")
     redis_client.rpush(queue_key, b"one", b"two")
     queue = cli_env["OP_CELERY_QUEUE"]
-    records = queue_key.removesuffix(queue) + RECORDS_KEY.format(queue=queue)
+    records, _ = outbox_keys(queue, queue_key.removesuffix(queue))
     redis_client.hset(records, mapping={"e1": "{}", "e2": "{}", "e3": "{}"})
     store.add(letter())
     store.add(letter(project="shop", error_type="InvalidPayload", status=400))

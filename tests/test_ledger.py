@@ -13,6 +13,7 @@ from celery import Celery
 import op_celery
 from op_celery._app import settings_for
 from op_celery._ledger import Ledger
+from op_celery._outbox import outbox_keys
 from op_celery._settings import load_settings
 from op_celery.testing import StandInServer
 
@@ -103,6 +104,6 @@ def test_an_event_delivered_before_is_not_sent_and_its_record_is_forgotten(
     assert stand_in.wait_for(1, timeout=30)
     time.sleep(0.5)
     assert [r.payload["name"] for r in stand_in.received] == ["new"]
-    records = env["OP_CELERY_BROKER_KEY_PREFIX"] + "_op_celery.outbox." + env["OP_CELERY_QUEUE"]
+    records, _ = outbox_keys(env["OP_CELERY_QUEUE"], env["OP_CELERY_BROKER_KEY_PREFIX"])
     assert wait_until(lambda: redis_client.hlen(records) == 0, timeout=10)
     assert settings_for(producer).outbox

@@ -17,7 +17,7 @@ import op_celery
 from op_celery import _outbox
 from op_celery._app import settings_for
 from op_celery._ledger import Ledger
-from op_celery._outbox import DUE_KEY, RECORDS_KEY, Outbox, Sweeper
+from op_celery._outbox import Sweeper, outbox_keys
 from op_celery.testing import StandInServer
 
 from ._support import WorkerProcess, wait_until
@@ -27,16 +27,25 @@ def queue_key(env: dict[str, str]) -> str:
     return env["OP_CELERY_BROKER_KEY_PREFIX"] + env["OP_CELERY_QUEUE"]
 
 
+def keys(env: dict[str, str]) -> tuple[str, str]:
+    """The test queue's outbox records hash and due set, as the broker names them."""
+    return outbox_keys(env["OP_CELERY_QUEUE"], env["OP_CELERY_BROKER_KEY_PREFIX"])
+
+
 def records(client: redis.Redis, env: dict[str, str]) -> dict[str, dict[str, Any]]:
-    key = env["OP_CELERY_BROKER_KEY_PREFIX"] + RECORDS_KEY.format(queue=env["OP_CELERY_QUEUE"])
-    return {k.decode(): json.loads(v) for k, v in client.hgetall(key).items()}
+    return {k.decode(): json.loads(v) for k, v in client.hgetall(keys(env)[0]).items()}
 
 
 def make_due(client: redis.Redis, env: dict[str, str]) -> None:
     """Age every record past its grace period (as if the grace had passed)."""
-    key = env["OP_CELERY_BROKER_KEY_PREFIX"] + DUE_KEY.format(queue=env["OP_CELERY_QUEUE"])
-    for member in client.zrange(key, 0, -1):
-        client.zadd(key, {member: 0})
+    due = keys(env)[1]
+    for member in client.zrange(due, 0, -1):
+        client.zadd(due, {member: 0})
+
+
+def next_look(client: redis.Redis, env: dict[str, str]) -> float:
+    """When the sweeper next looks at a record (the earliest due time)."""
+    return min(score for _, score in client.zrange(keys(env)[1], 0, -1, withscores=True))
 
 
 def task_ids(client: redis.Redis, env: dict[str, str]) -> list[str]:
@@ -60,11 +69,10 @@ def sweeper(producer: Celery, env: dict[str, str]) -> Iterator[Callable[[], Swee
     # The ledger they ask lives under the test's private prefix on the shared Redis.
     producer.conf.op_celery_key_prefix = env["OP_CELERY_KEY_PREFIX"]
     settings = settings_for(producer)
-    outbox = Outbox.for_settings(settings)
 
     def make() -> Sweeper:
         return Sweeper(
-            outbox,
+            settings.outbox_grace_s,
             connect=producer.connection_for_write,
             queues=lambda: [env["OP_CELERY_QUEUE"]],
             republish=Republished(producer),
@@ -130,8 +138,7 @@ def test_a_message_still_waiting_on_the_queue_is_not_published_again(
     assert outcome.swept and (outcome.lost, outcome.republished) == (0, 0)
     assert len(task_ids(redis_client, env)) == 5
     # Looked at again only a grace period later.
-    due = env["OP_CELERY_BROKER_KEY_PREFIX"] + DUE_KEY.format(queue=env["OP_CELERY_QUEUE"])
-    assert min(score for _, score in redis_client.zrange(due, 0, -1, withscores=True)) > time.time()
+    assert next_look(redis_client, env) > time.time()
 
 
 def test_a_message_a_consumer_holds_unacked_is_not_published_again(
@@ -169,10 +176,8 @@ def test_a_message_in_transit_at_the_first_look_is_not_published_again(
     outcomes: list[_outbox.SweepResult] = []
     pass_ = threading.Thread(target=lambda: outcomes.append(sweep(sweeper(), producer)))
     pass_.start()
-    due = env["OP_CELERY_BROKER_KEY_PREFIX"] + DUE_KEY.format(queue=env["OP_CELERY_QUEUE"])
     # The first look is over when the record is due again later; then the message turns up.
-    assert wait_until(lambda: min(s for _, s in redis_client.zrange(due, 0, -1, withscores=True))
-                      > time.time(), timeout=5)  # fmt: skip
+    assert wait_until(lambda: next_look(redis_client, env) > time.time(), timeout=5)
     redis_client.lpush(queue_key(env), message)
     pass_.join(10)
     [outcome] = outcomes
@@ -311,7 +316,7 @@ def test_the_sweeper_thread_keeps_going_when_the_broker_is_away(
         raise redis.ConnectionError("broker away")
 
     swept = Sweeper(
-        Outbox(grace_s=1.0),
+        1.0,
         connect=connect,
         queues=lambda: [env["OP_CELERY_QUEUE"]],
         republish=Republished(producer),

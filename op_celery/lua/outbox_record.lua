@@ -9,8 +9,8 @@
 -- ARGV[2]  the event id.
 -- ARGV[3]  the record (JSON).
 -- ARGV[4]  when the record is due, in seconds since the epoch: the caller's clock plus the
---          grace period (the Redis clock would cost a third of this script's time; a skewed
---          caller only makes its records due that much earlier or later).
+--          grace period (the Redis clock would cost over a quarter of this script's time;
+--          a skewed caller only makes its records due that much earlier or later).
 
 if ARGV[1] ~= '' then
   redis.call('LPUSH', KEYS[1], ARGV[1])
