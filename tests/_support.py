@@ -9,6 +9,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 CLIENT_ID = "6f1d2c3b-4a5e-4f60-8b7c-9d0e1f2a3b4c"
@@ -120,8 +121,31 @@ def free_port() -> int:
         return port
 
 
+#: Ports a RedisServer that picks its own tries before giving up.
+PORT_ATTEMPTS = 3
+
+
+def start_redis(make: Callable[[int], RedisServer]) -> RedisServer:
+    """Start the server ``make(port)`` builds for a free port (a server whose URL or
+    arguments name its port), on another port if that one was taken meanwhile."""
+    for _ in range(PORT_ATTEMPTS - 1):
+        try:
+            return make(free_port()).start()
+        except PortTaken:
+            continue
+    return make(free_port()).start()
+
+
+class PortTaken(RuntimeError):
+    """redis-server exited before answering: most likely its port was taken meanwhile."""
+
+
 class RedisServer:
-    """A private ``redis-server`` on a free port, for tests that stop or restart Redis."""
+    """A private ``redis-server`` on a free port, for tests that stop or restart Redis.
+
+    Without a ``port``, it picks one, and picks again if the port was taken before
+    redis-server could bind it (``free_port`` only finds a port that was free a moment ago).
+    """
 
     def __init__(
         self,
@@ -131,6 +155,7 @@ class RedisServer:
         url: str | None = None,
     ) -> None:
         self.port = port or free_port()
+        self._picked_port = port is None and url is None
         self.extra_args = extra_args or []
         self._url = url
         #: With a data directory the server keeps an fsynced append-only file there, so a
@@ -143,22 +168,38 @@ class RedisServer:
         return self._url or f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
-        import redis
 
         persistence = ["--appendonly", "no"]
         if self.data_dir is not None:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             persistence = ["--appendonly", "yes", "--appendfsync", "always",
                            "--dir", str(self.data_dir)]  # fmt: skip
-        self.process = subprocess.Popen(
-            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--loglevel", "warning", *persistence, *self.extra_args],
+        for attempt in range(PORT_ATTEMPTS):
+            if self._spawn(persistence):
+                self._picked_port = False  # a restart must come back on the same port
+                return self
+            if not self._picked_port or attempt == PORT_ATTEMPTS - 1:
+                raise PortTaken(f"redis-server on port {self.port} exited before answering")
+            self.port = free_port()
+        raise AssertionError("unreachable")
+
+    def _spawn(self, persistence: list[str]) -> bool:
+        """Start redis-server; True once it answers, False if it exited first."""
+        import redis
+
+        process = self.process = subprocess.Popen(
+            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--loglevel", "warning", *persistence, *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
-        if not wait_until(lambda: _pings(client), timeout=10):
-            raise RuntimeError(f"redis-server on port {self.port} did not start")
-        return self
+        wait_until(lambda: process.poll() is not None or _pings(client), timeout=10)
+        if process.poll() is None:
+            if _pings(client):
+                return True
+            self.stop()
+            raise RuntimeError(f"redis-server on port {self.port} did not answer in 10 s")
+        return False
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -166,7 +207,9 @@ class RedisServer:
             self.process.wait(10)
 
     def __enter__(self) -> RedisServer:
-        return self.start()
+        if self.process is None or self.process.poll() is not None:
+            self.start()  # not yet started (start_redis starts it before the with)
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -16,7 +16,14 @@ from op_celery._redis import redact_url, redis_for, storage_errors
 from op_celery._settings import load_settings
 from op_celery.testing import StandInServer
 
-from ._support import RedisServer, WorkerProcess, free_port, redis_has_tls, worker_env
+from ._support import (
+    RedisServer,
+    WorkerProcess,
+    free_port,
+    redis_has_tls,
+    start_redis,
+    worker_env,
+)
 
 PASSWORD = "s3cret-redis-pw-7e1"
 
@@ -57,10 +64,12 @@ def deliver_through(url: str, stand_in: StandInServer, extra_env: dict[str, str]
 def test_a_password_protected_redis_works_and_its_password_stays_out_of_logs(
     stand_in: StandInServer,
 ) -> None:
-    port = free_port()
-    url = f"redis://:{PASSWORD}@127.0.0.1:{port}/0"
-    with RedisServer(port, extra_args=["--requirepass", PASSWORD], url=url):
-        log = deliver_through(url, stand_in, {"OPENPANEL_RATE_LIMIT": "100/s"})
+    def make(port: int) -> RedisServer:
+        url = f"redis://:{PASSWORD}@127.0.0.1:{port}/0"
+        return RedisServer(port, extra_args=["--requirepass", PASSWORD], url=url)
+
+    with start_redis(make) as server:
+        log = deliver_through(server.url, stand_in, {"OPENPANEL_RATE_LIMIT": "100/s"})
     assert PASSWORD not in log
 
 
@@ -88,19 +97,20 @@ def tls_files(tmp_path: Path) -> Iterator[dict[str, Path]]:
 def test_a_tls_redis_works_as_broker_and_as_the_workers_redis(
     stand_in: StandInServer, tls_files: dict[str, Path]
 ) -> None:
-    port = free_port()
-    url = (
-        f"rediss://:{PASSWORD}@127.0.0.1:{port}/0"
-        f"?ssl_cert_reqs=required&ssl_ca_certs={tls_files['ca']}"
-    )
-    args = [
-        "--port", "0", "--tls-port", str(port), "--requirepass", PASSWORD,
-        "--tls-cert-file", str(tls_files["cert"]), "--tls-key-file", str(tls_files["key"]),
-        "--tls-ca-cert-file", str(tls_files["ca"]), "--tls-auth-clients", "no",
-    ]  # fmt: skip
-    server = RedisServer(port, extra_args=args, url=url)
-    # RedisServer passes --port first; the later "--port 0" wins, so only TLS listens.
-    with server:
-        assert redis.Redis.from_url(url).ping()
-        log = deliver_through(url, stand_in, {"OPENPANEL_RATE_LIMIT": "100/s"})
+    def make(port: int) -> RedisServer:
+        url = (
+            f"rediss://:{PASSWORD}@127.0.0.1:{port}/0"
+            f"?ssl_cert_reqs=required&ssl_ca_certs={tls_files['ca']}"
+        )
+        args = [
+            "--port", "0", "--tls-port", str(port), "--requirepass", PASSWORD,
+            "--tls-cert-file", str(tls_files["cert"]), "--tls-key-file", str(tls_files["key"]),
+            "--tls-ca-cert-file", str(tls_files["ca"]), "--tls-auth-clients", "no",
+        ]  # fmt: skip
+        # RedisServer passes --port first; the later "--port 0" wins, so only TLS listens.
+        return RedisServer(port, extra_args=args, url=url)
+
+    with start_redis(make) as server:
+        assert redis.Redis.from_url(server.url).ping()
+        log = deliver_through(server.url, stand_in, {"OPENPANEL_RATE_LIMIT": "100/s"})
     assert PASSWORD not in log

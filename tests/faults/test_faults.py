@@ -24,7 +24,7 @@ from op_celery._settings import load_settings
 from op_celery.dead_letters import DeadLetterStore
 from op_celery.testing import StandInServer
 
-from .._support import RedisServer, WorkerProcess, free_port, wait_until, worker_env
+from .._support import RedisServer, WorkerProcess, wait_until, worker_env
 
 
 def report(name: str, **figures: object) -> None:
@@ -133,7 +133,7 @@ def test_a_20_second_outage_of_the_api_loses_no_event(
 
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(free_port(), data_dir=tmp_path / "redis-data")
+    server = RedisServer(data_dir=tmp_path / "redis-data")
     server.start()
     yield server
     server.stop()
