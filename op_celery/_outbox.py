@@ -16,14 +16,30 @@ How, on a Redis broker:
 - A worker deletes the record once it is done with the event: delivered, found delivered
   already, or dead-lettered. A failed delete only leaves work for the sweeper.
 - A sweeper thread in each worker process (one at a time across the pool, under a lock) looks
-  at records older than the grace period (``OP_CELERY_OUTBOX_GRACE``). ``lua/outbox_sweep.lua``
-  checks, atomically, whether each one's task id is on a queue list or in kombu's ``unacked``
-  hash (a message waiting in a backlog, reserved by a worker, or held for its countdown is in
-  one of them); a record whose message is in neither was lost in that window, and the sweeper
-  publishes it again (unless the ledger says it was delivered). A record found is looked at
-  again a grace period later, so a long backlog is scanned, never re-published.
+  at records older than the grace period (``OP_CELERY_OUTBOX_GRACE``): ``lua/outbox_sweep.lua``
+  picks the due ones (and makes them due again a grace period later). Then the sweeper reads,
+  in one ``MULTI`` (a snapshot no worker can change halfway), every message on the queue's
+  lists and in kombu's ``unacked`` hash, and decodes each as the JSON it is, taking its task id
+  from its headers (a message waiting in a backlog, reserved by a worker, or held for its
+  countdown is in one of them). A record whose task id is in neither was lost in that window;
+  the sweeper looks again :data:`CONFIRM_DELAY_S` later, in one ``MULTI`` with the record
+  itself, and publishes it again if it is still nowhere (unless the ledger says it was
+  delivered). A record found is looked at again a grace period later, so a long backlog is
+  scanned, never re-published.
 
-Limits, stated plainly: the scan reads every message on the lists and in ``unacked``; with more
+Why the messages are read in the sweeper, not in Lua: the script used to find task ids with a
+string search for ``"id": "`` in kombu's stored JSON, which a change in kombu's spacing would
+have turned into "every message lost". Decoding them exactly costs, per ``track`` message of
+about 1.8 KB (``benchmarks/outbox_sweep.py``, 5,000 messages, medians): with ``cjson.decode``
+in Lua, 15 µs of Redis time, against 5 µs for the string search, so a 5,000-message pass would
+block Redis for 75 ms instead of 25-30 ms; read out in one ``MULTI`` and decoded with Python's
+``json`` in the sweeper's thread, about 2 µs of Redis time (building the reply) and 13 µs of the
+sweeper's CPU, and 1.8 KB on the wire. The sweeper takes the second: Redis, which every worker
+and web process shares, is busy for less than a third of what the string search cost.
+A message the sweeper cannot read (not JSON, or without a task id) is no record's; if it can
+read none of the messages there are, kombu's format has changed and it judges nothing.
+
+Limits, stated plainly: the look reads every message on the lists and in ``unacked``; with more
 than :data:`MAX_SCAN_MESSAGES` there, the sweeper judges nothing until the backlog shrinks (a
 lost event then waits longer, but is not duplicated). A worker that has popped a message and
 not yet recorded it (its BRPOP reply still unread in a busy process) looks exactly like a loss
@@ -31,7 +47,8 @@ for that moment, so a suspect is looked at again :data:`CONFIRM_DELAY_S` later a
 only if still nowhere; one stalled even longer can be re-published while its original is
 delivered, and then the ledger's claim and its delivered mark (``_ledger``) keep that copy
 from reaching the API. Records take broker memory for as long as their events wait: about the
-size of the arguments per event.
+size of the arguments per event. The names of kombu's keys come from its Redis channel through
+``_compat``; a kombu without them turns the sweeper off, with one log line.
 """
 
 from __future__ import annotations
@@ -48,6 +65,7 @@ from typing import Any
 import redis
 from kombu.exceptions import OperationalError
 
+from . import _compat
 from ._lua import lua
 
 __all__ = ["Sweeper", "Writer", "outbox_keys", "record_json"]
@@ -58,8 +76,9 @@ log = logging.getLogger("op_celery")
 MAX_CACHED_QUEUES = 256
 #: Records the sweeper looks at per pass.
 MAX_RECORDS_PER_SWEEP = 500
-#: Messages (queue lists plus unacked) the sweeper scans at most in one pass: a pass blocks
-#: Redis for about 7 µs a ``track`` message (``benchmarks/outbox_sweep.py``), so about 35 ms.
+#: Messages (queue lists plus unacked) the sweeper reads at most in one look: for each
+#: ``track`` message, about 2 µs of Redis time, 13 µs of the sweeper's CPU and 1.8 KB sent
+#: (``benchmarks/outbox_sweep.py``), so about 10 ms, 65 ms and 9 MB a look at most.
 MAX_SCAN_MESSAGES = 5_000
 #: Seconds between finding a record's message nowhere and looking again before publishing it:
 #: a message a worker has popped but not yet recorded as unacked (its BRPOP reply still in the
@@ -72,10 +91,7 @@ _str: Callable[[str], str] = json.encoder.encode_basestring_ascii
 
 
 def record_json(task: str, task_id: str, queue: str, kwargs_json: str) -> str:
-    """The outbox record of one call: what the sweeper needs to publish it again.
-
-    ``"id"`` (the task id) comes first, where the sweep script looks for it.
-    """
+    """The outbox record of one call (JSON): what the sweeper needs to publish it again."""
     return (
         f'{{"id": {_str(task_id)}, "task": {_str(task)}, "queue": {_str(queue)}, '
         f'"kwargs": {kwargs_json}}}'
@@ -126,9 +142,10 @@ class Writer:
         message: str = "",
     ) -> None:
         """Write an event's record, due after ``grace_s``; with ``message``, also push that to
-        ``list_key`` in the same step (one round trip, atomic)."""
+        ``list_key`` (the queue's list, with the broker's key prefix) in the same step (one
+        round trip, atomic)."""
         records, due = self._keys_of(queue)
-        target = self._prefix + list_key if list_key else records
+        target = list_key or records
         # EVALSHA directly: redis-py's Script call costs more than the rest of this method.
         command = ("EVALSHA", self._record.sha, 3, target, records, due)
         due_at = repr(time.time() + grace_s)
@@ -235,63 +252,69 @@ class Sweeper:
 
     def sweep_queue(self, connection: Any, queue: str) -> SweepResult:
         """One pass over the records of ``queue``."""
+        support = _compat.redis_channel_support()
+        if not support.ok:
+            _compat.step_aside(
+                "the outbox sweeper", support.reason, "lost events are not published again"
+            )
+            return SweepResult()
         channel = connection.default_channel
-        # kombu's client adds the broker's key prefix, but to the first key of a script only:
-        # the script gets a plain client on the same pool and prefixed key names.
-        prefixed = channel._create_client()
-        prefix = getattr(prefixed, "global_keyprefix", "")
-        client = redis.Redis(connection_pool=channel.pool)
+        # A plain client on kombu's pool, and key names with the broker's prefix in front.
+        prefix = _compat.redis_key_prefix(channel)
+        client = _compat.redis_client(channel)
         # Held until just before this sweeper's next pass: another one sweeps if it stops.
         lock, hold_ms = prefix + LOCK_KEY.format(queue=queue), max(1, int(self.interval_s * 900))
         if not client.set(lock, self._token, nx=True, px=hold_ms):
             if client.get(lock) != self._token.encode():
                 return SweepResult()
             client.pexpire(lock, hold_ms)
-        lists = dict.fromkeys(
-            prefix + channel._q_for_pri(queue, step) for step in channel.priority_steps
-        )
+        lists, unacked = _compat.redis_message_keys(channel, queue)
+        records_key, due_key = outbox_keys(queue, prefix)
         script = client.register_script(lua("outbox_sweep.lua"))
-        keys = [
-            prefix + RECORDS_KEY.format(queue=queue),
-            prefix + DUE_KEY.format(queue=queue),
-            prefix + channel.unacked_key,
-            *lists,
-        ]
-        limits = [self.grace_s, MAX_RECORDS_PER_SWEEP, MAX_SCAN_MESSAGES]
-        answer = script(keys=keys, args=limits)
-        if int(answer[0]) > 0 and len(answer) > 1:
-            # Suspects: look again a moment later, and publish only what is still nowhere.
-            suspects = [str(json.loads(raw)["kwargs"].get("event_id")) for raw in answer[1:]]
-            time.sleep(CONFIRM_DELAY_S)
-            answer = script(keys=keys, args=[*limits, *suspects])
+        answer = script(
+            keys=[records_key, due_key, unacked, *lists],
+            args=[self.grace_s, MAX_RECORDS_PER_SWEEP, MAX_SCAN_MESSAGES],
+        )
         status = int(answer[0])
         if status == 0:
             return SweepResult(swept=True)
         if status < 0:
             log.info(
-                "op_celery: %d messages queued or unacked, more than the outbox sweeper scans "
+                "op_celery: %d messages queued or unacked, more than the outbox sweeper reads "
                 "(%d); it looks for lost events of queue %r again once the backlog is smaller",
                 int(answer[1]),
                 MAX_SCAN_MESSAGES,
                 queue,
             )
             return SweepResult(swept=True, too_busy=int(answer[1]))
+        due = [_Record.parse(raw) for raw in answer[2:]]
+        _, present = _look(client, lists, unacked)
+        if present is None:
+            return SweepResult(swept=True)
+        suspects = [record.event_id for record in due if record.task_id not in present]
+        if not suspects:
+            return SweepResult(swept=True)
+        # Look again a moment later, at the records too, and publish only what is still
+        # nowhere (a record a worker has deleted meanwhile is finished).
+        time.sleep(CONFIRM_DELAY_S)
+        raws, present = _look(client, lists, unacked, records_key, suspects)
+        if present is None:
+            return SweepResult(swept=True)
+        current = [_Record.parse(raw) for raw in raws if raw is not None]
+        lost = [record for record in current if record.task_id not in present]
         republished = 0
         finished: list[str] = []
-        for raw in answer[1:]:
-            record = json.loads(raw)
-            kwargs = record["kwargs"]
-            event_id = str(kwargs.get("event_id"))
-            if self._delivered(event_id):
-                finished.append(event_id)
+        for record in lost:
+            if self._delivered(record.event_id):
+                finished.append(record.event_id)
                 continue
             try:
-                self._republish(record["task"], kwargs, record["id"], queue)
+                self._republish(record.task, record.kwargs, record.task_id, queue)
             except Exception as exc:  # kept, and looked at again after the grace period
                 log.warning(
                     "op_celery: event %s was lost by the broker and could not be published "
                     "again yet (%s); the outbox keeps it",
-                    event_id,
+                    record.event_id,
                     exc,
                 )
                 continue
@@ -299,10 +322,65 @@ class Sweeper:
             log.warning(
                 "op_celery: event %s was lost by the broker (taken off the queue, never "
                 "recorded as unacked); published again from the outbox",
-                event_id,
+                record.event_id,
             )
         Writer(channel.pool, prefix).forget(queue, finished)
-        return SweepResult(swept=True, lost=len(answer) - 1, republished=republished)
+        return SweepResult(swept=True, lost=len(lost), republished=republished)
+
+
+@dataclass(frozen=True, slots=True)
+class _Record:
+    """One outbox record, decoded."""
+
+    event_id: str
+    task_id: str
+    task: str
+    kwargs: dict[str, Any]
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> _Record:
+        record = json.loads(raw)
+        kwargs = record["kwargs"]
+        return cls(str(kwargs.get("event_id")), str(record["id"]), str(record["task"]), kwargs)
+
+
+def _look(
+    client: redis.Redis,
+    lists: list[str],
+    unacked: str,
+    records_key: str = "",
+    event_ids: Iterable[str] = (),
+) -> tuple[list[Any], set[str] | None]:
+    """In one ``MULTI`` (one moment, as far as any worker can tell): the records of
+    ``event_ids``, and the task ids of every message on ``lists`` and in ``unacked`` (None if
+    there are messages and none of them can be read: kombu stores them some other way now)."""
+    wanted = list(event_ids)
+    with client.pipeline(transaction=True) as pipe:
+        if wanted:
+            pipe.hmget(records_key, wanted)
+        for key in lists:
+            pipe.lrange(key, 0, -1)
+        pipe.hvals(unacked)
+        answers = pipe.execute()
+    records = answers.pop(0) if wanted else []
+    held = answers.pop()
+    ids: set[str] = set()
+    total = 0
+    for messages in answers:
+        total += len(messages)
+        ids.update(_compat.task_id_of_queued(raw) or "" for raw in messages)
+    total += len(held)
+    ids.update(_compat.task_id_of_unacked(raw) or "" for raw in held)
+    ids.discard("")
+    if total and not ids:
+        _compat.step_aside(
+            "the outbox sweeper",
+            f"none of the {total} messages kombu {_compat.KOMBU_VERSION_TEXT} keeps in Redis "
+            "could be read as JSON with a task id",
+            "lost events are not published again",
+        )
+        return records, None
+    return records, ids
 
 
 def _close(connection: Any) -> None:

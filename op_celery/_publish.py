@@ -7,7 +7,10 @@ on work an op-celery message does not need (profiled with Celery 5.7 and kombu 5
 
 - kombu's Redis channel builds a new ``redis.Redis`` client for every message
   (``Channel.conn_or_acquire``): about 50 µs, most of it copying the response-callback table;
-- ``argsrepr``/``kwargsrepr`` run Celery's streaming ``saferepr``: about 40 µs for a ``track``;
+- ``argsrepr``/``kwargsrepr`` run Celery's streaming ``saferepr``: about 40 µs for a ``track``
+  (on Celery's path too, op-celery passes its own rendering of them, the same text, as the
+  ``argsrepr``/``kwargsrepr`` publish options; Celery then also copies both into the message
+  properties, a Celery quirk that costs their length in bytes per message);
 - the queue is re-declared on every publish (kombu binds a copy of the entity before finding it
   in its cache), a producer is rebound (its exchange copied) for every message, and settings
   are looked up through Celery's layered config at 2-3 µs each.
@@ -25,11 +28,17 @@ Anything it does not reproduce exactly goes through Celery's own path, unchanged
 other than Redis; publish options beyond ``queue``, ``retry`` and ``retry_policy``
 (``countdown``, ``eta``, ``expires``,
 ``priority``, ``headers``, ``link``, a ``producer``...); task-level execution options
-(time limits, priority...); a router that adds more than a queue; ``task_always_eager``;
+(time limits, priority...); a router that adds more than a queue; a queue that expires or is
+deleted when unused (kombu redeclares those on every publish); ``task_always_eager``;
 ``task_send_sent_event``; a task inheriting its parent's priority; and any receiver of
 ``before_task_publish``, ``after_task_publish`` or ``task_sent``, or a wrapped
 ``Task.apply_async``, because tracing integrations (OpenTelemetry, Sentry, Datadog) hook those
 to add headers.
+
+The private Celery and kombu names it needs are read through ``_compat``, which also says
+whether the installed versions are ones the fast path was checked with
+(:func:`~op_celery._compat.fast_publish_support`); where they are not, every call takes
+Celery's path, and one log line says why.
 """
 
 from __future__ import annotations
@@ -44,7 +53,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery, Task, signals
-from celery.app import amqp as celery_amqp
 from celery.app import task as celery_task
 from celery.result import AsyncResult
 from celery.utils.nodenames import anon_nodename
@@ -57,6 +65,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
 from kombu.utils.uuid import uuid
 
+from . import _compat
 from ._outbox import BROKER_ERRORS as OUTBOX_ERRORS
 from ._outbox import Writer, record_json
 
@@ -76,9 +85,6 @@ _AFTER_PUBLISH = signals.after_task_publish
 _TASK_SENT: Any = getattr(signals, "task_sent", None)  # deprecated, still sent by Celery 5
 #: AMQP's delivery mode 2, kombu's default.
 PERSISTENT_DELIVERY_MODE = 2
-_AMQP: Any = celery_amqp.AMQP
-#: Set while a worker publishes a task's callbacks; Celery then retries differently.
-_callback_publish_retry: Any = getattr(celery_amqp, "_callback_publish_retry", None)
 _SHADOW_NAME = celery_task.Task.shadow_name
 _CELERY_APPLY_ASYNC = celery_task.Task.__dict__["apply_async"]
 #: False when an integration had wrapped ``Task.apply_async`` before this module was imported.
@@ -119,17 +125,41 @@ def publish(
     ):
         route = _fast_route(task, app, options, kwargs)
     if route is None:
+        plan = _app_plan(app)
         result: AsyncResult[Any] = base.apply_async(
-            (), kwargs, task_id, producer, link, link_error, shadow, **options
-        )
-        if (
-            outbox_grace_s is not None
-            and _app_plan(app).redis_broker
-            and not _own_retry(app, result.id)
-        ):
+            (), kwargs, task_id, producer, link, link_error, shadow,
+            **_with_reprs(task, app, plan, kwargs, options),
+        )  # fmt: skip
+        if outbox_grace_s is not None and plan.redis_broker and not _own_retry(app, result.id):
             _add_record(app, outbox_grace_s, task, kwargs, result.id, options.get("queue"))
         return result
     return _send(task, app, route, kwargs, task_id or uuid(), outbox_grace_s)
+
+
+def _with_reprs(
+    task: Any, app: Any, plan: _AppPlan, kwargs: Mapping[str, Any], options: dict[str, Any]
+) -> dict[str, Any]:
+    """The options of a call for Celery's path, with the text copies of its arguments that
+    Celery would render (``saferepr``, about 40 µs for a ``track``) rendered here instead,
+    through Celery's own ``argsrepr``/``kwargsrepr`` publish options: the same text.
+
+    Not when the caller gave either, when Celery changes the arguments before rendering them
+    (a ``pydantic=True`` task), or with task protocol 1, which has no such headers.
+    """
+    if (
+        "argsrepr" in options
+        or "kwargsrepr" in options
+        or plan.protocol != 2
+        or _compat.task_dumps_pydantic_arguments(task)
+    ):
+        return options
+    amqp = app.amqp
+    maxlevels = plan.repr_maxlevels
+    return {
+        **options,
+        "argsrepr": _argsrepr(amqp.argsrepr_maxsize, maxlevels),
+        "kwargsrepr": kwargsrepr(kwargs, amqp.kwargsrepr_maxsize, maxlevels),
+    }
 
 
 def _own_retry(app: Any, task_id: str) -> bool:
@@ -144,6 +174,10 @@ def _add_record(
 ) -> None:
     """Write the outbox record of a call Celery published: a second round trip, so a crash
     in between leaves that one message without a record (as without an outbox)."""
+    support = _compat.redis_channel_support()
+    if not support.ok:
+        _compat.step_aside("the outbox", support.reason, "events are enqueued without a record")
+        return
     name = queue.name if isinstance(queue, Queue) else str(queue or app.conf.task_default_queue)
     record = record_json(task.name, task_id, name, _json(kwargs))
     try:
@@ -166,6 +200,7 @@ class _AppPlan:
 
     supported: bool
     redis_broker: bool = False
+    protocol: int = 2
     retry: bool = False
     retry_policy: dict[str, Any] = field(default_factory=dict)
     default_delivery_mode: Any = None
@@ -205,28 +240,43 @@ def _make_app_plan(app: Any) -> _AppPlan:
         transport_options = dict(connection.transport_options or {})
     finally:
         connection.release()
+    protocol = conf.task_protocol
+    repr_maxlevels = _compat.repr_maxlevels(conf)
     # The body is encoded as the channel says (kombu's encode_body); base64 and no encoding
     # give text, which is what the message JSON is written for.
     body_encoding = transport_options.get("body_encoding", "base64")
     supported = (
         redis_broker
         and (not body_encoding or str(body_encoding).lower() in ("base64", "utf-8"))
-        and conf.task_protocol == 2
+        and protocol == 2
         and type(app).send_task is Celery.send_task
-        and type(amqp).as_task_v2 is celery_amqp.AMQP.as_task_v2
-        and type(amqp)._create_task_sender is _AMQP._create_task_sender
-        and _callback_publish_retry is not None
+        and _compat.amqp_is_celerys(amqp)
     )
+    if supported:
+        # Said once per process: the versions installed are not ones it was checked with.
+        support = _compat.fast_publish_support()
+        if not support.ok:
+            _compat.step_aside(
+                "the fast publish path", support.reason, "events go through Celery's own path"
+            )
+            supported = False
     if not supported:
-        return _AppPlan(supported=False, redis_broker=redis_broker)
+        return _AppPlan(
+            supported=False,
+            redis_broker=redis_broker,
+            protocol=protocol,
+            repr_maxlevels=repr_maxlevels,
+            acquire_timeout_s=_compat.pool_acquire_timeout_s(conf),
+        )
     return _AppPlan(
         supported=True,
         redis_broker=True,
+        protocol=protocol,
         retry=bool(conf.task_publish_retry),
         retry_policy=dict(conf.task_publish_retry_policy or {}),
         default_delivery_mode=conf.task_default_delivery_mode,
-        repr_maxlevels=conf.task_repr_maxlevels,
-        acquire_timeout_s=conf.broker_pool_acquire_timeout,
+        repr_maxlevels=repr_maxlevels,
+        acquire_timeout_s=_compat.pool_acquire_timeout_s(conf),
     )
 
 
@@ -245,15 +295,15 @@ def _fast_route(
         not plan.supported
         or task.typing
         or not task.ignore_result  # Celery would subscribe the result backend to the task id
-        or task.__v2_compat__
-        or getattr(task, "_dump_pydantic_arguments", None) is not None
+        or _compat.task_is_v2_compat(task)
+        or _compat.task_dumps_pydantic_arguments(task)
         or type(task).shadow_name is not _SHADOW_NAME
         or not _APPLY_ASYNC_IS_CELERYS
         or celery_task.Task.__dict__.get("apply_async") is not _CELERY_APPLY_ASYNC
         or _BEFORE_PUBLISH.receivers
         or _AFTER_PUBLISH.receivers
         or (_TASK_SENT is not None and _TASK_SENT.receivers)
-        or _callback_publish_retry.get()
+        or _compat.callback_publish_retry()
         or not _plain_exec_options(task)
     ):
         return None
@@ -268,7 +318,7 @@ def _fast_route(
     if router.routes:
         # Route as Celery does, with the options it would pass: the task's execution options,
         # the caller's over them, minus those send_task pops.
-        routed = dict(task._get_exec_options(), **options)
+        routed = dict(_compat.exec_options(task), **options)
         for key in ("time_limit", "soft_time_limit", "expires"):
             routed.pop(key, None)
         routed = router.route(routed, task.name, (), kwargs, task)
@@ -320,7 +370,7 @@ _exec_verdicts: weakref.WeakKeyDictionary[Any, tuple[Mapping[str, Any], bool]] =
 def _plain_exec_options(task: Any) -> bool:
     """Whether the task's execution options (which Celery caches per task) are all unset but
     the queue and the serializer."""
-    exec_options = task._get_exec_options()
+    exec_options = _compat.exec_options(task)
     cached = _exec_verdicts.get(task)
     if cached is None or cached[0] is not exec_options:
         plain = all(
@@ -332,12 +382,15 @@ def _plain_exec_options(task: Any) -> bool:
 
 def _queue_delivery_mode(queue: Any, plan: _AppPlan) -> int | None:
     """The delivery mode of messages to ``queue``, or None if the fast path cannot publish to it
-    (a broadcast queue, or an exchange that is not direct)."""
+    (a broadcast queue, an exchange that is not direct, or a queue kombu declares again on every
+    publish: one that expires, whose TTL kombu renews then, or one deleted when unused)."""
     if (
         not isinstance(queue, Queue)
         or isinstance(queue, Broadcast)
         or queue.exchange is None
         or queue.exchange.type != "direct"
+        or getattr(queue, "expires", None) is not None
+        or not queue.can_cache_declaration
     ):
         return None
     mode = _delivery_mode(queue, plan.default_delivery_mode)
@@ -432,7 +485,7 @@ def _send(
             connection.transport_options.update(route.retry_policy)
             _ensure(connection, put, route.retry_policy)
         else:
-            with connection._reraise_as_library_errors():
+            with _compat.reraise_as_library_errors(connection):
                 put()
     finally:
         connection.release()
@@ -483,15 +536,15 @@ _REVIVAL = _Revival()
 
 @dataclass(slots=True)
 class _ChannelState:
-    client: Any  # redis.Redis bound to the channel's connection pool
-    #: Per queue name: the Redis key its messages go to and their "priority" property.
+    client: Any  # a plain redis.Redis on the channel's connection pool
+    prefix: str  # the broker's global_keyprefix, which kombu puts in front of its keys
+    #: Per queue name: the Redis key its messages go to (prefixed) and their "priority" property.
     queues: dict[str, tuple[str, int]]
     writer: Writer | None = None  # the outbox's, made when first needed
 
     def outbox_writer(self) -> Writer:
         if self.writer is None:
-            pool = self.client.connection_pool
-            self.writer = Writer(pool, getattr(self.client, "global_keyprefix", ""))
+            self.writer = Writer(self.client.connection_pool, self.prefix)
         return self.writer
 
 
@@ -512,8 +565,7 @@ def _put(channel: Any, message: _Message, route: _Route) -> None:
         # Producer.publish passes priority 0, which prepare_message turns into the channel's
         # default; the Redis channel picks the list from the priority it then reads back.
         priority = 0 or channel.default_priority
-        probe = {"properties": {"priority": priority}}
-        key = channel._q_for_pri(name, channel._get_message_priority(probe, reverse=False))
+        key = state.prefix + _compat.redis_queue_key(channel, name, priority)
         known = state.queues[name] = (key, priority)
     key, priority = known
     body, body_encoding = channel.encode_body(message.body, channel.body_encoding)
@@ -526,21 +578,14 @@ def _put(channel: Any, message: _Message, route: _Route) -> None:
         f'"reply_to": {_str(message.reply_to)}, "delivery_mode": {message.delivery_mode}, '
         f'"delivery_info": {{"exchange": "", "routing_key": {_str(name)}}}, '
         f'"priority": {priority}, "body_encoding": {_nullable(body_encoding)}, '
-        f'"delivery_tag": {_str(channel._next_delivery_tag())}}}}}'
+        f'"delivery_tag": {_str(_compat.next_delivery_tag(channel))}}}}}'
     )
-    client = state.client
     grace_s = message.outbox_grace_s
     if grace_s is None:
-        client.lpush(key, payload)
+        state.client.lpush(key, payload)
     else:
         # One script: the message never exists without its record.
         state.outbox_writer().push(grace_s, name, message.event_id, message.record, key, payload)
-    expires = channel._expires.get(name) if channel._expires else None
-    if expires is not None:
-        with client.pipeline(transaction=False) as pipe:
-            for step in channel.priority_steps:
-                pipe.pexpire(channel._q_for_pri(name, step), expires)
-            pipe.execute()
 
 
 def redis_broker(app: Any) -> bool:
@@ -562,7 +607,7 @@ def outbox_writer(app: Any) -> Iterator[Writer]:
 def _channel_state(channel: Any) -> _ChannelState:
     state = _channel_states.get(channel)
     if state is None or state.client.connection_pool is not channel.pool:
-        state = _ChannelState(channel._create_client(), {})
+        state = _ChannelState(_compat.redis_client(channel), _compat.redis_key_prefix(channel), {})
         _channel_states[channel] = state
     return state
 
