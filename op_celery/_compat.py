@@ -37,6 +37,7 @@ from typing import Any
 import celery
 import kombu
 import redis
+from celery import Celery
 from celery.app import amqp as celery_amqp
 from celery.app import app_or_default
 from kombu.exceptions import OperationalError
@@ -166,11 +167,19 @@ CELERY_STATE_ACTIVE_APPS = "_get_active_apps"
 CELERY_STATE_ON_FINALIZE = "connect_on_app_finalize"
 
 
-def _celery_state() -> Any:
+def _import(name: str) -> Any:
     try:
-        return importlib.import_module(CELERY_STATE_MODULE)
+        return importlib.import_module(name)
     except ImportError:
         return None
+
+
+#: The module itself, imported once (None if this Celery has none).
+_CELERY_STATE: Any = _import(CELERY_STATE_MODULE)
+
+
+def _celery_state() -> Any:
+    return _CELERY_STATE
 
 
 def _is_fallback_app(app: Any) -> bool:
@@ -178,46 +187,48 @@ def _is_fallback_app(app: Any) -> bool:
     return getattr(app, "main", None) == "default"
 
 
-def thread_current_app() -> Any:
-    """This thread's current Celery app, or None (never Celery's fallback app).
+def thread_current_app() -> Celery | None:
+    """This thread's current Celery app, or None.
 
     Private: ``celery._state._tls.current_app``. Checked: celery 5.5.3, 5.6.3, 5.7.0.
-    Fallback: ``celery.app.app_or_default()`` (public), unless it is Celery's fallback app;
+    Fallback: ``celery.app.app_or_default()`` (public), unless that is Celery's fallback app;
     it also answers with the default app where no app is current in this thread.
     """
-    state = _celery_state()
-    tls = getattr(state, CELERY_STATE_TLS, None)
+    tls = getattr(_celery_state(), CELERY_STATE_TLS, None)
     if tls is not None and _has(tls, "current_app"):
-        return tls.current_app
-    app = app_or_default()
+        current: Celery | None = tls.current_app
+        return current
+    app: Celery = app_or_default()
     return None if _is_fallback_app(app) else app
 
 
-def default_app() -> Any:
-    """The app made default with ``set_default()``, or None (Celery's fallback app counts as
-    none).
+def default_app() -> Celery | None:
+    """The app made default with ``set_default()``, or None (also when that is Celery's
+    fallback app).
 
     Private: ``celery._state.default_app``. Checked: celery 5.5.3, 5.6.3, 5.7.0.
     Fallback: None (then :func:`thread_current_app`'s fallback finds the default app).
     """
-    app = getattr(_celery_state(), CELERY_STATE_DEFAULT_APP, None)
+    app: Celery | None = getattr(_celery_state(), CELERY_STATE_DEFAULT_APP, None)
     return None if app is None or _is_fallback_app(app) else app
 
 
-def active_apps() -> list[Any]:
-    """Every Celery app that exists (Celery's fallback app left out).
+def active_apps() -> list[Celery]:
+    """Every Celery app that exists, but Celery's fallback app.
 
     Private: ``celery._state._get_active_apps()``. Checked: celery 5.5.3, 5.6.3, 5.7.0.
     Fallback: an empty list (a thread without a current app then publishes through the
     default app, else the package's).
     """
-    get = getattr(_celery_state(), CELERY_STATE_ACTIVE_APPS, None)
+    state = _celery_state()
+    get = getattr(state, CELERY_STATE_ACTIVE_APPS, None)
     if not callable(get):
         return []
-    return [app for app in get() if not _is_fallback_app(app)]
+    fallback = getattr(state, CELERY_STATE_DEFAULT_APP, None)
+    return [app for app in get() if not (app is fallback and _is_fallback_app(app))]
 
 
-def on_app_finalize(callback: Callable[[Any], object]) -> bool:
+def on_app_finalize(callback: Callable[[Celery], object]) -> bool:
     """Call ``callback(app)`` for every Celery app as it finalizes, present and future;
     False if this Celery has no such hook (then nothing is registered).
 

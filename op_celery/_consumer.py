@@ -5,7 +5,14 @@ are kept as dead letters, and the worker survives its broker going away.
 Celery acks a message it cannot decode and rejects one with an unknown task name or format,
 logging it and nothing more. A consumer bootstep, added to every app the tasks register on,
 stores such messages from the package's queue in the dead letters first, so they stay visible.
+A message of one of the package's tasks whose body is not ``[args, kwargs, options]`` would stop
+the consumer with an "Unrecoverable error"; the step stores it and acks it instead. That is all
+it treats as poison: any other error of Celery's handling of a message (a broker or pool error,
+a bug) goes on to Celery as it would without the step, so no message is lost or wrongly kept.
 Malformed arguments of a known task and unknown projects are caught by the task itself.
+
+The step reaches into Celery's consumer (its strategies and decode-error handler) and kombu's
+Redis QoS through ``_compat``; on a Celery without them it does less, and Celery does the rest.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from typing import Any
 
 from celery import Celery, bootsteps, signals
 
+from . import _compat
 from ._app import settings_for
 from ._exceptions import OpenPanelError
 from .dead_letters import DeadLetterStore
@@ -52,13 +60,11 @@ class PoisonGuard(bootsteps.StartStopStep):
         app: Celery = consumer.app
         # Wrapped here, in __init__, because the task consumer captures the bound method
         # when the Tasks step starts, which is before any step of ours could start.
-        original = consumer.on_decode_error
 
         def on_decode_error(message: Any, exc: Exception) -> None:
             _store(app, message, f"undecodable message ({type(exc).__name__}: {exc})")
-            original(message, exc)
 
-        consumer.on_decode_error = on_decode_error
+        _compat.wrap_decode_error_handler(consumer, on_decode_error)
 
         def on_rejected(sender: Any = None, message: Any = None, exc: Any = None, **_: Any) -> None:
             if sender is consumer:
@@ -75,12 +81,15 @@ class PoisonGuard(bootsteps.StartStopStep):
         # The Tasks step has just filled consumer.strategies; the message handler looks them
         # up per message in this same dict, so wrapping the entries in place takes effect.
         app: Celery = consumer.app
-        for name, strategy in list(consumer.strategies.items()):
+
+        def wrap(name: str, strategy: Any) -> Any:
             if name.startswith("op_celery.") and not getattr(strategy, "_op_guarded", False):
-                consumer.strategies[name] = _guard(app, name, strategy)
-        task_consumer = getattr(consumer, "task_consumer", None)
-        qos = getattr(getattr(task_consumer, "channel", None), "qos", None)
-        if qos is not None and hasattr(qos, "restore_unacked_once"):
+                return _guard(app, name, strategy)
+            return strategy
+
+        _compat.wrap_task_strategies(consumer, wrap)
+        qos = _compat.redis_qos(consumer)
+        if qos is not None:
             _survive_restore_on_lost_connection(qos)
 
 
@@ -96,10 +105,8 @@ def _survive_restore_on_lost_connection(qos: Any) -> None:
     """
     if getattr(qos, "_op_survives", False):
         return
-    for name in ("restore_unacked_once", "ack", "reject"):
-        original = getattr(qos, name, None)
-        if original is not None:
-            setattr(qos, name, _logging_attribute_errors(name, original))
+    for name in _compat.KOMBU_QOS_METHODS:
+        setattr(qos, name, _logging_attribute_errors(name, getattr(qos, name)))
     qos._op_survives = True
 
 
@@ -119,22 +126,39 @@ def _logging_attribute_errors(name: str, original: Any) -> Any:
     return call
 
 
+def _malformed(payload: Any) -> bool:
+    """Whether a decoded protocol-2 body is not ``[args, kwargs, options]`` (options: the
+    embedded callbacks, errbacks, chain and chord, or null)."""
+    return not (
+        isinstance(payload, (list, tuple))
+        and len(payload) == 3
+        and isinstance(payload[0], (list, tuple))
+        and isinstance(payload[1], dict)
+        and (payload[2] is None or isinstance(payload[2], dict))
+    )
+
+
 def _guard(app: Celery, name: str, strategy: Any) -> Any:
+    """``strategy``, but a message whose body is not ``[args, kwargs, options]`` is stored as
+    a dead letter and acked instead of reaching it.
+
+    Decoding the body is Celery's business too: a body that cannot be decoded raises kombu's
+    ``DecodeError`` (or ``ContentDisallowed``) here as it would in Celery's handler, which
+    hands it to ``on_decode_error`` (wrapped to store it) or rejects it (and ``task_rejected``
+    stores it). Whatever the strategy itself raises is not the message's fault and goes to
+    Celery unchanged, as without this guard (a broker error restarts the consumer, another
+    error stops the worker); the message, never acked, is restored by kombu.
+    """
+
     def guarded(message: Any, body: Any, ack: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            payload = message.payload
-            if not (
-                isinstance(payload, (list, tuple))
-                and len(payload) == 3
-                and isinstance(payload[0], (list, tuple))
-                and isinstance(payload[1], dict)
-            ):
-                raise ValueError("the body is not [args, kwargs, options]")
-            return strategy(message, body, ack, *args, **kwargs)
-        except Exception as exc:
-            _store(app, message, f"malformed {name} message ({type(exc).__name__}: {exc})")
+        # ``body`` is None for protocol 2, whose body Celery decodes later; a protocol-1 body
+        # (decoded already, a dict) is Celery's to check.
+        if body is None and _malformed(message.payload):
+            _store(app, message, f"malformed {name} message (the body is not "
+                   "[args, kwargs, options])")  # fmt: skip
             message.ack()
             return None
+        return strategy(message, body, ack, *args, **kwargs)
 
     guarded._op_guarded = True  # type: ignore[attr-defined]
     return guarded
