@@ -12,8 +12,9 @@ import threading
 import weakref
 from typing import Any
 
-from celery import Celery, _state
+from celery import Celery
 
+from . import _compat
 from ._embedded import embedded_redis
 from ._settings import EMBEDDED_URL, Settings, load_settings
 
@@ -98,8 +99,8 @@ def package_app() -> Celery:
             # Not made current: a user's app created later must stay the one that publishes.
             app = Celery("op_celery", set_as_current=False)
             configure_app(app, load_settings())
-            import op_celery._tasks  # noqa: F401  (registers the tasks on every app)
-
+            # The tasks are on it already if ``op_celery`` was imported: they register on every
+            # app, present and future (``_tasks``). Whoever runs a worker imports them.
             _package_app = app
         return _package_app
 
@@ -114,14 +115,15 @@ def publishing_app() -> Celery:
     """
     # Celery offers no public "was an app created?" test: ``current_app`` silently makes a
     # fallback app pointed at amqp://localhost, which is never what an op-celery user wants.
-    current: Celery | None = getattr(_state, "_tls").current_app  # noqa: B009
+    # So Celery's private state is read, through ``_compat`` (which says how, and what it
+    # does on a Celery without it).
+    current: Celery | None = _compat.thread_current_app()
     if current is not None:
         return current
-    default: Celery | None = getattr(_state, "default_app")  # noqa: B009
-    if default is not None and default.main != "default":
+    default: Celery | None = _compat.default_app()
+    if default is not None:
         return default
-    apps: list[Celery] = list(getattr(_state, "_get_active_apps")())  # noqa: B009
-    users = [app for app in apps if _is_user_app(app)]
+    users = [app for app in _compat.active_apps() if _is_user_app(app)]
     if len(users) == 1:
         return users[0]
     if len(users) > 1:
@@ -130,8 +132,9 @@ def publishing_app() -> Celery:
 
 
 def _is_user_app(app: Celery) -> bool:
-    fallback = getattr(_state, "default_app")  # noqa: B009
-    return app is not _package_app and not (app is fallback and app.main == "default")
+    """Whether ``app`` (one of ``_compat.active_apps()``, Celery's fallback app left out) is
+    not the package's own."""
+    return app is not _package_app
 
 
 _warned = False

@@ -132,10 +132,11 @@ class Settings:
     rate_headroom_pct: float = DEFAULT_RATE_HEADROOM_PCT
     outbox: bool = True
     outbox_grace_s: float = DEFAULT_OUTBOX_GRACE_S
-    #: Where named projects come from: the raw environment and Celery config, read lazily so a
-    #: producer that never sends needs no credentials.
-    _env: Mapping[str, str] = field(default_factory=dict, repr=False)
-    _conf: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    #: Where projects' credentials come from, read lazily so a producer that never sends needs
+    #: none: only the ``OPENPANEL_*`` environment variables and ``openpanel*`` config entries,
+    #: frozen, so that settings stay a small hashable value (caches key on them).
+    _env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    _conf: tuple[tuple[str, Any], ...] = field(default=(), repr=False)
 
     @property
     def max_countdown_s(self) -> float:
@@ -152,19 +153,23 @@ class Settings:
     def project(self, name: str = "default") -> Project:
         """The named project's credentials; :class:`ConfigurationError` if it has none."""
         prefix = "OPENPANEL_" if name == "default" else f"OPENPANEL_{_env_name(name)}_"
-        projects = self._conf.get("openpanel_projects") or {}
-        if not isinstance(projects, Mapping):
+        env = dict(self._env)
+        conf = dict(self._conf)
+        projects = conf.get("openpanel_projects") or ()
+        if not isinstance(projects, tuple) or not all(
+            isinstance(item, tuple) and isinstance(item[1], tuple) for item in projects
+        ):
             raise ConfigurationError("openpanel_projects must be a dict of project dicts")
-        entry = projects.get(name) or {}
+        entry = dict(dict(projects).get(name) or ())
 
         def get(key: str) -> Any:
             if key in entry:
                 return entry[key]
             if name == "default":
                 conf_key = f"openpanel_{key}"
-                if self._conf.get(conf_key) is not None:
-                    return self._conf[conf_key]
-            return self._env.get(prefix + key.upper())
+                if conf.get(conf_key) is not None:
+                    return conf[conf_key]
+            return env.get(prefix + key.upper())
 
         client_id = get("client_id")
         secret = get("client_secret")
@@ -178,7 +183,7 @@ class Settings:
                 f"project {name!r} has no client secret: set {prefix}CLIENT_SECRET on the "
                 "workers (server-side requests always need it)"
             )
-        api_url = str(get("api_url") or self._env.get("OPENPANEL_API_URL") or DEFAULT_API_URL)
+        api_url = str(get("api_url") or env.get("OPENPANEL_API_URL") or DEFAULT_API_URL)
         burst = get("rate_burst")
         return Project(
             name=name,
@@ -188,6 +193,22 @@ class Settings:
             rate_limit=get("rate_limit") or None,
             rate_burst=None if burst in (None, "") else _as_int(f"{prefix}RATE_BURST", burst),
         )
+
+
+def _freeze(key: str, value: Any) -> Any:
+    """A hashable copy of a config value: dicts become sorted tuples of pairs."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), _freeze(key, v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return tuple(_freeze(key, v) for v in value)
+    try:
+        hash(value)
+    except TypeError:
+        raise ConfigurationError(
+            f"{key} holds a {type(value).__name__}, which op-celery cannot use as a setting: "
+            "give it a string, a number or a dict of those"
+        ) from None
+    return value
 
 
 def _redis_url_of(broker_url: str) -> str | None:
@@ -322,8 +343,14 @@ def load_settings(
         rate_headroom_pct=number("OPENPANEL_RATE_HEADROOM", DEFAULT_RATE_HEADROOM_PCT),
         outbox=_as_bool("OP_CELERY_OUTBOX", _default(get("OP_CELERY_OUTBOX"), True)),
         outbox_grace_s=number("OP_CELERY_OUTBOX_GRACE", DEFAULT_OUTBOX_GRACE_S),
-        _env=env,
-        _conf=conf,
+        _env=tuple(sorted((k, v) for k, v in env.items() if k.startswith("OPENPANEL_"))),
+        _conf=tuple(
+            sorted(
+                (k, _freeze(k, v))
+                for k, v in conf.items()
+                if k.startswith("openpanel") and v is not None
+            )
+        ),
     )
     if settings.visibility_timeout_s < 10:
         raise ConfigurationError(

@@ -159,15 +159,15 @@ class DeadLetterStore:
         project: str | None = None,
         error: str | None = None,
         *,
-        publish: Callable[[DeadLetter], object] | None = None,
+        publish: Callable[[DeadLetter], object],
         progress: Callable[[DeadLetter], None] | None = None,
     ) -> int:
         """Re-enqueue matching replayable dead letters; returns how many were enqueued.
 
         Each dead letter is removed before it is published and put back if publishing fails,
-        so two replays running at once never enqueue the same one twice.
+        so two replays running at once never enqueue the same one twice. ``publish`` enqueues
+        one dead letter (the Celery layer's is ``op_celery._enqueue.publish_dead_letter``).
         """
-        publish = publish or _publish_again
         count = 0
         for letter in list(self.list(project, error)):
             if not letter.replayable:
@@ -215,11 +215,3 @@ def _matches(letter: DeadLetter, project: str | None, error: str | None) -> bool
         or needle == str(letter.status)
         or needle in letter.error.lower()
     )
-
-
-def _publish_again(letter: DeadLetter) -> object:
-    from ._tasks import task_for
-
-    kwargs = dict(letter.kwargs)
-    kwargs["event_id"] = letter.id  # same id: the ledger drops it if it was delivered after all
-    return task_for(letter.operation).apply_async((), kwargs)

@@ -8,6 +8,7 @@ It reads the settings from the environment (see the README), consumes the ``open
 
 import os
 
+from . import _tasks  # noqa: F401  (registers the tasks on every app, this one included)
 from ._app import package_app
 
 __all__ = ["app"]

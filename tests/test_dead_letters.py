@@ -13,6 +13,7 @@ import redis
 from celery import Celery
 
 import op_celery
+from op_celery._enqueue import publish_dead_letter
 from op_celery._settings import load_settings
 from op_celery.dead_letters import DeadLetter, DeadLetterStore
 from op_celery.testing import StandInServer
@@ -94,7 +95,7 @@ def test_a_refused_event_is_dead_lettered_without_the_secret_and_replays_after_t
     wrong.stop()
 
     start_worker()
-    assert worker_store.replay() == 5
+    assert worker_store.replay(publish=publish_dead_letter) == 5
     assert stand_in.wait_for(5, timeout=20)
     assert sorted(r.payload["name"] for r in stand_in.received) == [f"denied-{i}" for i in range(5)]
     assert len(worker_store) == 0

@@ -15,8 +15,8 @@ from celery import Celery
 import op_celery
 from op_celery import PublishError
 from op_celery._app import reset_settings
+from op_celery._enqueue import flush_spool
 from op_celery._spool import Spool
-from op_celery._tasks import flush_spool
 from op_celery.testing import StandInServer
 
 from ._support import CLIENT_SECRET, RedisServer, WorkerProcess, free_port, worker_env

@@ -20,6 +20,7 @@ from celery import Celery
 
 import op_celery
 from op_celery._app import reset_settings
+from op_celery._enqueue import publish_dead_letter
 from op_celery._settings import load_settings
 from op_celery.dead_letters import DeadLetterStore
 from op_celery.testing import StandInServer
@@ -230,7 +231,7 @@ def test_a_wrong_secret_dead_letters_every_event_once_and_replay_delivers_them(
     tries = stand_in.counts().get(401, 0)
     wrong.stop()
     start_worker()
-    replayed = store.replay()
+    replayed = store.replay(publish=publish_dead_letter)
     assert stand_in.wait_for(sent, timeout=90)
     report(
         "wrong-secret", sent=sent, tried=tries, dead_letters=sent, replayed=replayed,

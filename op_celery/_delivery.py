@@ -1,0 +1,323 @@
+"""The delivery pipeline: what happens to one event on a worker, with no Celery in it.
+
+One event in, one :data:`Outcome` out::
+
+    claim the event in the ledger ── delivered before ──────────────→ AlreadyDelivered
+      │                          └── a copy is being sent elsewhere ─→ Busy(wait_s)
+    take a slot of the project's shared rate limit
+      │  (a slot within OP_CELERY_MAX_INLINE_WAIT is slept for) ─ later → Throttled(wait_s)
+    POST it (``_client``)
+      ├── 2xx: mark it delivered in the ledger (and forget its outbox record, when the ledger's
+      │        Redis is the broker's: one round trip) ─────────────────→ Delivered
+      ├── transient failure, ``_retry.decide`` says again ─────────────→ Retry(countdown_s)
+      └── permanent failure, or retries used up ───────────────────────→ GiveUp(reason)
+
+Whatever ends the attempt early ends its claim too, so a retry (or a copy) can claim again.
+The caller maps the outcome to its scheduler: the Celery layer (``_tasks``) turns ``Retry`` into
+Celery's retry, ``Busy`` and ``Throttled`` into a countdown that counts no retry, ``GiveUp`` into
+a dead letter (:meth:`Delivery.dead_letter`) and acks the rest. Signals, the outbox and the
+broker are the caller's business: this module talks to the API and the package's Redis only,
+so it can be read and tested with the stand-in server and a Redis, and nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ._client import OpenPanelClient
+from ._events import Event
+from ._exceptions import (
+    ConfigurationError,
+    InvalidEvent,
+    OpenPanelError,
+    PermanentError,
+    RateLimited,
+    StorageUnavailable,
+    TransientError,
+)
+from ._ledger import Ledger
+from ._limiter import RateLimiter
+from ._rates import DEFAULT_BURST, Rate, parse_burst, parse_rate, with_headroom
+from ._redis import redis_for
+from ._retry import decide
+from ._settings import Settings
+from .dead_letters import DeadLetter, DeadLetterStore
+
+__all__ = [
+    "DEFAULT_PAUSE_S",
+    "AlreadyDelivered",
+    "Attempt",
+    "Busy",
+    "Delivered",
+    "Delivery",
+    "GiveUp",
+    "Outcome",
+    "Retry",
+    "Throttled",
+    "delivery_for",
+]
+
+log = logging.getLogger("op_celery")
+
+#: Seconds the pool pauses after a 429 that named no retry-after.
+DEFAULT_PAUSE_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """What the scheduler knows of this try of the event."""
+
+    #: Retries made before this attempt (0 on the first).
+    retries: int = 0
+    #: The outbox keys of the event's queue when the ledger's Redis is the broker's, so the
+    #: ledger's mark forgets the outbox record in the same round trip; else None.
+    outbox_keys: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """The API took the event."""
+
+    status: int
+    #: Seconds the HTTP exchange took.
+    latency_s: float
+    #: Seconds the attempt waited inline for its rate-limit slot before sending (0 if none).
+    waited_s: float = 0.0
+    #: Whether the ledger's mark also forgot the event's outbox record.
+    forgotten: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AlreadyDelivered:
+    """The ledger says the event was delivered before: it is not sent again."""
+
+
+@dataclass(frozen=True, slots=True)
+class Busy:
+    """Another attempt holds the event's claim (a copy is being sent): look again later."""
+
+    wait_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Throttled:
+    """The project's shared limit has no slot soon enough: run again in ``wait_s``.
+
+    Throttling is not a failure: it costs the event no retry.
+    """
+
+    wait_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """A transient failure: try again in ``countdown_s`` (one more retry)."""
+
+    error: TransientError
+    countdown_s: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class GiveUp:
+    """Retrying cannot help (or the retries are used up): the event becomes a dead letter."""
+
+    error: OpenPanelError
+    reason: str
+
+
+Outcome = Delivered | AlreadyDelivered | Busy | Throttled | Retry | GiveUp
+
+
+class Delivery:
+    """The pipeline of one settings object: its clients, ledger, limiter and dead letters."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.ledger = Ledger(settings)
+        self.dead_letters = DeadLetterStore(settings)
+        self.limiter = RateLimiter(redis_for(settings), prefix=settings.key_prefix)
+        self._clients: dict[str, OpenPanelClient] = {}
+        self._limits: dict[str, tuple[Rate, int] | None] = {}
+        self._lock = threading.Lock()
+
+    def client(self, project: str) -> OpenPanelClient:
+        """The project's client, made once; :class:`ConfigurationError` without credentials."""
+        client = self._clients.get(project)
+        if client is None:
+            with self._lock:
+                client = self._clients.get(project)
+                if client is None:
+                    client = self._clients[project] = OpenPanelClient.for_project(
+                        self.settings.project(project),
+                        connect_timeout_s=self.settings.connect_timeout_s,
+                        read_timeout_s=self.settings.read_timeout_s,
+                    )
+        return client
+
+    def limit(self, project: str) -> tuple[Rate, int] | None:
+        """The project's configured rate and burst, parsed once; None when it has none."""
+        if project in self._limits:
+            return self._limits[project]
+        config = self.settings.project(project)
+        limit = None
+        if config.rate_limit:
+            rate = parse_rate(config.rate_limit)
+            limit = (
+                with_headroom(rate, self.settings.rate_headroom_pct),
+                DEFAULT_BURST if config.rate_burst is None else parse_burst(config.rate_burst),
+            )
+            log.info(
+                "op_celery: project %r limited to %s, paced at %.4g/s (%g %% headroom), "
+                "shared by all workers",
+                project,
+                rate,
+                limit[0].per_second,
+                self.settings.rate_headroom_pct,
+            )
+        else:
+            log.info(
+                "op_celery: project %r has no rate limit (OPENPANEL_RATE_LIMIT unset): events "
+                "are sent as fast as the workers go",
+                project,
+            )
+        self._limits[project] = limit
+        return limit
+
+    def deliver(self, event: Event, attempt: Attempt) -> Outcome:
+        """Claim, pace, send and mark one event; see the module docstring for the outcomes."""
+        try:
+            client = self.client(event.project)
+            claim = self.ledger.claim(event.event_id, self.settings.claim_ttl_s)
+        except ConfigurationError as exc:
+            return GiveUp(exc, "refused")
+        except TransientError as exc:
+            return self._after(exc, attempt)
+        if claim.delivered:
+            return AlreadyDelivered()
+        if claim.token is None:
+            return Busy(claim.busy_s)
+        try:
+            outcome = self._send(client, event, attempt)
+        except BaseException:
+            self._release(event.event_id, claim.token)
+            raise
+        if not isinstance(outcome, Delivered):
+            self._release(event.event_id, claim.token)
+        return outcome
+
+    def send_once(self, event: Event) -> Delivered:
+        """POST the event with no ledger, limiter or retries (a task called directly);
+        raises what the client raises."""
+        client = self.client(event.project)
+        started = time.perf_counter()
+        answer = client.send(event)
+        return Delivered(answer.status, time.perf_counter() - started)
+
+    def _send(self, client: OpenPanelClient, event: Event, attempt: Attempt) -> Outcome:
+        try:
+            granted, waited_s = self._take_slot(event.project, client.client_id)
+            if not granted:
+                return Throttled(waited_s)
+            started = time.perf_counter()
+            try:
+                answer = client.send(event)
+            except RateLimited as exc:
+                # Every worker of the pool holds off, not only this one.
+                self.limiter.pause(client.client_id, exc.retry_after or DEFAULT_PAUSE_S)
+                raise
+            latency_s = time.perf_counter() - started
+        except PermanentError as exc:
+            return GiveUp(exc, "refused")
+        except TransientError as exc:
+            return self._after(exc, attempt)
+        forgotten = False
+        try:
+            self.ledger.record(event.event_id, attempt.outbox_keys)
+            forgotten = attempt.outbox_keys is not None
+        except StorageUnavailable as exc:
+            # Delivered; only the memory that prevents a duplicate after a crash is missing.
+            log.warning("op_celery: event %s delivered but not recorded: %s", event.event_id, exc)
+        return Delivered(answer.status, latency_s, waited_s, forgotten)
+
+    def _take_slot(self, project: str, client_id: str) -> tuple[bool, float]:
+        """Take a slot of the project's shared limit: (True, seconds slept for it), or (False,
+        seconds until one) when it is further off than ``OP_CELERY_MAX_INLINE_WAIT``."""
+        limit = self.limit(project)
+        if limit is None:
+            return True, 0.0
+        rate, burst = limit
+        acquisition = self.limiter.acquire(
+            client_id, rate, burst, max_wait_s=self.settings.max_inline_wait_s
+        )
+        if not acquisition.granted:
+            return False, acquisition.wait_s
+        if acquisition.wait_s:
+            time.sleep(acquisition.wait_s)  # the slot is booked for us: send at it
+        return True, acquisition.wait_s
+
+    def _after(self, error: TransientError, attempt: Attempt) -> Retry | GiveUp:
+        decision = decide(error, attempt.retries, self.settings)
+        if not decision.retry:
+            return GiveUp(error, decision.reason)
+        return Retry(error, decision.countdown_s, decision.reason)
+
+    def _release(self, event_id: str, token: str) -> None:
+        """End this attempt's claim on the event, so its retry (or a copy) can send it."""
+        try:
+            self.ledger.release(event_id, token)
+        except StorageUnavailable as exc:
+            log.warning(
+                "op_celery: event %s: claim not released (it runs out in %g s): %s",
+                event_id, self.settings.claim_ttl_s, exc,
+            )  # fmt: skip
+
+    def dead_letter(
+        self,
+        operation: str,
+        kwargs: Mapping[str, Any],
+        error: BaseException,
+        attempts: int,
+        extra: Mapping[str, Any] | None = None,
+    ) -> DeadLetter:
+        """Store the event as a dead letter; raises StorageUnavailable (or
+        ConfigurationError) when there is nowhere to keep it."""
+        now = time.time()
+        letter = DeadLetter(
+            id=str(kwargs.get("event_id") or uuid.uuid4().hex),
+            operation=operation,
+            project=str(kwargs.get("project", "default")),
+            kwargs=dict(kwargs),
+            error=str(error),
+            error_type=type(error).__name__,
+            status=getattr(error, "status", None),
+            attempts=attempts,
+            failed_at=now,
+            first_failed_at=now,
+            # Invalid input stays invalid; a refusal or a configuration error can be fixed.
+            replayable=not isinstance(error, InvalidEvent),
+            extra=dict(extra or {}),
+        )
+        self.dead_letters.add(letter)
+        return letter
+
+
+_deliveries: dict[Settings, Delivery] = {}
+_deliveries_lock = threading.Lock()
+
+
+def delivery_for(settings: Settings) -> Delivery:
+    """The pipeline of a settings object, made once per process."""
+    delivery = _deliveries.get(settings)
+    if delivery is None:
+        with _deliveries_lock:
+            delivery = _deliveries.get(settings)
+            if delivery is None:
+                delivery = _deliveries[settings] = Delivery(settings)
+    return delivery

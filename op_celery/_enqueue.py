@@ -1,0 +1,94 @@
+"""The caller's side of the tasks beyond validation: the spool that keeps events while the
+broker is away, re-publishing from it, and the publishers that replay and the CLI use.
+
+Everything here publishes through the app that publishes (``_app.publishing_app``), by task
+name, so nothing needs the task classes themselves.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, cast
+
+import redis
+from celery import Task
+from kombu.exceptions import OperationalError
+
+from ._app import publishing_app, settings_for
+from ._settings import Settings
+from ._spool import Spool, default_spool_dir
+from .dead_letters import DeadLetter
+
+__all__ = [
+    "BROKER_ERRORS",
+    "NOW",
+    "NO_SPOOL",
+    "flush_spool",
+    "publish_dead_letter",
+    "publish_retry_policy",
+    "republish",
+    "spool_for",
+    "task_for",
+]
+
+#: Errors that mean the broker did not take a message.
+BROKER_ERRORS: tuple[type[BaseException], ...] = (
+    OperationalError,
+    OSError,
+    redis.ConnectionError,
+    redis.TimeoutError,
+)
+#: Option of apply_async (never sent) that makes a publish failure raise instead of spooling.
+NO_SPOOL = "_op_celery_no_spool"
+#: Option of apply_async (never sent): publish now even if the request context defers.
+NOW = "_op_celery_now"
+#: Seconds between two publish attempts while the broker does not answer.
+PUBLISH_RETRY_INTERVAL_S = 0.2
+
+_spools: dict[str, Spool] = {}
+
+
+def publish_retry_policy(timeout_s: float) -> dict[str, float]:
+    """kombu's retry policy that gives up on a silent broker after about ``timeout_s``."""
+    attempts = max(0, math.ceil(timeout_s / PUBLISH_RETRY_INTERVAL_S) - 1)
+    return {
+        "max_retries": attempts,
+        "interval_start": 0,
+        "interval_step": PUBLISH_RETRY_INTERVAL_S,
+        "interval_max": PUBLISH_RETRY_INTERVAL_S,
+    }
+
+
+def spool_for(settings: Settings) -> Spool:
+    """The spool of the settings' directory, one per process."""
+    directory = settings.spool_dir or str(default_spool_dir())
+    spool = _spools.get(directory)
+    if spool is None:
+        spool = _spools.setdefault(directory, Spool(directory))
+    return spool
+
+
+def task_for(operation: str) -> Task[..., None]:
+    """The task of an operation on the app that publishes."""
+    return cast("Task[..., None]", publishing_app().tasks[f"op_celery.{operation}"])
+
+
+def republish(task_name: str, kwargs: dict[str, Any], options: dict[str, Any]) -> object:
+    """Publish a spooled event again; raises if the broker does not take it (no re-spooling)."""
+    task = publishing_app().tasks[task_name]
+    publish_options: dict[str, Any] = {"queue": options.get("queue"), NO_SPOOL: True}
+    return task.apply_async((), kwargs, task_id=options.get("task_id"), **publish_options)
+
+
+def flush_spool(settings: Settings | None = None) -> int:
+    """Re-publish the spooled events now; returns how many. Raises if the broker is away."""
+    return spool_for(settings or settings_for(publishing_app())).flush(republish)
+
+
+def publish_dead_letter(letter: DeadLetter) -> object:
+    """Re-enqueue a dead letter with its event id (the ledger drops it if it was delivered
+    after all); raises if the broker does not take it, so the dead letter is kept."""
+    kwargs = dict(letter.kwargs)
+    kwargs["event_id"] = letter.id
+    options: dict[str, Any] = {NO_SPOOL: True}
+    return task_for(letter.operation).apply_async((), kwargs, **options)
