@@ -6,18 +6,24 @@ Every error the package raises derives from :class:`OpenPanelError`::
     ├── InvalidEvent            (also a ValueError) bad input, raised in the caller at .delay()
     ├── ConfigurationError      a missing or wrong setting; fix the configuration
     ├── PublishError            the broker could not take the message at .delay()
-    └── DeliveryError           the OpenPanel API did not accept an event
-        ├── PermanentError      retrying cannot help; the event goes to the dead letters
-        │   ├── InvalidPayload      400: the server rejected the payload
-        │   ├── AliasNotSupported   400 "Alias is not supported"
-        │   └── AuthenticationError 401/403: wrong client id or secret
-        └── TransientError      retrying later can help; carries the server's retry delay if any
-            ├── RateLimited         429
-            ├── ServerError         5xx
-            ├── NetworkError        connection refused or reset, timeout
-            ├── ProfileNotFound     404 on increment/decrement before the profile exists
-            ├── LimiterUnavailable  the limiter's Redis did not answer
-            └── StorageUnavailable  the Redis of the ledger or dead letters did not answer
+    ├── DeliveryError           the OpenPanel API did not accept an event (``status``)
+    │   ├── PermanentError      retrying cannot help; the event goes to the dead letters
+    │   │   ├── InvalidPayload      400: the server rejected the payload
+    │   │   ├── AliasNotSupported   400 "Alias is not supported"
+    │   │   └── AuthenticationError 401/403: wrong client id or secret
+    │   └── RateLimited, ServerError, NetworkError, ProfileNotFound   (also TransientError)
+    └── TransientError          retrying later can help; carries the server's retry delay if any
+        ├── RateLimited         429                                          (a DeliveryError)
+        ├── ServerError         5xx                                          (a DeliveryError)
+        ├── NetworkError        connection refused or reset, timeout         (a DeliveryError)
+        ├── ProfileNotFound     404 on increment/decrement before the profile exists (idem)
+        └── StorageUnavailable  the package's Redis (ledger, dead letters) did not answer
+            └── LimiterUnavailable  the rate limiter's Redis did not answer
+
+Two questions, two branches: *did the API refuse?* (:class:`DeliveryError`, with the HTTP
+status) and *will a retry help?* (:class:`TransientError` or :class:`PermanentError`). A Redis
+outage is transient but no answer of the API, so the storage errors are not DeliveryErrors;
+Celery's autoretry, ``_retry.decide`` and the pipeline all ask the second question only.
 
 ``requests`` exceptions are mapped to these in ``_client.py`` only; ``redis`` ones in
 ``_limiter.py`` (limiter calls) and ``_redis.py`` (ledger and dead letters) only; broker errors
@@ -26,6 +32,8 @@ password.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 __all__ = [
     "AliasNotSupported",
@@ -123,40 +131,37 @@ class AuthenticationError(PermanentError):
     """401/403: the client id or secret is wrong, or a project filter blocks the event."""
 
 
-class TransientError(DeliveryError):
+class TransientError(OpenPanelError):
     """Retrying later can help. ``retry_after`` is the server's delay in seconds, if it gave one."""
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int | None = None,
-        server_message: str | None = None,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(message, status=status, server_message=server_message)
+    retry_after: float | None = None
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: Any) -> None:
+        # Cooperative: for the API's transient errors the next class is DeliveryError, which
+        # takes ``status`` and ``server_message``; for the storage errors it is the base.
+        super().__init__(message, **kwargs)
         self.retry_after = retry_after
 
 
-class RateLimited(TransientError):
+class RateLimited(TransientError, DeliveryError):
     """429: the API's rate limit was exceeded; wait ``retry_after`` seconds."""
 
 
-class ServerError(TransientError):
+class ServerError(TransientError, DeliveryError):
     """5xx: the server or a proxy in front of it failed."""
 
 
-class NetworkError(TransientError):
+class NetworkError(TransientError, DeliveryError):
     """No response: the connection failed or timed out."""
 
 
-class ProfileNotFound(TransientError):
+class ProfileNotFound(TransientError, DeliveryError):
     """404 "Profile not found": the profile may not be processed yet; retried a few times."""
 
 
-class LimiterUnavailable(TransientError):
-    """The rate limiter's Redis did not answer; the event is retried, never sent unthrottled."""
-
-
 class StorageUnavailable(TransientError):
-    """The Redis that holds delivered ids and dead letters did not answer; retried later."""
+    """The package's Redis (delivered ids, claims, dead letters) did not answer; retried later."""
+
+
+class LimiterUnavailable(StorageUnavailable):
+    """The rate limiter's Redis did not answer; the event is retried, never sent unthrottled."""

@@ -48,3 +48,33 @@ def test_mypy_flags_wrong_task_arguments_in_user_code(tmp_path: Path) -> None:
     assert 'Unexpected keyword argument "nme"' in out
     assert 'Argument "value" to "delay"' in out
     assert len(errors) == 2, out
+
+
+def test_storage_outages_are_transient_but_not_refusals_of_the_api() -> None:
+    for storage in (op_celery.StorageUnavailable, op_celery.LimiterUnavailable):
+        assert issubclass(storage, op_celery.TransientError)
+        assert not issubclass(storage, op_celery.DeliveryError)
+    assert issubclass(op_celery.LimiterUnavailable, op_celery.StorageUnavailable)
+    for api in (
+        op_celery.RateLimited,
+        op_celery.ServerError,
+        op_celery.NetworkError,
+        op_celery.ProfileNotFound,
+    ):
+        assert issubclass(api, op_celery.DeliveryError)
+        assert issubclass(api, op_celery.TransientError)
+
+
+def test_transient_api_errors_keep_status_and_retry_after_through_pickle() -> None:
+    import pickle
+
+    error = op_celery.RateLimited("slow down", status=429, server_message="x", retry_after=2.5)
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.status, copy.server_message, copy.retry_after, str(copy)) == (
+        429,
+        "x",
+        2.5,
+        "slow down",
+    )
+    storage = pickle.loads(pickle.dumps(op_celery.StorageUnavailable("redis down; retried")))
+    assert str(storage) == "redis down; retried" and storage.retry_after is None
