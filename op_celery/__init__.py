@@ -6,6 +6,28 @@ losing an event.
 
 The tasks validate in the caller, travel as JSON on their own queue, and are delivered by
 Celery workers (``celery -A op_celery.worker worker``) with retries that follow the API.
+
+How the package is built: four layers, each importing only the ones below it (lazy imports
+count; ``lint-imports`` checks it against ``[tool.importlinter]`` in ``pyproject.toml``)::
+
+    tools           cli, _demo, worker, contrib (Django, Flask, FastAPI), metrics, testing
+    ─────────────────────────────────────────────────────────────────────────────────────────
+    Celery layer    _tasks      the typed tasks: validate at .delay(), map outcomes to Celery
+                    _startup    what a worker does as it starts (sweeper, checks, announce)
+                    _enqueue    spool, re-publish, dead-letter replay's publisher
+                    _consumer   the consumer step that keeps malformed messages visible
+                    _publish    the fast publish path;  _outbox   records of what was published
+                    _app        which Celery app publishes, and its settings;  signals
+                    _compat     every private Celery/kombu/redis-py name, with its fallback
+    ─────────────────────────────────────────────────────────────────────────────────────────
+    pipeline        _delivery   one event in, one outcome out: claim, pace, POST, mark
+    ─────────────────────────────────────────────────────────────────────────────────────────
+    core (no        dead_letters, _client (HTTP), _ledger (delivered ids), _limiter (shared
+    Celery)         rate), _spool, _redis, _retry (the one retry decision), _events
+                    (validation), _rates, _lua, _process, _settings, _embedded, _context,
+                    __about__, _exceptions (the one exception tree)
+
+Public names are the ones in ``__all__`` below; modules with a leading underscore are internal.
 """
 
 from .__about__ import __version__
