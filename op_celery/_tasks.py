@@ -53,6 +53,7 @@ from ._events import build_event, normalize_call
 from ._exceptions import (
     ConfigurationError,
     InvalidEvent,
+    OpenPanelError,
     PermanentError,
     PublishError,
     StorageUnavailable,
@@ -133,7 +134,7 @@ class OpenPanelTask(_TaskBase):
     #: The limit is applied by ``_retry.decide``, which knows the 404 and 429 rules.
     max_retries = None
 
-    def delay(self, *args: Any, **kwargs: Any) -> AsyncResult[Any]:
+    def delay(self, *args: Any, **kwargs: Any) -> AsyncResult[None]:
         """Validate and enqueue; each operation's class declares its typed signature."""
         return self.apply_async(args, kwargs)
 
@@ -151,7 +152,7 @@ class OpenPanelTask(_TaskBase):
         link_error: Any = None,
         shadow: str | None = None,
         **options: Any,
-    ) -> AsyncResult[Any]:
+    ) -> AsyncResult[None]:
         """Validate the call (raising :class:`InvalidEvent`), then enqueue it as JSON.
 
         If the broker does not answer within ``OP_CELERY_PUBLISH_TIMEOUT``, the event goes to
@@ -171,6 +172,12 @@ class OpenPanelTask(_TaskBase):
             )
             return self.AsyncResult(task_id)
         options.pop(NOW, None)
+        if self.app.conf.task_always_eager:
+            # Run here and now (Celery's apply): no broker, so no outbox record, no spool.
+            options.pop(NO_SPOOL, None)
+            return super().apply_async(
+                (), message, task_id, producer, link, link_error, shadow, **options
+            )
         spool_on_failure = options.pop(NO_SPOOL, False) is False
         options.setdefault("queue", settings.queue)
         options["serializer"] = "json"
@@ -208,11 +215,15 @@ class OpenPanelTask(_TaskBase):
         except (InvalidEvent, ConfigurationError) as exc:
             self.give_up(kwargs, exc, "refused")
         delivery = delivery_for(self.settings)
-        if self.request.called_directly:
+        if self.request.called_directly or self.request.is_eager:
+            # One POST, no ledger, limiter or dead letters: nothing is kept in a Redis that no
+            # worker reads. An error is the caller's (the EagerResult's, or raised with
+            # task_eager_propagates), and is never retried (see ``retry``).
             try:
                 delivery.send_once(event)
-            except (PermanentError, ConfigurationError) as exc:
-                self.give_up(kwargs, exc, "refused")
+            except OpenPanelError as exc:
+                reason = "refused" if isinstance(exc, PermanentError) else "not retried here"
+                self.give_up(kwargs, exc, reason)
             return
         outcome = delivery.deliver(
             event, Attempt(retries=self.request.retries or 0, outbox_keys=self.outbox_keys())
@@ -321,7 +332,18 @@ class OpenPanelTask(_TaskBase):
         max_retries: int | None = None,
         **options: Any,
     ) -> Any:
-        """Retry after the countdown ``_retry.decide`` gives, or give the event up."""
+        """Retry after the countdown ``_retry.decide`` gives, or give the event up.
+
+        Not in eager mode: Celery's eager retry runs the task again inside this call, once
+        per retry, until the stack overflows; the error goes to the caller instead.
+        """
+        if self.request.is_eager:
+            if exc is None:
+                raise TransientError(
+                    f"{self.operation}: a retry was asked for in eager mode (task_always_eager), "
+                    "where op-celery does not retry; call the task again or run a worker"
+                )
+            raise exc
         if exc is not None and countdown is None and eta is None:
             self.retry_after(exc, decide(exc, self.request.retries, self.settings))
         return super().retry(
@@ -366,7 +388,7 @@ class OpenPanelTask(_TaskBase):
             status,
             error,
         )
-        if self.request.called_directly:
+        if self.request.called_directly or self.request.is_eager:
             raise error
         try:
             letter = delivery_for(self.settings).dead_letter(
@@ -407,7 +429,7 @@ class TrackTask(OpenPanelTask):
             client_ip: str | None = None,
             user_agent: str | None = None,
             project: str = "default",
-        ) -> AsyncResult[Any]:
+        ) -> AsyncResult[None]:
             """Enqueue a ``track`` event; ``timestamp`` defaults to now."""
             ...
 
@@ -429,7 +451,7 @@ class IdentifyTask(OpenPanelTask):
             client_ip: str | None = None,
             user_agent: str | None = None,
             project: str = "default",
-        ) -> AsyncResult[Any]:
+        ) -> AsyncResult[None]:
             """Enqueue an ``identify``: create or update a profile."""
             ...
 
@@ -447,7 +469,7 @@ class AliasTask(OpenPanelTask):
             client_ip: str | None = None,
             user_agent: str | None = None,
             project: str = "default",
-        ) -> AsyncResult[Any]:
+        ) -> AsyncResult[None]:
             """Enqueue an ``alias`` (current OpenPanel servers answer "Alias is not supported")."""
             ...
 
@@ -464,7 +486,7 @@ class _CounterTask(OpenPanelTask):
             client_ip: str | None = None,
             user_agent: str | None = None,
             project: str = "default",
-        ) -> AsyncResult[Any]:
+        ) -> AsyncResult[None]:
             """Enqueue a change of a numeric profile property by a positive ``value``."""
             ...
 
@@ -492,7 +514,7 @@ class GroupTask(OpenPanelTask):
             client_ip: str | None = None,
             user_agent: str | None = None,
             project: str = "default",
-        ) -> AsyncResult[Any]:
+        ) -> AsyncResult[None]:
             """Enqueue a ``group``: create or update a group."""
             ...
 
@@ -510,7 +532,7 @@ class AssignGroupTask(OpenPanelTask):
             client_ip: str | None = None,
             user_agent: str | None = None,
             project: str = "default",
-        ) -> AsyncResult[Any]:
+        ) -> AsyncResult[None]:
             """Enqueue an ``assign_group``: put a profile into groups."""
             ...
 
