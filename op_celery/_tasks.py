@@ -20,8 +20,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, cast
 
-from celery import Task, shared_task
-from celery._state import connect_on_app_finalize
+from celery import Celery, Task, shared_task
 from celery.exceptions import Ignore
 from celery.exceptions import Retry as CeleryRetry
 from celery.local import Proxy
@@ -133,6 +132,12 @@ class OpenPanelTask(_TaskBase):
     autoretry_for = (TransientError,)
     #: The limit is applied by ``_retry.decide``, which knows the 404 and 429 rules.
     max_retries = None
+
+    @classmethod
+    def on_bound(cls, app: Celery) -> None:
+        """Celery binds the shared tasks to every app as it finalizes (public hook): that app's
+        workers get the consumer step that keeps malformed messages visible (``_consumer``)."""
+        install_consumer_step(app)
 
     def delay(self, *args: Any, **kwargs: Any) -> AsyncResult[None]:
         """Validate and enqueue; each operation's class declares its typed signature."""
@@ -546,7 +551,6 @@ def _shared(base: type[OpenPanelTask]) -> Any:
     a proxy that resolves it on the app that publishes: the user's, else the package's."""
     name = f"op_celery.{base.operation}"
     shared_task(base=base, bind=True, name=name)(cast(Any, _deliver))
-    connect_on_app_finalize(install_consumer_step)
     return Proxy(lambda: publishing_app().tasks[name])
 
 
