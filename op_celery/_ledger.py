@@ -20,7 +20,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from ._lua import lua
+from ._lua import Script
 from ._redis import redis_for, storage_errors
 from ._settings import Settings
 
@@ -50,9 +50,9 @@ class Ledger:
         self._delivered = f"{settings.key_prefix}:delivered:"
         self._inflight = f"{settings.key_prefix}:inflight:"
         self._ttl_s = int(settings.ledger_ttl_s)
-        self._claim = self._redis.register_script(lua("claim.lua"))
-        self._release = self._redis.register_script(lua("release.lua"))
-        self._record = self._redis.register_script(lua("delivered.lua"))
+        self._claim = Script(self._redis, "claim.lua")
+        self._release = Script(self._redis, "release.lua")
+        self._record = Script(self._redis, "delivered.lua")
 
     def delivered(self, event_id: str) -> bool:
         """Whether the event was already delivered; raises StorageUnavailable if unknown."""

@@ -1,14 +1,55 @@
-"""The package's Lua scripts (``op_celery/lua/*.lua``), each naming its KEYS and ARGV at the top."""
+"""The package's Lua scripts (``op_celery/lua/*.lua``, each naming its KEYS and ARGV at the top),
+and the one way they are run: :class:`Script`.
+
+A script is loaded by its SHA once per client and each call is then one ``EVALSHA`` through
+``execute_command``. That skips redis-py's ``Script.__call__`` argument handling, which costs
+more than the rest of a ledger or outbox call (benchmarks/RESULTS.md), and it routes on a
+Redis Cluster by the script's keys. Hot paths that pack the command bytes once (the limiter's
+acquire) use :attr:`Script.sha` and :meth:`Script.load` of the same object, so the reload after
+a Redis restart (``NOSCRIPT``) is the same everywhere.
+"""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from functools import cache
 from importlib.resources import files
+from typing import Any
 
-__all__ = ["lua"]
+import redis
+
+__all__ = ["Script", "lua"]
 
 
 @cache
 def lua(name: str) -> str:
     """The text of ``op_celery/lua/<name>``, read once per process."""
     return (files("op_celery") / "lua" / name).read_text(encoding="utf-8")
+
+
+class Script:
+    """``op_celery/lua/<name>`` on ``client``: call it with its keys and arguments."""
+
+    def __init__(self, client: Any, name: str) -> None:
+        self.name = name
+        self.source = lua(name)
+        self.sha = hashlib.sha1(self.source.encode("utf-8"), usedforsecurity=False).hexdigest()
+        self._client = client
+
+    def __call__(self, keys: Sequence[Any], args: Sequence[Any] = (), client: Any = None) -> Any:
+        """One ``EVALSHA`` on ``client`` (the script's own by default); if Redis lost the script
+        (a restart, ``SCRIPT FLUSH``) it is loaded again and the call repeated once.
+
+        Raises what redis-py raises; callers map that to the package's errors.
+        """
+        target = self._client if client is None else client
+        try:
+            return target.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            self.load(target)
+            return target.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+
+    def load(self, client: Any = None) -> None:
+        """Load the script into ``client``'s Redis (the script's own client by default)."""
+        (self._client if client is None else client).script_load(self.source)

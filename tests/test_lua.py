@@ -1,0 +1,43 @@
+"""The one way the package runs its Lua scripts: one EVALSHA, reloaded after Redis lost it."""
+
+from __future__ import annotations
+
+import hashlib
+from importlib.resources import files
+
+import pytest
+import redis
+
+from op_celery._lua import Script, lua
+
+from ._support import RedisServer, start_redis
+
+
+def test_every_script_names_its_keys_and_arguments_at_the_top() -> None:
+    for path in (files("op_celery") / "lua").iterdir():
+        head = path.read_text(encoding="utf-8").splitlines()[:30]
+        assert any("KEYS" in line for line in head if line.startswith("--")), path.name
+        assert lua(path.name) == path.read_text(encoding="utf-8")
+
+
+def test_a_script_runs_by_its_sha_and_loads_itself_again_after_a_flush() -> None:
+    with start_redis(lambda port: RedisServer(port)) as server:
+        client = redis.Redis.from_url(server.url)
+        script = Script(client, "release.lua")
+        assert script.sha == hashlib.sha1(lua("release.lua").encode()).hexdigest()
+        client.set("inflight:e1", "token-1")
+        assert script(("inflight:e1",), ("token-1",)) is not None
+        assert client.get("inflight:e1") is None
+        client.script_flush()  # as after a restart without persistence
+        client.set("inflight:e1", "token-1")
+        script(("inflight:e1",), ("token-1",))
+        assert client.get("inflight:e1") is None
+        assert client.script_exists(script.sha) == [True]
+
+
+def test_a_script_raises_what_redis_raises_when_redis_is_gone() -> None:
+    with start_redis(lambda port: RedisServer(port)) as server:
+        client = redis.Redis.from_url(server.url, socket_connect_timeout=0.5)
+        script = Script(client, "release.lua")
+    with pytest.raises(redis.ConnectionError):
+        script(("inflight:e1",), ("token-1",))
