@@ -604,6 +604,120 @@ def test_set_rate_limit_refuses_nonsense(
         server.set_rate_limit(limit, window)
 
 
+RATE_HEADERS = ("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset", "retry-after")
+
+
+def rate_headers(response: requests.Response) -> dict[str, str]:
+    return {name: response.headers[name] for name in RATE_HEADERS if name in response.headers}
+
+
+def test_by_default_every_answer_counted_against_the_window_carries_the_three_headers(
+    server: StandInServer,
+) -> None:
+    server.set_rate_limit(6, 10)
+    answers = [
+        post(server, TRACK),  # 200
+        post(server, {"type": "track", "payload": {"name": ""}}),  # 400
+        post(server, TRACK, headers={**AUTH, "openpanel-client-secret": "wrong"}),  # 401
+        post(server, {"type": "increment", "payload": {"profileId": "x", "property": "n"}}),
+        requests.post(  # 415
+            f"{server.url}/track", data=b"x", headers={**AUTH, "content-type": "text/csv"}
+        ),
+    ]
+    assert [a.status_code for a in answers] == [200, 400, 401, 404, 415]
+    assert [rate_headers(a) for a in answers] == [
+        {"x-ratelimit-limit": "6", "x-ratelimit-remaining": str(5 - i), "x-ratelimit-reset": "10"}
+        for i in range(5)
+    ]
+
+
+def test_header_mode_retry_after_sends_only_retry_after_and_only_on_429(
+    server: StandInServer, clock: FakeClock
+) -> None:
+    server.set_rate_limit(1, 10, headers="retry-after")
+    accepted = post(server, TRACK)
+    clock.advance(2.5)
+    refused = post(server, TRACK)
+    assert (accepted.status_code, refused.status_code) == (200, 429)
+    assert rate_headers(accepted) == {}
+    assert rate_headers(refused) == {"retry-after": "8"}
+    assert refused.json()["message"] == "You have exceeded the rate limit for this endpoint."
+
+
+def test_header_mode_none_sends_a_bare_429(server: StandInServer) -> None:
+    server.set_rate_limit(1, 10, headers="none")
+    accepted, refused = post(server, TRACK), post(server, TRACK)
+    assert (accepted.status_code, refused.status_code) == (200, 429)
+    assert rate_headers(accepted) == rate_headers(refused) == {}
+    assert refused.json() == {
+        "status": 429,
+        "error": "Too Many Requests",
+        "message": "You have exceeded the rate limit for this endpoint.",
+    }
+
+
+def test_a_header_mode_given_to_the_constructor_applies(clock: FakeClock) -> None:
+    with StandInServer(
+        {CLIENT_ID: SECRET}, rate_limit=(1, 60), rate_limit_headers="retry-after", clock=clock
+    ) as server:
+        assert rate_headers(post(server, TRACK)) == {}
+        assert rate_headers(post(server, TRACK)) == {"retry-after": "60"}
+
+
+def test_an_unknown_header_mode_is_refused_naming_the_modes(server: StandInServer) -> None:
+    with pytest.raises(ValueError, match="'all', 'retry-after', 'none'"):
+        server.set_rate_limit(1, 10, headers="some")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'all', 'retry-after', 'none'"):
+        StandInServer(rate_limit_headers="some")  # type: ignore[arg-type]
+
+
+def test_a_limit_changed_mid_run_applies_from_the_next_request_in_a_fresh_window(
+    server: StandInServer, clock: FakeClock
+) -> None:
+    server.set_rate_limit(1, 10)
+    assert [post(server, TRACK).status_code for _ in range(2)] == [200, 429]
+    clock.advance(4)
+    server.set_rate_limit(3, 5)
+    answers = [post(server, TRACK) for _ in range(4)]
+    assert [a.status_code for a in answers] == [200, 200, 200, 429]
+    assert answers[0].headers["x-ratelimit-limit"] == "3"
+    assert answers[0].headers["x-ratelimit-reset"] == "5"
+    clock.advance(5)
+    assert post(server, TRACK).status_code == 200
+
+
+def test_advance_moves_the_window_clock_without_sleeping() -> None:
+    with StandInServer({CLIENT_ID: SECRET}, rate_limit=(1, 3600)) as server:  # the real clock
+        assert [post(server, TRACK).status_code for _ in range(2)] == [200, 429]
+        server.advance(3599)
+        refused = post(server, TRACK)
+        assert (refused.status_code, refused.headers["retry-after"]) == (429, "1")
+        server.advance(1)
+        assert post(server, TRACK).status_code == 200
+
+
+def test_advance_adds_to_a_given_clock_ends_outages_and_stays_across_reset(
+    server: StandInServer, clock: FakeClock
+) -> None:
+    server.set_rate_limit(1, 10)
+    post(server, TRACK)
+    server.advance(4)
+    clock.advance(4)
+    assert post(server, TRACK).headers["retry-after"] == "2"
+    server.fail_for(30, status=503)
+    server.advance(30)
+    assert post(server, TRACK).status_code == 200  # the outage is over, a new window opened
+    server.reset()
+    server.fail_for(1, status=503)
+    assert post(server, TRACK).status_code == 503  # reset kept the advance: outage from now
+
+
+@pytest.mark.parametrize("seconds", [-1.0, float("inf"), float("nan")])
+def test_advance_refuses_going_back_or_to_infinity(server: StandInServer, seconds: float) -> None:
+    with pytest.raises(ValueError):
+        server.advance(seconds)
+
+
 # --- Injected faults. ----------------------------------------------------------------------
 
 
@@ -830,6 +944,12 @@ def test_control_endpoints_refuse_unknown_names_and_bad_bodies(server: StandInSe
     assert requests.post(f"{base}/fail", json=wrong_body, timeout=TIMEOUT_S).status_code == 400
     bad_limit = requests.post(f"{base}/rate-limit", json={"limit": 0, "window": 1}, timeout=5)
     assert bad_limit.status_code == 400
+    bad_mode = {"limit": 1, "window": 1, "headers": "some"}
+    bad_headers = requests.post(f"{base}/rate-limit", json=bad_mode, timeout=TIMEOUT_S)
+    assert bad_headers.status_code == 400
+    assert "retry-after" in bad_headers.json()["error"]
+    back = requests.post(f"{base}/advance", json={"seconds": -1}, timeout=TIMEOUT_S)
+    assert back.status_code == 400
 
 
 def test_stand_in_control_drives_and_reads_the_server(
@@ -855,6 +975,13 @@ def test_stand_in_control_drives_and_reads_the_server(
     clock.advance(10)
     control.set_rate_limit(1, 10)
     assert [post(server, TRACK).status_code for _ in range(2)] == [200, 429]
+    control.set_rate_limit(1, 10, headers="none")
+    assert [rate_headers(post(server, TRACK)) for _ in range(2)] == [{}, {}]
+    control.advance(10)
+    control.set_rate_limit(1, 10, headers="retry-after")
+    post(server, TRACK)
+    control.advance(6)
+    assert rate_headers(post(server, TRACK)) == {"retry-after": "4"}
     control.set_rate_limit(None)
     control.set_latency(0.01)
     new_id = "12345678-1234-4234-8234-123456789abc"
@@ -964,3 +1091,32 @@ def test_the_command_refuses_a_malformed_client_with_exit_status_2() -> None:
     )
     assert result.returncode == 2
     assert "CLIENT_ID:SECRET" in result.stderr
+
+
+def test_the_command_sends_the_rate_limit_header_mode_it_is_given() -> None:
+    command = [sys.executable, "-m", "op_celery.testing", "--client", f"{CLIENT_ID}:{SECRET}"]
+    command += ["--rate-limit", "1/60s", "--rate-limit-headers", "retry-after"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        url = process.stdout.readline().strip().split("=", 1)[1]
+        answers = [
+            requests.post(f"{url}/track", json=TRACK, headers=AUTH, timeout=TIMEOUT_S)
+            for _ in range(2)
+        ]
+        assert [a.status_code for a in answers] == [200, 429]
+        assert [rate_headers(a) for a in answers] == [{}, {"retry-after": "60"}]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+
+
+def test_the_command_refuses_an_unknown_header_mode_with_exit_status_2() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "op_celery.testing", "--rate-limit-headers", "some"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "'retry-after'" in result.stderr

@@ -1,8 +1,9 @@
 """Run a stand-in OpenPanel server in the foreground.
 
 ``python -m op_celery.testing --port 0 --client CLIENT_ID:SECRET [--client ...]
-[--rate-limit 50/1s]`` prints one line, ``OPENPANEL_API_URL=http://127.0.0.1:PORT``, flushed,
-then serves until SIGTERM or SIGINT and exits 0. Drive it with `StandInControl`.
+[--rate-limit 50/1s [--rate-limit-headers all|retry-after|none]]`` prints one line,
+``OPENPANEL_API_URL=http://127.0.0.1:PORT``, flushed, then serves until SIGTERM or SIGINT and
+exits 0. Drive it with `StandInControl`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
-from op_celery.testing._server import StandInServer
+from op_celery.testing._server import RATE_LIMIT_HEADER_MODES, StandInServer
 
 #: Seconds per unit in a ``--rate-limit`` window such as ``10s``.
 _WINDOW_UNITS_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -63,6 +64,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="LIMIT/WINDOW",
         help="fixed window per client id, e.g. 50/1s or 100/10s; default: none",
     )
+    parser.add_argument(
+        "--rate-limit-headers",
+        choices=RATE_LIMIT_HEADER_MODES,
+        default="all",
+        help="with --rate-limit: 'all' sends x-ratelimit-limit/-remaining/-reset on every "
+        "answer and retry-after on 429s, as @fastify/rate-limit does; 'retry-after' only "
+        "retry-after on 429s, as many proxies do; 'none' a bare 429 (default: all)",
+    )
     args = parser.parse_args(argv)
 
     stop = threading.Event()
@@ -73,7 +82,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        server = StandInServer(dict(args.client), rate_limit=args.rate_limit, port=args.port)
+        server = StandInServer(
+            dict(args.client),
+            rate_limit=args.rate_limit,
+            rate_limit_headers=args.rate_limit_headers,
+            port=args.port,
+        )
     except ValueError as exc:
         parser.error(str(exc))
     with server:

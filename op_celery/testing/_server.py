@@ -49,7 +49,7 @@ from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Literal, cast, get_args
 from urllib.parse import urlsplit
 
 __all__ = ["Received", "StandInControl", "StandInServer"]
@@ -68,6 +68,15 @@ JOIN_TIMEOUT_SECONDS: Final = 5.0
 LISTEN_BACKLOG: Final = 128
 #: Prefix of the control endpoints.
 CONTROL_PREFIX: Final = "/__stand-in/"
+
+#: Which rate-limit headers the stand-in sends while a limit is set:
+#: ``"all"``: ``x-ratelimit-limit``, ``-remaining`` and ``-reset`` on every answer counted against
+#: the window and ``retry-after`` too on a 429, as ``@fastify/rate-limit`` does by default;
+#: ``"retry-after"``: only ``retry-after`` on a 429, as many proxies and CDNs send;
+#: ``"none"``: a bare 429 with no rate-limit header at all.
+RateLimitHeaders = Literal["all", "retry-after", "none"]
+#: The accepted `RateLimitHeaders` values, for command lines and the control endpoint.
+RATE_LIMIT_HEADER_MODES: Final[tuple[str, ...]] = get_args(RateLimitHeaders)
 
 _JSON: Final = "application/json; charset=utf-8"
 _TEXT: Final = "text/plain; charset=utf-8"
@@ -189,6 +198,21 @@ class _Decision:
 class _Window:
     start: float
     count: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _RateLimit:
+    limit: int
+    window_seconds: float
+    headers: RateLimitHeaders
+
+
+def _rate_limit_headers(value: object) -> RateLimitHeaders:
+    """``value`` as a `RateLimitHeaders` mode; ValueError naming the modes otherwise."""
+    if isinstance(value, str) and value in RATE_LIMIT_HEADER_MODES:
+        return cast(RateLimitHeaders, value)
+    modes = ", ".join(repr(mode) for mode in RATE_LIMIT_HEADER_MODES)
+    raise ValueError(f"rate-limit headers must be one of {modes}, got {value!r}")
 
 
 def _json_answer(status: int, content: Any, headers: tuple[tuple[str, str], ...] = ()) -> _Answer:
@@ -446,8 +470,14 @@ class StandInServer:
     ``clients`` maps client ids (lower-case UUIDs, as the real server requires) to secrets.
     ``rate_limit`` is ``(limit, window_seconds)`` for a fixed window per client id (per peer IP
     when the request has no client id), or None for no limit, which is what the open-source
-    server does. ``clock`` is the monotonic clock used for rate-limit windows and `fail_for`;
-    tests pass a fake one to move time without sleeping. ``port`` 0 lets the OS pick.
+    server does; ``rate_limit_headers`` says which rate-limit headers it sends (see
+    `set_rate_limit`). ``port`` 0 lets the OS pick.
+
+    Time: ``clock`` (default ``time.monotonic``) plus whatever `advance` added is the server's
+    clock for rate-limit windows and `fail_for` outages, and for nothing else: latency sleeps,
+    `wait_for` timeouts and `Received.at` (wall time) are real time. Tests drive windows
+    without sleeping either by passing a fake ``clock`` or by calling `advance` (also
+    ``POST /__stand-in/advance`` for a server in another process).
 
     Order of checks on ``POST /track``, as on the real server: injected faults (they stand for a
     proxy in front of it), rate limit (counted at arrival; refused requests don't consume),
@@ -464,6 +494,7 @@ class StandInServer:
         clients: Mapping[str, str] | None = None,
         rate_limit: tuple[int, float] | None = None,
         *,
+        rate_limit_headers: RateLimitHeaders = "all",
         port: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -471,9 +502,10 @@ class StandInServer:
         self._changed = threading.Condition(self._lock)
         self._stopping = threading.Event()
         self._clock = clock
+        self._advanced = 0.0
         self._port = port
         self._clients: dict[str, str] = {}
-        self._rate_limit: tuple[int, float] | None = None
+        self._rate_limit: _RateLimit | None = None
         self._windows: dict[str, _Window] = {}
         self._faults: deque[_Fault] = deque()
         self._outage_until = -math.inf
@@ -491,7 +523,9 @@ class StandInServer:
         for client_id, secret in (clients or {}).items():
             self.add_client(client_id, secret)
         if rate_limit is not None:
-            self.set_rate_limit(*rate_limit)
+            self.set_rate_limit(*rate_limit, headers=rate_limit_headers)
+        else:
+            _rate_limit_headers(rate_limit_headers)  # refuse a bad mode even without a limit
 
     # -- lifecycle --
 
@@ -616,21 +650,55 @@ class StandInServer:
         with self._lock:
             self._clients[client_id] = secret
 
-    def set_rate_limit(self, limit: int | None, window_seconds: float | None = None) -> None:
+    def set_rate_limit(
+        self,
+        limit: int | None,
+        window_seconds: float | None = None,
+        *,
+        headers: RateLimitHeaders = "all",
+    ) -> None:
         """Allow ``limit`` requests per ``window_seconds`` per client id; ``None`` turns it off.
 
-        The window opens at a client's first request and lasts ``window_seconds``. Changing the
-        setting starts every client's window afresh.
+        A fixed window, as ``@fastify/rate-limit``'s default store keeps it: it opens at a
+        client's first request and lasts ``window_seconds``; every request that arrives while
+        it is open counts, the ones over the limit get 429 with the JSON body of the contract.
+        ``headers`` picks what the answers say about it:
+
+        - ``"all"`` (default, the plugin's default): every answer counted against a window
+          carries ``x-ratelimit-limit``, ``x-ratelimit-remaining`` and ``x-ratelimit-reset``
+          (whole seconds until the window closes, rounded up), whatever its status (200, 400,
+          401, 404 alike); a 429 also carries ``retry-after``, the same seconds as the reset.
+        - ``"retry-after"``: only ``retry-after`` on 429s, as many proxies send.
+        - ``"none"``: a bare 429, no rate-limit header on any answer.
+
+        Changing the setting takes effect at the next request: every client's window starts
+        afresh under the new limit, as when the real server restarts with a new configuration.
         """
+        mode = _rate_limit_headers(headers)
         if limit is None:
             setting = None
         else:
             if limit < 1 or window_seconds is None or window_seconds <= 0:
                 raise ValueError("rate limit needs limit >= 1 and window_seconds > 0")
-            setting = (int(limit), float(window_seconds))
+            setting = _RateLimit(int(limit), float(window_seconds), mode)
         with self._lock:
             self._rate_limit = setting
             self._windows.clear()
+
+    def advance(self, seconds: float) -> None:
+        """Move the server's clock ``seconds`` forward, for rate-limit windows and `fail_for`.
+
+        Nothing sleeps and nothing else moves: latency, `wait_for` and `Received.at` keep real
+        time. The advance adds to ``clock``'s reading and stays across `reset`.
+        """
+        if not seconds >= 0 or math.isinf(seconds):
+            raise ValueError(f"seconds must be finite and >= 0, got {seconds!r}")
+        with self._lock:
+            self._advanced += float(seconds)
+
+    def _now(self) -> float:
+        """The server's clock: ``clock()`` plus every `advance`."""
+        return self._clock() + self._advanced
 
     def fail_next(
         self,
@@ -663,11 +731,12 @@ class StandInServer:
     ) -> None:
         """Answer every ``/track`` request with ``status`` until ``seconds`` have passed.
 
-        Time is ``clock``'s. Queued `fail_next`/`drop_next` faults are served first.
+        Time is the server's clock (``clock`` and `advance`). Queued `fail_next`/`drop_next`
+        faults are served first.
         """
         answer = _fault_answer(status, body, headers)
         with self._lock:
-            self._outage_until = self._clock() + seconds
+            self._outage_until = self._clock() + self._advanced + seconds
             self._outage_answer = answer
 
     def drop_next(self, count: int) -> None:
@@ -739,31 +808,36 @@ class StandInServer:
     def _count_against_window(
         self, headers: Mapping[str, str], peer_ip: str, now: float
     ) -> tuple[_Answer | None, tuple[tuple[str, str], ...]]:
-        """Fixed window per key: (429 answer or None, rate-limit headers). Hold the lock."""
-        if self._rate_limit is None:
+        """Fixed window per key: (429 answer or None, rate-limit headers). Hold the lock.
+
+        As ``@fastify/rate-limit`` does: reset and ``retry-after`` are the window's time left in
+        whole seconds rounded up; a refused request also counts (it changes nothing visible:
+        remaining stays 0 and the window closes when it would have).
+        """
+        setting = self._rate_limit
+        if setting is None:
             return None, ()
-        limit, window = self._rate_limit
+        limit = setting.limit
         key = headers.get("openpanel-client-id") or f"ip:{peer_ip}"
         entry = self._windows.get(key)
-        if entry is None or now >= entry.start + window:
+        if entry is None or now >= entry.start + setting.window_seconds:
             entry = self._windows[key] = _Window(now, 0)
         # Whole seconds, rounded up, so a client that waits this long finds a fresh window.
-        reset_seconds = max(1, math.ceil(entry.start + window - now))
-        if entry.count >= limit:
-            rate_headers = (
-                ("x-ratelimit-limit", str(limit)),
-                ("x-ratelimit-remaining", "0"),
-                ("x-ratelimit-reset", str(reset_seconds)),
-                ("retry-after", str(reset_seconds)),
-            )
-            content = {"status": 429, "error": "Too Many Requests", "message": _RATE_LIMIT_MESSAGE}
-            return _json_answer(429, content, rate_headers), ()
+        reset_seconds = max(1, math.ceil(entry.start + setting.window_seconds - now))
         entry.count += 1
-        return None, (
-            ("x-ratelimit-limit", str(limit)),
-            ("x-ratelimit-remaining", str(limit - entry.count)),
-            ("x-ratelimit-reset", str(reset_seconds)),
-        )
+        remaining = max(0, limit - entry.count)
+        counted: tuple[tuple[str, str], ...] = ()
+        if setting.headers == "all":
+            counted = (
+                ("x-ratelimit-limit", str(limit)),
+                ("x-ratelimit-remaining", str(remaining)),
+                ("x-ratelimit-reset", str(reset_seconds)),
+            )
+        if entry.count <= limit:
+            return None, counted
+        retry_after = (("retry-after", str(reset_seconds)),) if setting.headers != "none" else ()
+        content = {"status": 429, "error": "Too Many Requests", "message": _RATE_LIMIT_MESSAGE}
+        return _json_answer(429, content, counted + retry_after), ()
 
     @staticmethod
     def _parse_body(headers: Mapping[str, str], raw: bytes) -> tuple[object, _Answer | None]:
@@ -910,7 +984,10 @@ class StandInServer:
                 self.set_rate_limit(
                     None if limit is None else int(limit),
                     None if window is None else float(window),
+                    headers=_rate_limit_headers(data.get("headers", "all")),
                 )
+            elif method == "POST" and name == "advance":
+                self.advance(float(data["seconds"]))
             elif method == "POST" and name == "clients":
                 self.add_client(str(data["client_id"]), str(data["secret"]))
             else:
@@ -1060,7 +1137,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         wall = time.time()
         stand_in = self.server.stand_in
-        arrival = stand_in._clock()
+        arrival = stand_in._now()
         try:
             raw = self._read_body()
         except _BadFraming as exc:
@@ -1255,9 +1332,20 @@ class StandInControl:
         """`StandInServer.set_latency` (``POST /__stand-in/latency``)."""
         self._call("POST", "latency", {"seconds": seconds})
 
-    def set_rate_limit(self, limit: int | None, window_seconds: float | None = None) -> None:
+    def set_rate_limit(
+        self,
+        limit: int | None,
+        window_seconds: float | None = None,
+        *,
+        headers: RateLimitHeaders = "all",
+    ) -> None:
         """`StandInServer.set_rate_limit` (``POST /__stand-in/rate-limit``)."""
-        self._call("POST", "rate-limit", {"limit": limit, "window": window_seconds})
+        data = {"limit": limit, "window": window_seconds, "headers": headers}
+        self._call("POST", "rate-limit", data)
+
+    def advance(self, seconds: float) -> None:
+        """`StandInServer.advance` (``POST /__stand-in/advance``)."""
+        self._call("POST", "advance", {"seconds": seconds})
 
     def add_client(self, client_id: str, secret: str) -> None:
         """`StandInServer.add_client` (``POST /__stand-in/clients``)."""
