@@ -134,8 +134,9 @@ class Settings:
     outbox_grace_s: float = DEFAULT_OUTBOX_GRACE_S
     #: Where projects' credentials come from, read lazily so a producer that never sends needs
     #: none: only the ``OPENPANEL_*`` environment variables and ``openpanel*`` config entries,
-    #: frozen, so that settings stay a small hashable value (caches key on them).
-    _env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    #: frozen, so that settings stay a small hashable value (caches key on them); secrets are
+    #: kept as :class:`Secret`.
+    _env: tuple[tuple[str, Any], ...] = field(default=(), repr=False)
     _conf: tuple[tuple[str, Any], ...] = field(default=(), repr=False)
 
     @property
@@ -196,9 +197,12 @@ class Settings:
 
 
 def _freeze(key: str, value: Any) -> Any:
-    """A hashable copy of a config value: dicts become sorted tuples of pairs."""
+    """A hashable copy of a config value: dicts become sorted tuples of pairs, and the value of
+    any key naming a secret becomes a :class:`Secret`, so no repr or ``asdict`` shows it."""
+    if isinstance(value, str) and "secret" in key.lower():
+        return Secret(value)
     if isinstance(value, Mapping):
-        return tuple(sorted((str(k), _freeze(key, v)) for k, v in value.items()))
+        return tuple(sorted((str(k), _freeze(str(k), v)) for k, v in value.items()))
     if isinstance(value, (list, tuple, set, frozenset)):
         return tuple(_freeze(key, v) for v in value)
     try:
@@ -343,7 +347,9 @@ def load_settings(
         rate_headroom_pct=number("OPENPANEL_RATE_HEADROOM", DEFAULT_RATE_HEADROOM_PCT),
         outbox=_as_bool("OP_CELERY_OUTBOX", _default(get("OP_CELERY_OUTBOX"), True)),
         outbox_grace_s=number("OP_CELERY_OUTBOX_GRACE", DEFAULT_OUTBOX_GRACE_S),
-        _env=tuple(sorted((k, v) for k, v in env.items() if k.startswith("OPENPANEL_"))),
+        _env=tuple(
+            sorted((k, _freeze(k, v)) for k, v in env.items() if k.startswith("OPENPANEL_"))
+        ),
         _conf=tuple(
             sorted(
                 (k, _freeze(k, v))

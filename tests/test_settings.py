@@ -93,3 +93,25 @@ def test_the_outbox_is_on_by_default_and_can_be_switched_off() -> None:
     assert not load_settings(env={"OP_CELERY_OUTBOX": "off"}).outbox
     assert not load_settings({"op_celery_outbox": False}, env={}).outbox
     assert load_settings(env={"OP_CELERY_OUTBOX_GRACE": "5"}).outbox_grace_s == 5.0
+
+
+def test_settings_are_a_hashable_value_holding_no_foreign_environment_and_no_plain_secret() -> None:
+    from dataclasses import asdict
+
+    env = {
+        "OPENPANEL_CLIENT_ID": "cid",
+        "OPENPANEL_CLIENT_SECRET": "sec_do_not_show",
+        "OPENPANEL_SHOP_CLIENT_SECRET": "sec_shop_do_not_show",
+        "AWS_SECRET_ACCESS_KEY": "aws_do_not_copy",
+        "HOME": "/home/someone",
+    }
+    conf = {"openpanel_projects": {"eu": {"client_id": "e", "client_secret": "sec_eu_hidden"}}}
+    settings = load_settings(conf, env)
+    again = load_settings(conf, dict(env))
+    assert settings == again and hash(settings) == hash(again)
+    dumped = repr(asdict(settings))
+    for value in ("sec_do_not_show", "sec_shop_do_not_show", "sec_eu_hidden", "aws_do_not_copy"):
+        assert value not in dumped
+    assert "HOME" not in dumped
+    assert settings.project().client_secret.reveal() == "sec_do_not_show"
+    assert settings.project("eu").client_secret.reveal() == "sec_eu_hidden"
