@@ -13,6 +13,8 @@ Run one in its own process with ``python -m op_celery.testing --client ID:SECRET
 with `StandInControl`. See `op_celery.testing._server` for what it models and what it does not.
 """
 
-from op_celery.testing._server import Received, StandInControl, StandInServer
+from op_celery.testing._control import StandInControl
+from op_celery.testing._model import Received
+from op_celery.testing._server import StandInServer
 
 __all__ = ["Received", "StandInControl", "StandInServer"]

@@ -16,7 +16,8 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
-from op_celery.testing._server import RATE_LIMIT_HEADER_MODES, StandInServer
+from op_celery.testing._model import RATE_LIMIT_HEADER_MODES
+from op_celery.testing._server import StandInServer
 
 #: Seconds per unit in a ``--rate-limit`` window such as ``10s``.
 _WINDOW_UNITS_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}

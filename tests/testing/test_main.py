@@ -1,0 +1,101 @@
+"""``python -m op_celery.testing`` (`__main__`), in real subprocesses."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import sys
+
+import requests
+
+from op_celery.testing import StandInControl
+from op_celery.testing.__main__ import parse_client, parse_rate_limit
+
+from ._support import AUTH, CLIENT_ID, SECRET, TIMEOUT_S, TRACK, rate_headers
+
+# --- python -m op_celery.testing ------------------------------------------------------------
+
+
+def test_parse_rate_limit_reads_limit_and_window() -> None:
+    assert parse_rate_limit("50/1s") == (50, 1.0)
+    assert parse_rate_limit("100/10") == (100, 10.0)
+    assert parse_rate_limit("5/500ms") == (5, 0.5)
+    assert parse_rate_limit("1000/1m") == (1000, 60.0)
+    assert parse_client(f"{CLIENT_ID}:a:b") == (CLIENT_ID, "a:b")
+
+
+def test_the_command_prints_the_url_serves_and_exits_0_on_sigterm() -> None:
+    command = [sys.executable, "-m", "op_celery.testing", "--port", "0"]
+    command += ["--client", f"{CLIENT_ID}:{SECRET}", "--rate-limit", "2/60s"]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # Without PYTHONUNBUFFERED stdout is a buffered pipe: the code itself must flush.
+        env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},
+    )
+    try:
+        assert process.stdout is not None
+        with selectors.DefaultSelector() as selector:
+            selector.register(process.stdout, selectors.EVENT_READ)
+            assert selector.select(timeout=15), "no URL line within 15 s"
+        line = process.stdout.readline()
+        assert line.startswith("OPENPANEL_API_URL=http://127.0.0.1:")
+        url = line.strip().split("=", 1)[1]
+        statuses = [
+            requests.post(f"{url}/track", json=TRACK, headers=AUTH, timeout=TIMEOUT_S).status_code
+            for _ in range(3)
+        ]
+        assert statuses == [200, 200, 429]
+        control = StandInControl(url, timeout=TIMEOUT_S)
+        assert control.counts() == {200: 2, 429: 1}
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+        assert process.stdout.read() == ""  # exactly one line
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=15)
+
+
+def test_the_command_refuses_a_malformed_client_with_exit_status_2() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "op_celery.testing", "--client", "no-secret"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "CLIENT_ID:SECRET" in result.stderr
+
+
+def test_the_command_sends_the_rate_limit_header_mode_it_is_given() -> None:
+    command = [sys.executable, "-m", "op_celery.testing", "--client", f"{CLIENT_ID}:{SECRET}"]
+    command += ["--rate-limit", "1/60s", "--rate-limit-headers", "retry-after"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        url = process.stdout.readline().strip().split("=", 1)[1]
+        answers = [
+            requests.post(f"{url}/track", json=TRACK, headers=AUTH, timeout=TIMEOUT_S)
+            for _ in range(2)
+        ]
+        assert [a.status_code for a in answers] == [200, 429]
+        assert [rate_headers(a) for a in answers] == [{}, {"retry-after": "60"}]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+
+
+def test_the_command_refuses_an_unknown_header_mode_with_exit_status_2() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "op_celery.testing", "--rate-limit-headers", "some"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "'retry-after'" in result.stderr
