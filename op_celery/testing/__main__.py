@@ -9,31 +9,30 @@ exits 0. Drive it with `StandInControl`.
 from __future__ import annotations
 
 import argparse
-import re
 import signal
 import sys
 import threading
 from collections.abc import Sequence
 from types import FrameType
 
+from op_celery._exceptions import ConfigurationError
+from op_celery._rates import parse_rate
 from op_celery.testing._model import RATE_LIMIT_HEADER_MODES
 from op_celery.testing._server import StandInServer
 
-#: Seconds per unit in a ``--rate-limit`` window such as ``10s``.
-_WINDOW_UNITS_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_RATE_LIMIT_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-
 
 def parse_rate_limit(text: str) -> tuple[int, float]:
-    """``"50/1s"`` -> ``(50, 1.0)``; units ms, s, m, h; a bare number is seconds."""
-    match = _RATE_LIMIT_RE.match(text)
-    if match is None:
-        raise argparse.ArgumentTypeError(f"expected LIMIT/WINDOW such as 50/1s, got {text!r}")
-    limit, amount, unit = int(match[1]), float(match[2]), match[3] or "s"
-    window = amount * _WINDOW_UNITS_SECONDS[unit]
-    if limit < 1 or window <= 0:
-        raise argparse.ArgumentTypeError("the limit and the window must be positive")
-    return limit, window
+    """``"50/1s"`` -> ``(50, 1.0)``, in the package's one rate notation (`op_celery._rates`).
+
+    ``"50/s"``, ``"100/10s"``, ``"5/500ms"``, ``"1000/1m"``, ``"100/h"``; a bare ``"50"`` is per
+    second. Raises `argparse.ArgumentTypeError` with `parse_rate`'s message otherwise, so
+    ``OPENPANEL_RATE_LIMIT`` and ``--rate-limit`` accept exactly the same texts.
+    """
+    try:
+        rate = parse_rate(text, setting="--rate-limit")
+    except ConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return rate.limit, rate.period_s
 
 
 def parse_client(text: str) -> tuple[str, str]:
@@ -63,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=parse_rate_limit,
         default=None,
         metavar="LIMIT/WINDOW",
-        help="fixed window per client id, e.g. 50/1s or 100/10s; default: none",
+        help="fixed window per client id, e.g. 50/s or 100/10s (as OPENPANEL_RATE_LIMIT); "
+        "default: none",
     )
     parser.add_argument(
         "--rate-limit-headers",

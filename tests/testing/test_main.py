@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import selectors
 import signal
 import subprocess
 import sys
 
+import pytest
 import requests
 
+from op_celery._exceptions import ConfigurationError
+from op_celery._rates import parse_rate
 from op_celery.testing import StandInControl
 from op_celery.testing.__main__ import parse_client, parse_rate_limit
 
@@ -20,10 +24,36 @@ from ._support import AUTH, CLIENT_ID, SECRET, TIMEOUT_S, TRACK, rate_headers
 
 def test_parse_rate_limit_reads_limit_and_window() -> None:
     assert parse_rate_limit("50/1s") == (50, 1.0)
-    assert parse_rate_limit("100/10") == (100, 10.0)
+    assert parse_rate_limit("50/s") == (50, 1.0)
+    assert parse_rate_limit("100/10s") == (100, 10.0)
     assert parse_rate_limit("5/500ms") == (5, 0.5)
     assert parse_rate_limit("1000/1m") == (1000, 60.0)
     assert parse_client(f"{CLIENT_ID}:a:b") == (CLIENT_ID, "a:b")
+
+
+@pytest.mark.parametrize("text", ["fast", "100/10", "0/s", "1.5/s", "50/1d"])
+def test_parse_rate_limit_accepts_what_openpanel_rate_limit_accepts_and_nothing_else(
+    text: str,
+) -> None:
+    with pytest.raises(ConfigurationError) as setting_error:
+        parse_rate(text)
+    with pytest.raises(argparse.ArgumentTypeError) as flag_error:
+        parse_rate_limit(text)
+    assert str(flag_error.value) == str(setting_error.value).replace(
+        "OPENPANEL_RATE_LIMIT", "--rate-limit"
+    )
+
+
+def test_the_command_refuses_a_bad_rate_with_exit_status_2_and_the_accepted_forms() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "op_celery.testing", "--rate-limit", "100/10"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "--rate-limit='100/10' is not a rate" in result.stderr
+    assert '"100/10s"' in result.stderr
 
 
 def test_the_command_prints_the_url_serves_and_exits_0_on_sigterm() -> None:
