@@ -34,7 +34,8 @@ HOST: Final = "127.0.0.1"
 MAX_BODY_BYTES: Final = 1_048_576
 #: Most bytes of a too-large body read and thrown away so the 413 reaches the client.
 MAX_DISCARD_BYTES: Final = 64 * 1_048_576
-#: How long stop() waits for each connection thread to finish, in seconds.
+#: How long stop() waits for the threads it ends, in seconds: the accept loop, then all the
+#: connection threads together.
 JOIN_TIMEOUT_SECONDS: Final = 5.0
 #: Listen backlog; the stdlib default of 5 drops SYNs when a benchmark opens many connections.
 LISTEN_BACKLOG: Final = 128
@@ -54,7 +55,8 @@ class LoopbackHTTPServer(HTTPServer):
 
     def __init__(self, address: tuple[str, int], model: ApiModel) -> None:
         self.model = model
-        self._open: dict[socket.socket, threading.Thread] = {}
+        self._open: set[socket.socket] = set()  # sockets a connection thread still serves
+        self._threads: set[threading.Thread] = set()  # connection threads not yet seen to end
         self._open_lock = threading.Lock()
         self._closing = threading.Event()
         self._wake_reader, self._wake_writer = socket.socketpair()
@@ -120,7 +122,10 @@ class LoopbackHTTPServer(HTTPServer):
             daemon=True,
         )
         with self._open_lock:
-            self._open[request] = thread
+            self._open.add(request)
+            # A thread leaves _open before it ends; it stays here until it is seen to end.
+            self._threads = {t for t in self._threads if t.is_alive()}
+            self._threads.add(thread)
         self.model._count_connection()
         thread.start()
 
@@ -131,7 +136,7 @@ class LoopbackHTTPServer(HTTPServer):
             self.handle_error(request, client_address)
         finally:
             with self._open_lock:
-                self._open.pop(request, None)
+                self._open.discard(request)
             self.shutdown_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -140,15 +145,24 @@ class LoopbackHTTPServer(HTTPServer):
             return
         super().handle_error(request, client_address)
 
-    def close_connections(self) -> None:
-        """Shut down every open connection so its thread leaves ``readline``, then join them."""
+    def close_connections(self, timeout: float = JOIN_TIMEOUT_SECONDS) -> None:
+        """Shut down every open connection so its thread leaves ``readline``, then join them.
+
+        Every connection thread started is joined, not only those whose socket was still open:
+        a thread that has just closed its socket is still running its last lines. Call it
+        after the accept loop has ended, so no thread starts meanwhile; waits ``timeout``
+        seconds in all at most.
+        """
         with self._open_lock:
-            open_now = list(self._open.items())
-        for sock, _ in open_now:
+            open_now, threads = list(self._open), list(self._threads)
+        for sock in open_now:
             with contextlib.suppress(OSError):  # the client may have closed it already
                 sock.shutdown(socket.SHUT_RDWR)
-        for _, thread in open_now:
-            thread.join(JOIN_TIMEOUT_SECONDS)
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._open_lock:
+            self._threads = {t for t in self._threads if t.is_alive()}
 
 
 class _BadFraming(Exception):
