@@ -3,7 +3,11 @@
 ``python -m op_celery.testing --port 0 --client CLIENT_ID:SECRET [--client ...]
 [--rate-limit 50/1s [--rate-limit-headers all|retry-after|none]]`` prints one line,
 ``OPENPANEL_API_URL=http://127.0.0.1:PORT``, flushed, then serves until SIGTERM or SIGINT and
-exits 0. Drive it with `StandInControl`.
+exits 0. Drive it with `StandInControl`; ``--help`` lists the control endpoints.
+
+While it serves it prints one line per request (see `op_celery.testing._log`) when its standard
+output is a terminal, or always with ``--log-requests``; ``--quiet`` turns the lines off. A
+script that reads only the first line of a pipe therefore never fills that pipe.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from types import FrameType
 
 from op_celery._exceptions import ConfigurationError
 from op_celery._rates import parse_rate
+from op_celery.testing._control import CONTROL_ENDPOINTS, CONTROL_PREFIX
 from op_celery.testing._model import RATE_LIMIT_HEADER_MODES
 from op_celery.testing._server import StandInServer
 
@@ -43,10 +48,27 @@ def parse_client(text: str) -> tuple[str, str]:
     return client_id, secret
 
 
+def control_endpoints_help() -> str:
+    """The control endpoints, for ``--help``: method, name and body, then what it does."""
+    lines = [f"control endpoints under {CONTROL_PREFIX} (JSON in and out; StandInControl"]
+    lines.append("calls them; they are never delayed, faulted, rate-limited or recorded):")
+    for method, name, body, does in CONTROL_ENDPOINTS:
+        if body:
+            lines += [f"  {method:<4} {name:<11} {body}", f"  {'':<16} {does}"]
+        else:
+            lines.append(f"  {method:<4} {name:<11} {does}")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="python -m op_celery.testing", description="Run a stand-in OpenPanel server."
+        prog="python -m op_celery.testing",
+        description="Run a stand-in OpenPanel server on 127.0.0.1. It prints\n"
+        "OPENPANEL_API_URL=... once it listens, then one line per request it answers\n"
+        "(time, method, path, status, client id, event type and name; never the secret).",
+        epilog=control_endpoints_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1; 0 picks a free one")
     parser.add_argument(
@@ -73,7 +95,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "answer and retry-after on 429s, as @fastify/rate-limit does; 'retry-after' only "
         "retry-after on 429s, as many proxies do; 'none' a bare 429 (default: all)",
     )
+    lines = parser.add_mutually_exclusive_group()
+    lines.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="print no line per request (default: print them when stdout is a terminal)",
+    )
+    lines.add_argument(
+        "--log-requests",
+        action="store_true",
+        help="print a line per request even when stdout is not a terminal (a pipe, a file)",
+    )
     args = parser.parse_args(argv)
+    log_requests = args.log_requests or (not args.quiet and sys.stdout.isatty())
 
     stop = threading.Event()
 
@@ -88,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rate_limit=args.rate_limit,
             rate_limit_headers=args.rate_limit_headers,
             port=args.port,
+            request_log=sys.stdout if log_requests else None,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -34,7 +34,7 @@ CONTROL_ENDPOINTS: Final[tuple[tuple[str, str, str, str], ...]] = (
     ("GET", "requests", "", "every answered /track request, whatever its status"),
     ("GET", "counts", "", "answers to /track by status code"),
     ("GET", "stats", "", "totals: received, requests, dropped, connections"),
-    ("POST", "reset", "{}", "forget requests, faults, latency, profiles and rate windows"),
+    ("POST", "reset", "", "forget requests, faults, latency, profiles and rate windows"),
     ("POST", "fail", '{"count": N, "status": 503, "body": null, "headers": {}}',
      "answer the next N /track requests with status"),
     ("POST", "fail", '{"seconds": S, "status": 503, ...}',

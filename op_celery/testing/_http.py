@@ -3,8 +3,8 @@
 `LoopbackHTTPServer` accepts connections until told to stop, gives each its own daemon thread,
 and can close and join them all. Its handler reads the request (``content-length`` or chunked,
 413 past `MAX_BODY_BYTES`), hands ``/__stand-in/...`` to `control_answer` and ``POST /track``
-to the `ApiModel`, holds the answer for the model's latency, and writes it in one piece. It
-decides nothing about the API itself.
+to the `ApiModel`, holds the answer for the model's latency, writes it in one piece, and notes
+one line per request in a `RequestLog` when it has one. It decides nothing about the API.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from urllib.parse import urlsplit
 
 from op_celery.testing._answers import Answer, json_answer, phrase
 from op_celery.testing._control import CONTROL_PREFIX, control_answer
-from op_celery.testing._model import ApiModel
+from op_celery.testing._log import RequestLog, format_line
+from op_celery.testing._model import ApiModel, Received
 
 __all__ = ["HOST", "JOIN_TIMEOUT_SECONDS", "LoopbackHTTPServer"]
 
@@ -53,8 +54,11 @@ class LoopbackHTTPServer(HTTPServer):
     request_queue_size = LISTEN_BACKLOG
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], model: ApiModel) -> None:
+    def __init__(
+        self, address: tuple[str, int], model: ApiModel, request_log: RequestLog | None = None
+    ) -> None:
         self.model = model
+        self.request_log = request_log
         self._open: set[socket.socket] = set()  # sockets a connection thread still serves
         self._threads: set[threading.Thread] = set()  # connection threads not yet seen to end
         self._open_lock = threading.Lock()
@@ -199,6 +203,18 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _dispatch(self) -> None:
+        outcome, received = self._serve()
+        log = self.server.request_log
+        if log is None:
+            return
+        is_control = urlsplit(self.path).path.startswith(CONTROL_PREFIX)
+        client_id = None if is_control else self.headers.get("openpanel-client-id", "")
+        kind = None if received is None else received.type
+        name = None if received is None else received.payload.get("name")
+        log.note(format_line(time.time(), self.command, self.path, outcome, client_id, kind, name))
+
+    def _serve(self) -> tuple[int | str, Received | None]:
+        """Answer one request; (status, or what happened instead, and the /track record)."""
         wall = time.time()
         model = self.server.model
         arrival = model._now()
@@ -206,16 +222,14 @@ class _Handler(BaseHTTPRequestHandler):
             raw = self._read_body()
         except _BadFraming as exc:
             self._write(exc.answer)
-            return
+            return exc.answer.status, None
         path = urlsplit(self.path).path
         if path.startswith(CONTROL_PREFIX):
-            self._write(control_answer(model, self.command, path, raw))
-            return
+            return self._write(control_answer(model, self.command, path, raw)), None
         if path != "/track" or self.command != "POST":
             message = f"Route {self.command}:{path} not found"
             content = {"message": message, "error": "Not Found", "statusCode": 404}
-            self._write(json_answer(404, content))
-            return
+            return self._write(json_answer(404, content)), None
         headers: dict[str, str] = {}
         for name, value in self.headers.items():
             key = name.lower()
@@ -223,13 +237,13 @@ class _Handler(BaseHTTPRequestHandler):
         decision = model._decide(headers, raw, self.client_address[0], arrival, wall)
         if not self.server.hold(decision.latency):
             self.close_connection = True  # stopping: like a killed server, answer nothing
-            return
+            return "unanswered", decision.received
         if decision.answer is None:
             model._record_drop()
             self.close_connection = True
-            return
+            return "dropped", decision.received
         model._record(decision.received)
-        self._write(decision.answer)
+        return self._write(decision.answer), decision.received
 
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("transfer-encoding", "").lower():
@@ -289,7 +303,8 @@ class _Handler(BaseHTTPRequestHandler):
         content = {"status": status, "error": "Error", "message": message}
         return dataclasses.replace(json_answer(status, content), close=True)
 
-    def _write(self, answer: Answer) -> None:
+    def _write(self, answer: Answer) -> int:
+        """Write ``answer`` in one piece; returns its status."""
         if answer.close:
             self.close_connection = True
         lines = [
@@ -304,3 +319,4 @@ class _Handler(BaseHTTPRequestHandler):
         # One write per answer: with TCP_NODELAY, separate writes for head and body would go
         # out as separate packets.
         self.wfile.write(head + answer.body)
+        return answer.status

@@ -13,7 +13,8 @@ with ``python -m op_celery.testing``) through the ``/__stand-in/...`` control en
 It is built from one module per concept: `_validation` (fastify's body parsing and the zod
 schemas), `_answers` (what it answers), `_model` (`ApiModel`: the rules and state of the API,
 no sockets), `_http` (the loopback HTTP server and its framing), `_control` (the control
-endpoints and `StandInControl`), and this module, which puts the model behind the server.
+endpoints and `StandInControl`), `_log` (one line per request), and this module, which puts
+the model behind the server.
 
 Limits, stated plainly:
 
@@ -36,8 +37,10 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
+from typing import TextIO
 
 from op_celery.testing._http import HOST, JOIN_TIMEOUT_SECONDS, LoopbackHTTPServer
+from op_celery.testing._log import RequestLog
 from op_celery.testing._model import ApiModel, RateLimitHeaders
 
 __all__ = ["StandInServer"]
@@ -49,6 +52,10 @@ class StandInServer(ApiModel):
     The API's rules, state and controls are `ApiModel`'s, which this class extends with a real
     HTTP server: ``clients``, ``rate_limit``, ``rate_limit_headers`` and ``clock`` are the
     model's (see `ApiModel` and `set_rate_limit`); ``port`` 0 lets the OS pick.
+    ``request_log``, a text stream such as ``sys.stdout``, gets one line per request: time,
+    method, path, status, client id, event type and name, never the secret (see
+    `op_celery.testing._log`); it is written from a thread of its own, so a slow stream never
+    holds an answer.
 
     Time: ``clock`` (default ``time.monotonic``) plus whatever `advance` added is the server's
     clock for rate-limit windows and `fail_for` outages, and for nothing else: latency sleeps,
@@ -68,9 +75,12 @@ class StandInServer(ApiModel):
         rate_limit_headers: RateLimitHeaders = "all",
         port: int = 0,
         clock: Callable[[], float] = time.monotonic,
+        request_log: TextIO | None = None,
     ) -> None:
         super().__init__(clients, rate_limit, rate_limit_headers=rate_limit_headers, clock=clock)
         self._port = port
+        self._request_log_stream = request_log
+        self._request_log: RequestLog | None = None
         self._httpd: LoopbackHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._stopped = False
@@ -83,9 +93,13 @@ class StandInServer(ApiModel):
             if self._httpd is not None or self._stopped:
                 raise RuntimeError("a StandInServer can be started only once")
             self._httpd = LoopbackHTTPServer((HOST, self._port), self)
+        name = f"op-celery-stand-in:{self._httpd.server_port}"
+        if self._request_log_stream is not None:
+            self._request_log = RequestLog(self._request_log_stream, f"{name}:log")
+            self._httpd.request_log = self._request_log
         self._thread = threading.Thread(
             target=self._httpd.accept_until_closed,
-            name=f"op-celery-stand-in:{self._httpd.server_port}",
+            name=name,
             daemon=True,
         )
         self._thread.start()
@@ -94,7 +108,8 @@ class StandInServer(ApiModel):
     def stop(self) -> None:
         """Close the listening socket and every open connection, and join all threads.
 
-        Requests sleeping in `set_latency` wake up and lose their connection unanswered.
+        Requests sleeping in `set_latency` wake up and lose their connection unanswered; the
+        request log writes what waits, then ends.
         Calling it again, or on a server never started, does nothing.
         """
         with self._lock:
@@ -107,6 +122,8 @@ class StandInServer(ApiModel):
             self._thread.join(JOIN_TIMEOUT_SECONDS)
         httpd.close_connections()
         httpd.server_close()
+        if self._request_log is not None:
+            self._request_log.close(JOIN_TIMEOUT_SECONDS)  # after the last connection's line
 
     def __enter__(self) -> StandInServer:
         return self.start()

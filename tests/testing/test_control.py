@@ -6,6 +6,7 @@ import pytest
 import requests
 
 from op_celery.testing import StandInControl, StandInServer
+from op_celery.testing._control import CONTROL_ENDPOINTS
 
 from ._support import TIMEOUT_S, TRACK, FakeClock, post, rate_headers
 
@@ -97,3 +98,13 @@ def test_stand_in_control_drives_and_reads_the_server(
 def test_stand_in_control_raises_with_the_servers_reason(server: StandInServer) -> None:
     with pytest.raises(RuntimeError, match="UUID"):
         StandInControl(server.url, timeout=TIMEOUT_S).add_client("nope", "s")
+
+
+def test_every_listed_control_endpoint_is_served(server: StandInServer) -> None:
+    for method, name, _, _ in CONTROL_ENDPOINTS:
+        response = requests.request(
+            method, f"{server.url}/__stand-in/{name}", json={}, timeout=TIMEOUT_S
+        )
+        assert response.status_code in (200, 400), (method, name)  # 400: the body lacks fields
+    unknown = requests.post(f"{server.url}/__stand-in/nothing", json={}, timeout=TIMEOUT_S)
+    assert unknown.status_code == 404

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import pty
+import select
 import selectors
 import signal
 import subprocess
@@ -16,6 +18,7 @@ from op_celery._exceptions import ConfigurationError
 from op_celery._rates import parse_rate
 from op_celery.testing import StandInControl
 from op_celery.testing.__main__ import parse_client, parse_rate_limit
+from op_celery.testing._control import CONTROL_ENDPOINTS
 
 from ._support import AUTH, CLIENT_ID, SECRET, TIMEOUT_S, TRACK, rate_headers
 
@@ -129,3 +132,112 @@ def test_the_command_refuses_an_unknown_header_mode_with_exit_status_2() -> None
     )
     assert result.returncode == 2
     assert "'retry-after'" in result.stderr
+
+
+# --- One line per request, and --help. -----------------------------------------------------
+
+WRONG_SECRET_AUTH = {**AUTH, "openpanel-client-secret": "sec_wrong-secret"}
+
+
+def send_three(url: str) -> None:
+    """A 200 track, a 401 identify (wrong secret) and a control call."""
+    assert requests.post(f"{url}/track", json=TRACK, headers=AUTH, timeout=TIMEOUT_S).ok
+    identify = {"type": "identify", "payload": {"profileId": "u1"}}
+    refused = requests.post(
+        f"{url}/track", json=identify, headers=WRONG_SECRET_AUTH, timeout=TIMEOUT_S
+    )
+    assert refused.status_code == 401
+    StandInControl(url, timeout=TIMEOUT_S).stats()
+
+
+EXPECTED_LINES = [
+    f'POST /track 200 client={CLIENT_ID} track "signup"',
+    f"POST /track 401 client={CLIENT_ID} identify",
+    "GET /__stand-in/stats 200",
+]
+
+
+def test_with_log_requests_the_command_prints_one_line_per_request_and_never_the_secret() -> None:
+    command = [sys.executable, "-m", "op_celery.testing", "--client", f"{CLIENT_ID}:{SECRET}"]
+    process = subprocess.Popen([*command, "--log-requests"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        url = process.stdout.readline().strip().split("=", 1)[1]
+        send_three(url)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    assert process.stdout is not None
+    output = process.stdout.read()
+    assert [line.split(" ", 1)[1] for line in output.splitlines()] == EXPECTED_LINES
+    assert SECRET not in output and "sec_wrong-secret" not in output
+
+
+def run_on_a_terminal(command: list[str]) -> list[str]:
+    """Run ``command`` with a pseudo-terminal as stdout, send `send_three`; its output lines."""
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(command, stdout=terminal, stdin=subprocess.DEVNULL)
+    os.close(terminal)
+    output = b""
+    try:
+        while b"\n" not in output:
+            assert select.select([controller], [], [], 15)[0], "no URL line within 15 s"
+            output += os.read(controller, 4096)
+        url = output.split(b"\n", 1)[0].decode().strip().split("=", 1)[1]
+        send_three(url)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+        while select.select([controller], [], [], 0)[0]:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # EIO: the process is gone and the terminal drained
+                break
+            if not chunk:
+                break
+            output += chunk
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=15)
+        os.close(controller)
+    return output.decode().replace("\r\n", "\n").splitlines()
+
+
+def test_on_a_terminal_the_command_prints_the_lines_by_default() -> None:
+    command = [sys.executable, "-m", "op_celery.testing", "--client", f"{CLIENT_ID}:{SECRET}"]
+    url_line, *lines = run_on_a_terminal(command)
+    assert url_line.startswith("OPENPANEL_API_URL=")
+    assert [line.split(" ", 1)[1] for line in lines] == EXPECTED_LINES
+
+
+def test_quiet_turns_the_lines_off_even_on_a_terminal() -> None:
+    command = [sys.executable, "-m", "op_celery.testing", "--client", f"{CLIENT_ID}:{SECRET}"]
+    url_line, *lines = run_on_a_terminal([*command, "--quiet"])
+    assert url_line.startswith("OPENPANEL_API_URL=")
+    assert lines == []
+
+
+def test_op_celery_stand_in_prints_the_lines_too() -> None:
+    command = [sys.executable, "-m", "op_celery.cli", "stand-in"]
+    url_line, *lines = run_on_a_terminal([*command, "--client", f"{CLIENT_ID}:{SECRET}"])
+    assert url_line.startswith("OPENPANEL_API_URL=")
+    assert [line.split(" ", 1)[1] for line in lines] == EXPECTED_LINES
+
+
+def test_help_lists_every_control_endpoint_and_the_header_modes() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "op_celery.testing", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0
+    listed = {
+        (fields[0], fields[1])
+        for fields in (line.split() for line in result.stdout.splitlines())
+        if len(fields) >= 2 and fields[0] in ("GET", "POST")
+    }
+    assert listed == {(method, name) for method, name, _, _ in CONTROL_ENDPOINTS}
+    assert "/__stand-in/" in result.stdout
+    assert "--quiet" in result.stdout and "--log-requests" in result.stdout
+    assert "{all,retry-after,none}" in result.stdout
