@@ -15,6 +15,7 @@ from celery import Task
 from kombu.exceptions import OperationalError
 
 from ._app import publishing_app, settings_for
+from ._publish import deadline_errback
 from ._settings import Settings
 from ._spool import Spool, default_spool_dir
 from .dead_letters import DeadLetter
@@ -48,14 +49,17 @@ PUBLISH_RETRY_INTERVAL_S = 0.2
 _spools: dict[str, Spool] = {}
 
 
-def publish_retry_policy(timeout_s: float) -> dict[str, float]:
-    """kombu's retry policy that gives up on a silent broker after about ``timeout_s``."""
+def publish_retry_policy(timeout_s: float) -> dict[str, Any]:
+    """kombu's retry policy that gives up within ``timeout_s``: its errback ends the retries
+    before an attempt that could end later (``_publish.deadline_errback``), and the count of
+    retries is what fits when each attempt fails at once (a broker that refuses)."""
     attempts = max(0, math.ceil(timeout_s / PUBLISH_RETRY_INTERVAL_S) - 1)
     return {
         "max_retries": attempts,
         "interval_start": 0,
         "interval_step": PUBLISH_RETRY_INTERVAL_S,
         "interval_max": PUBLISH_RETRY_INTERVAL_S,
+        "errback": deadline_errback,
     }
 
 

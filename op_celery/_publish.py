@@ -35,6 +35,12 @@ deleted when unused (kombu redeclares those on every publish); ``task_always_eag
 ``Task.apply_async``, because tracing integrations (OpenTelemetry, Sentry, Datadog) hook those
 to add headers.
 
+Both paths publish over connections of the package's own pool per app (`publish_pools`): the
+app's broker settings with the publish bound's timeouts, so that a broker that refuses, never
+answers or answers slowly holds ``.delay()`` for about ``OP_CELERY_PUBLISH_TIMEOUT`` (see
+`deadline_errback`), while the app's own tasks and its workers' consumers keep the app's
+settings.
+
 The private Celery and kombu names it needs are read through ``_compat``, which also says
 whether the installed versions are ones the fast path was checked with
 (:func:`~op_celery._compat.fast_publish_support`); where they are not, every call takes
@@ -46,6 +52,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -57,19 +65,21 @@ from celery.app import task as celery_task
 from celery.result import AsyncResult
 from celery.utils.nodenames import anon_nodename
 from celery.utils.saferepr import saferepr
-from kombu import Queue
+from kombu import Connection, Queue
 from kombu.common import Broadcast, maybe_declare
 from kombu.entity import maybe_delivery_mode
 from kombu.exceptions import LimitExceeded, OperationalError
+from kombu.pools import ProducerPool
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
 from kombu.utils.uuid import uuid
 
 from . import _compat
+from ._app import settings_for
 from ._outbox import BROKER_ERRORS as OUTBOX_ERRORS
 from ._outbox import Writer, record_json
 
-__all__ = ["outbox_writer", "publish", "redis_broker"]
+__all__ = ["deadline_errback", "outbox_writer", "publish", "publish_pools", "redis_broker"]
 
 log = logging.getLogger("op_celery")
 
@@ -83,6 +93,13 @@ _EMBED_JSON = '{"callbacks": null, "errbacks": null, "chain": null, "chord": nul
 _BEFORE_PUBLISH = signals.before_task_publish
 _AFTER_PUBLISH = signals.after_task_publish
 _TASK_SENT: Any = getattr(signals, "task_sent", None)  # deprecated, still sent by Celery 5
+#: Seconds a publish may take when the app's settings cannot say (they always can, once read).
+DEFAULT_PUBLISH_TIMEOUT_S = 1.0
+#: Share of ``OP_CELERY_PUBLISH_TIMEOUT`` one attempt of a publish may wait for the broker: for
+#: its TCP connection, and for each of its replies. A broker that accepts the connection and
+#: never answers then costs one share per attempt, and `deadline_errback` starts no attempt
+#: that could end after the bound.
+ATTEMPT_SHARE = 0.25
 #: AMQP's delivery mode 2, kombu's default.
 PERSISTENT_DELIVERY_MODE = 2
 _SHADOW_NAME = celery_task.Task.shadow_name
@@ -115,25 +132,53 @@ def publish(
     (Celery's path), due that many seconds later.
     """
     app: Any = task.app
-    route = None
-    if (
-        producer is None
-        and link is None
-        and link_error is None
-        and shadow is None
-        and (task_id is None or type(task_id) is str)
-    ):
-        route = _fast_route(task, app, options, kwargs)
-    if route is None:
-        plan = _app_plan(app)
+    with _bounded(_app_plan(app).publish_timeout_s):
+        route = None
+        if (
+            producer is None
+            and link is None
+            and link_error is None
+            and shadow is None
+            and (task_id is None or type(task_id) is str)
+        ):
+            route = _fast_route(task, app, options, kwargs)
+        if route is None:
+            return _celery_publish(
+                task, app, kwargs, options, base, task_id, producer, link, link_error, shadow,
+                outbox_grace_s,
+            )  # fmt: skip
+        return _send(task, app, route, kwargs, task_id or uuid(), outbox_grace_s)
+
+
+def _celery_publish(
+    task: Any,
+    app: Any,
+    kwargs: dict[str, Any],
+    options: dict[str, Any],
+    base: Any,
+    task_id: str | None,
+    producer: Any,
+    link: Any,
+    link_error: Any,
+    shadow: str | None,
+    outbox_grace_s: float | None,
+) -> AsyncResult[Any]:
+    """Celery's own path, with a producer of the package's pool unless the caller gave one."""
+    plan = _app_plan(app)
+    publish_options = _with_reprs(task, app, plan, kwargs, options)
+    if producer is not None:
         result: AsyncResult[Any] = base.apply_async(
-            (), kwargs, task_id, producer, link, link_error, shadow,
-            **_with_reprs(task, app, plan, kwargs, options),
-        )  # fmt: skip
-        if outbox_grace_s is not None and plan.redis_broker and not _own_retry(app, result.id):
-            _add_record(app, outbox_grace_s, task, kwargs, result.id, options.get("queue"))
-        return result
-    return _send(task, app, route, kwargs, task_id or uuid(), outbox_grace_s)
+            (), kwargs, task_id, producer, link, link_error, shadow, **publish_options
+        )
+    else:
+        pools = publish_pools(app)
+        with _acquire(pools.producers, plan) as own_producer:
+            result = base.apply_async(
+                (), kwargs, task_id, own_producer, link, link_error, shadow, **publish_options
+            )
+    if outbox_grace_s is not None and plan.redis_broker and not _own_retry(app, result.id):
+        _add_record(app, outbox_grace_s, task, kwargs, result.id, options.get("queue"))
+    return result
 
 
 def _with_reprs(
@@ -206,6 +251,7 @@ class _AppPlan:
     default_delivery_mode: Any = None
     repr_maxlevels: int = 3
     acquire_timeout_s: float | None = None
+    publish_timeout_s: float = DEFAULT_PUBLISH_TIMEOUT_S  # OP_CELERY_PUBLISH_TIMEOUT
     #: Per queue name: the app's declaration and its delivery mode (None: not for the fast path).
     queues: dict[str, tuple[Any, int | None]] = field(default_factory=dict)
 
@@ -242,6 +288,7 @@ def _make_app_plan(app: Any) -> _AppPlan:
         connection.release()
     protocol = conf.task_protocol
     repr_maxlevels = _compat.repr_maxlevels(conf)
+    publish_timeout_s = settings_for(app).publish_timeout_s
     # The body is encoded as the channel says (kombu's encode_body); base64 and no encoding
     # give text, which is what the message JSON is written for.
     body_encoding = transport_options.get("body_encoding", "base64")
@@ -267,6 +314,7 @@ def _make_app_plan(app: Any) -> _AppPlan:
             protocol=protocol,
             repr_maxlevels=repr_maxlevels,
             acquire_timeout_s=_compat.pool_acquire_timeout_s(conf),
+            publish_timeout_s=publish_timeout_s,
         )
     return _AppPlan(
         supported=True,
@@ -277,6 +325,7 @@ def _make_app_plan(app: Any) -> _AppPlan:
         default_delivery_mode=conf.task_default_delivery_mode,
         repr_maxlevels=repr_maxlevels,
         acquire_timeout_s=_compat.pool_acquire_timeout_s(conf),
+        publish_timeout_s=publish_timeout_s,
     )
 
 
@@ -404,6 +453,126 @@ def _delivery_mode(queue: Any, default: Any) -> int:
     return PERSISTENT_DELIVERY_MODE if mode is None else mode  # None never comes: a default
 
 
+# --- Bounding a publish by OP_CELERY_PUBLISH_TIMEOUT. ------------------------------------------
+#
+# Where a publish can wait (kombu 5.5 to 5.7, redis-py 5 to 8, py-amqp 5):
+# - for a connection of the pool: ``broker_pool_acquire_timeout``, else without a limit;
+# - for the TCP connection: ``socket_connect_timeout`` (Redis), ``connect_timeout`` (AMQP);
+# - for each reply: ``socket_timeout`` (Redis: the handshake, kombu's PING of a new channel,
+#   the push), ``read_timeout``/``write_timeout`` (AMQP; its handshake is bounded by
+#   ``connect_timeout``); without them (a user's app, by default) a broker that accepts the
+#   connection and never answers holds the caller forever;
+# - between attempts: kombu's ``Connection.ensure`` and ``_ensure_connection`` retry as the
+#   retry policy says, each attempt as long as the timeouts above allow.
+# So: the package's pool gives each attempt ATTEMPT_SHARE of the bound, and the policy's
+# errback (`deadline_errback`, also what kombu copies into the pool's transport options for
+# reconnecting) gives up before an attempt that could end past the bound.
+
+_bound = threading.local()
+
+
+@contextmanager
+def _bounded(timeout_s: float) -> Iterator[None]:
+    """Give this thread's publish ``timeout_s`` seconds from now (an outer bound stays)."""
+    outer = getattr(_bound, "deadline", None)
+    if outer is None:
+        _bound.deadline = time.monotonic() + timeout_s
+        _bound.attempt_s = timeout_s * ATTEMPT_SHARE
+    try:
+        yield
+    finally:
+        if outer is None:
+            _bound.deadline = None
+
+
+def deadline_errback(exc: BaseException, interval: float) -> None:
+    """kombu's retry errback: raise ``exc`` (kombu reports it as ``OperationalError``) when the
+    next attempt, after ``interval`` seconds of sleep, could end past this thread's bound.
+
+    One function for every call, reading the bound of the publish running in this thread, so
+    the copy kombu keeps in the pool's transport options is never a stale call's; outside a
+    publish (no bound) it lets kombu retry as its policy says.
+    """
+    deadline = getattr(_bound, "deadline", None)
+    if deadline is not None and time.monotonic() + interval + _bound.attempt_s > deadline:
+        raise exc
+
+
+@dataclass(frozen=True, slots=True)
+class PublishPools:
+    """The package's broker connections of one app, and producers over them for Celery's path."""
+
+    connections: Any  # kombu.connection.ConnectionPool
+    producers: ProducerPool
+
+
+_publish_pools: weakref.WeakKeyDictionary[Celery, PublishPools] = weakref.WeakKeyDictionary()
+_pools_lock = threading.Lock()
+
+
+def publish_pools(app: Any) -> PublishPools:
+    """The app's broker, from its own settings, with each attempt bounded (module comment)."""
+    pools = _publish_pools.get(app)
+    if pools is None:
+        with _pools_lock:
+            pools = _publish_pools.get(app)
+            if pools is None:
+                pools = _publish_pools[app] = _make_pools(app)
+    return pools
+
+
+def _make_pools(app: Any) -> PublishPools:
+    bound_s = _app_plan(app).publish_timeout_s
+    attempt_s = bound_s * ATTEMPT_SHARE
+    limit = app.conf.broker_pool_limit
+    connection: Connection = app.connection_for_write(
+        # kombu also stops retrying a connection after this long in all (``_ensure_connection``);
+        # py-amqp waits this long for a connection and its handshake.
+        connect_timeout=bound_s,
+        transport_options={
+            "socket_connect_timeout": attempt_s,  # Redis
+            "socket_timeout": attempt_s,
+            "read_timeout": attempt_s,  # AMQP
+            "write_timeout": attempt_s,
+        },
+    )
+    connections = connection.Pool(limit=limit)
+    return PublishPools(
+        connections, ProducerPool(connections, limit=limit, Producer=app.amqp.Producer)
+    )
+
+
+def _forget_pools_after_fork() -> None:
+    # A forked child must not share its parent's sockets; Celery drops its own pool likewise.
+    _publish_pools.clear()
+
+
+os.register_at_fork(after_in_child=_forget_pools_after_fork)
+
+
+@contextmanager
+def _acquire(pool: Any, plan: _AppPlan) -> Iterator[Any]:
+    """A connection (or producer) of ``pool``, waiting at most what is left of the bound and
+    of ``broker_pool_acquire_timeout``."""
+    deadline = getattr(_bound, "deadline", None)
+    timeout = plan.acquire_timeout_s
+    if deadline is not None:
+        left = max(0.0, deadline - time.monotonic())
+        timeout = left if timeout is None else min(timeout, left)
+    try:
+        resource = pool.acquire(block=True, timeout=timeout)
+    except LimitExceeded as exc:
+        raise OperationalError(
+            f"Timed out waiting for a broker connection after {timeout:.3g} s: all "
+            f"{pool.limit} of op-celery's are in use. Consider increasing broker_pool_limit or "
+            "OP_CELERY_PUBLISH_TIMEOUT."
+        ) from exc
+    try:
+        yield resource
+    finally:
+        resource.release()
+
+
 # --- Building and sending the message. ---------------------------------------------------------
 
 
@@ -467,15 +636,7 @@ def _send(
     )
     # A pooled broker connection, as Celery's producer pool lends (its producers hold one each
     # from this same pool); the producer itself would only be rebound and copied.
-    try:
-        connection = app.pool.acquire(block=True, timeout=plan.acquire_timeout_s)
-    except LimitExceeded as exc:
-        raise OperationalError(
-            f"Timed out waiting for a broker connection after {plan.acquire_timeout_s}s: all "
-            f"{app.pool.limit} are in use. Consider increasing broker_pool_limit or "
-            "broker_pool_acquire_timeout."
-        ) from exc
-    try:
+    with _acquire(publish_pools(app).connections, plan) as connection:
 
         def put() -> None:
             _put(connection.default_channel, message, route)
@@ -487,8 +648,6 @@ def _send(
         else:
             with _compat.reraise_as_library_errors(connection):
                 put()
-    finally:
-        connection.release()
     result: AsyncResult[Any] = task.AsyncResult(task_id)
     result.ignored = True  # as Celery's send_task sets it
     if parent is not None:
@@ -597,11 +756,9 @@ def redis_broker(app: Any) -> bool:
 def outbox_writer(app: Any) -> Iterator[Writer]:
     """The outbox's writer on a connection of the app's (Redis) broker pool, for writes
     outside a publish."""
-    connection = app.pool.acquire(block=True, timeout=_app_plan(app).acquire_timeout_s)
-    try:
-        yield _channel_state(connection.default_channel).outbox_writer()
-    finally:
-        connection.release()
+    plan = _app_plan(app)
+    with _bounded(plan.publish_timeout_s), _acquire(publish_pools(app).connections, plan) as conn:
+        yield _channel_state(conn.default_channel).outbox_writer()
 
 
 def _channel_state(channel: Any) -> _ChannelState:

@@ -5,12 +5,17 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
+import os
 import random
 import socket
 import string
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -375,10 +380,12 @@ def closed_port() -> int:
 
 
 class CuttableProxy:
-    """A TCP proxy to Redis whose connections can all be cut, as a broker restart does."""
+    """A TCP proxy to Redis whose connections can all be cut, as a broker restart does; with
+    ``reply_delay_s``, it holds every reply of Redis that long (a slow broker)."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, reply_delay_s: float = 0.0) -> None:
         self.target = (host, port)
+        self.reply_delay_s = reply_delay_s
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.sockets: list[socket.socket] = []
@@ -404,12 +411,14 @@ class CuttableProxy:
                 self.sockets += [client, upstream]
                 self.accepted += 1
             self._start(self._pipe, client, upstream)
-            self._start(self._pipe, upstream, client)
+            self._start(self._pipe, upstream, client, self.reply_delay_s)
 
     @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(source: socket.socket, sink: socket.socket, delay_s: float = 0.0) -> None:
         try:
             while data := source.recv(65536):
+                if delay_s:
+                    time.sleep(delay_s)
                 sink.sendall(data)
         except OSError:
             pass
@@ -507,6 +516,133 @@ def test_another_queue_is_published_to_on_the_fast_path(
     [raw] = pop_all(redis_client, env["OP_CELERY_BROKER_KEY_PREFIX"] + other)
     assert json.loads(raw)["properties"]["delivery_info"]["routing_key"] == other
     assert len(fast_sends.calls) == 1
+
+
+# --- The publish bound: OP_CELERY_PUBLISH_TIMEOUT, whatever the broker does. -------------------
+
+#: The bound the tests set, and what a call may take beyond it: the last attempt's wait and the
+#: spool's write. A call that hangs (a silent broker on an app without socket timeouts) or takes
+#: a multiple of the bound (kombu's retries, each as long as the app's socket timeout) is caught.
+BOUND_S = 1.0
+MARGIN_S = 1.0
+
+
+class SilentBroker:
+    """A TCP server that accepts every connection and never answers, as a broker stuck behind
+    a failed-over address or a full firewall table does."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.port = self.listener.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.held:
+            conn.close()
+        self.thread.join(5)
+
+
+@pytest.fixture(params=["refused", "silent", "slow"])
+def unanswering_broker(request: pytest.FixtureRequest, redis_url: str) -> Iterator[str]:
+    """The URL of a broker that refuses connections, accepts and never answers, or answers
+    each reply after twice the bound (a Redis stalled by a fork or a long script)."""
+    if request.param == "refused":
+        yield f"redis://127.0.0.1:{closed_port()}/0"
+        return
+    if request.param == "silent":
+        silent = SilentBroker()
+        try:
+            yield f"redis://127.0.0.1:{silent.port}/0"
+        finally:
+            silent.close()
+        return
+    parts = redis.Redis.from_url(redis_url).connection_pool.connection_kwargs
+    slow = CuttableProxy(parts.get("host", "127.0.0.1"), parts.get("port", 6379), 2 * BOUND_S)
+    try:
+        yield f"redis://127.0.0.1:{slow.port}/{parts.get('db', 0)}"
+    finally:
+        slow.close()
+
+
+def _delay_in_thread(call: Callable[[], Any]) -> tuple[float, Any]:
+    """Run ``call`` in a thread (so a hang cannot hang the test); its time and its result."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except Exception as exc:  # the outcome is what the test looks at
+            outcome.append(exc)
+
+    started = time.monotonic()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(BOUND_S + MARGIN_S)
+    return time.monotonic() - started, outcome[0] if outcome else None
+
+
+@pytest.mark.parametrize("options", [{}, {"countdown": 30}], ids=["fast-path", "celery-path"])
+def test_delay_on_a_users_app_gives_up_within_the_publish_timeout_whatever_the_broker_does(
+    unanswering_broker: str, options: dict[str, Any]
+) -> None:
+    # Raising rather than spooling: a spool's flusher thread would outlive the test.
+    app = Celery("user-app-unanswering", set_as_current=True)
+    app.conf.update(
+        broker_url=unanswering_broker,
+        op_celery_publish_timeout=BOUND_S,
+        op_celery_on_publish_failure="raise",
+        task_ignore_result=True,
+    )
+    try:
+        elapsed, result = _delay_in_thread(
+            lambda: op_celery.track.apply_async(("unanswered",), **options)
+        )
+    finally:
+        app.close()
+        _app.reset_settings()
+    assert result is not None, f"still waiting after {elapsed:.1f} s"
+    assert isinstance(result, op_celery.PublishError), result
+    assert elapsed < BOUND_S + MARGIN_S
+
+
+#: Run in a fresh interpreter: the package's own app, configured from the environment only.
+PACKAGE_APP_SCRIPT = """
+import json, time
+import op_celery
+started = time.monotonic()
+op_celery.track.delay("unanswered")
+print(json.dumps({"elapsed": time.monotonic() - started}))
+"""
+
+
+def test_delay_on_the_packages_app_spools_within_the_publish_timeout_whatever_the_broker_does(
+    unanswering_broker: str, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OP_CELERY_", "OPENPANEL_"))}
+    env.update(
+        OP_CELERY_BROKER_URL=unanswering_broker,
+        OP_CELERY_PUBLISH_TIMEOUT=str(BOUND_S),
+        OP_CELERY_SPOOL_DIR=str(tmp_path),
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", PACKAGE_APP_SCRIPT], env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    elapsed = json.loads(done.stdout.splitlines()[-1])["elapsed"]
+    assert elapsed < BOUND_S + MARGIN_S
+    assert len(list(tmp_path.glob("*.json"))) == 1
 
 
 # --- kwargsrepr: the text copy of the arguments, as Celery's saferepr renders it. ------------
