@@ -11,25 +11,78 @@ it treats as poison: any other error of Celery's handling of a message (a broker
 a bug) goes on to Celery as it would without the step, so no message is lost or wrongly kept.
 Malformed arguments of a known task and unknown projects are caught by the task itself.
 
+The step also keeps the outbox (``_outbox``) true to what happened to each message:
+
+- It tells the broker that this consumer is alive, every ``ALIVE_INTERVAL_S``, and that it
+  reconnected when its connection broke (Celery restarts the consumer's steps then): the only
+  ways a message can vanish in kombu's window between BRPOP and its unacked write. The sweeper
+  publishes again only a message that one of those, or a Redis restart, could have lost; a
+  message removed on purpose (``celery purge``, a worker without op-celery's tasks) is not.
+- Every other way a message of the package's tasks ends without a delivery or a dead letter
+  is an end for its outbox record, which goes at once: expired (``expires=``) or revoked
+  (``task_revoked``), rejected by the task without requeue (``Reject``, ``task_postrun`` in
+  state ``REJECTED``), refused by the consumer (``task_rejected``, ``task_unknown``, a body it
+  cannot decode or does not accept). A sweeper never publishes again what Celery chose not to
+  run. Refusals are configuration errors, kept as one dead letter each, not every grace period.
+
 The step reaches into Celery's consumer (its strategies and decode-error handler) and kombu's
 Redis QoS through ``_compat``; on a Celery without them it does less, and Celery does the rest.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import socket
 from typing import Any
 
 from celery import Celery, bootsteps, signals
+from celery import states as celery_states
 
 from . import _compat
 from ._app import settings_for
 from ._exceptions import OpenPanelError
+from ._outbox import BROKER_ERRORS as OUTBOX_ERRORS
+from ._outbox import Liveness
+from ._publish import outbox_writer, redis_broker
 from .dead_letters import DeadLetterStore
 
-__all__ = ["PoisonGuard", "install"]
+__all__ = ["PoisonGuard", "forget_record", "install"]
 
 log = logging.getLogger("op_celery")
+
+
+def forget_record(app: Celery, queue: str, event_id: str, why: str) -> None:
+    """Forget the outbox record of an event whose message ended without a delivery or a dead
+    letter of the task's own (expired, revoked, rejected, refused), so no sweeper publishes it
+    again; a broker that does not answer leaves it to the sweeper, which finds the message
+    gone and, with no loss to explain it, forgets the record too."""
+    if not redis_broker(app):
+        return
+    try:
+        with outbox_writer(app) as writer:
+            writer.forget(queue, (event_id,))
+    except OUTBOX_ERRORS as exc:
+        log.info("op_celery: event %s (%s): outbox record left to the sweeper: %s", event_id, why,
+                 exc)  # fmt: skip
+        return
+    log.info("op_celery: event %s %s; its outbox record is gone, it is not published again",
+             event_id, why)  # fmt: skip
+
+
+def _event_id_of(message: Any) -> str | None:
+    """The event id in a message's body, read as the JSON ``[args, kwargs, options]`` the
+    package's tasks send, whatever the consumer made of it; None if it is not that."""
+    body = getattr(message, "body", None)
+    try:
+        payload = json.loads(body) if isinstance(body, (bytes, str)) else None
+    except ValueError:
+        return None
+    if isinstance(payload, list) and len(payload) == 3 and isinstance(payload[1], dict):
+        event_id = payload[1].get("event_id")
+        return event_id if isinstance(event_id, str) else None
+    return None
 
 
 def _store(app: Celery, message: Any, reason: str) -> None:
@@ -38,14 +91,21 @@ def _store(app: Celery, message: Any, reason: str) -> None:
     queue = delivery.get("routing_key")
     if queue is not None and queue != settings.queue:
         return  # someone else's queue, someone else's business
+    event_id = _event_id_of(message)
+    extra: dict[str, Any] = {"queue": queue}
+    if event_id is not None:
+        extra["event_id"] = event_id
     try:
-        letter = DeadLetterStore(settings).add_raw(
-            getattr(message, "body", b""), reason, extra={"queue": queue}
-        )
+        letter = DeadLetterStore(settings).add_raw(getattr(message, "body", b""), reason,
+                                                   extra=extra)  # fmt: skip
     except OpenPanelError as exc:
         log.error("op_celery: poison message not stored (%s): %s", exc, reason)
-        return
-    log.warning("op_celery: poison message stored as dead letter %s: %s", letter.id, reason)
+    else:
+        log.warning("op_celery: poison message stored as dead letter %s: %s", letter.id, reason)
+    if event_id is not None:
+        # Refused by this worker: a configuration error, not an event to bring back each grace
+        # period (and one more dead letter each time).
+        forget_record(app, queue or settings.queue, event_id, "was refused by the worker")
 
 
 class PoisonGuard(bootsteps.StartStopStep):
@@ -76,6 +136,10 @@ class PoisonGuard(bootsteps.StartStopStep):
 
         signals.task_rejected.connect(on_rejected, weak=False)
         signals.task_unknown.connect(on_unknown, weak=False)
+        self.liveness: Liveness | None = None
+        if redis_broker(app):
+            name = f"{getattr(consumer, 'hostname', None) or socket.gethostname()}:{os.getpid()}"
+            self.liveness = Liveness(app.connection_for_write, f"{name}:{id(self):x}")
 
     def start(self, consumer: Any) -> None:
         # The Tasks step has just filled consumer.strategies; the message handler looks them
@@ -91,6 +155,14 @@ class PoisonGuard(bootsteps.StartStopStep):
         qos = _compat.redis_qos(consumer)
         if qos is not None:
             _survive_restore_on_lost_connection(qos)
+        if self.liveness is not None:
+            # Celery starts the steps again after a broken connection: ``restart_count`` (a
+            # public attribute of its consumer) is 0 at the first start.
+            self.liveness.started(reconnected=(getattr(consumer, "restart_count", 0) or 0) > 0)
+
+    def shutdown(self, consumer: Any) -> None:
+        if self.liveness is not None:
+            self.liveness.stop()
 
 
 def _survive_restore_on_lost_connection(qos: Any) -> None:
@@ -162,6 +234,40 @@ def _guard(app: Celery, name: str, strategy: Any) -> Any:
 
     guarded._op_guarded = True  # type: ignore[attr-defined]
     return guarded
+
+
+def _queue_of(request: Any, app: Celery) -> str:
+    info = getattr(request, "delivery_info", None) or {}
+    return str(info.get("routing_key") or settings_for(app).queue)
+
+
+@signals.task_revoked.connect(weak=False)
+def _on_revoked(sender: Any = None, request: Any = None, expired: bool = False, **_: Any) -> None:
+    """An expired or revoked message of the package's tasks is acked and never run: its
+    record goes (Celery sends this in the worker's main process, from its consumer)."""
+    name = str(getattr(sender, "name", "") or "")
+    kwargs = getattr(request, "kwargs", None)
+    if not name.startswith("op_celery.") or not isinstance(kwargs, dict):
+        return
+    event_id = kwargs.get("event_id")
+    if isinstance(event_id, str):
+        why = "expired before a worker ran it" if expired else "was revoked"
+        forget_record(sender.app, _queue_of(request, sender.app), event_id, why)
+
+
+@signals.task_postrun.connect(weak=False)
+def _on_postrun(
+    sender: Any = None, kwargs: Any = None, retval: Any = None, state: Any = None, **_: Any
+) -> None:
+    """A task that raised ``Reject(requeue=False)`` (a user's subclass or wrapper) ends its
+    message: its record goes (sent where the task ran: a pool process, or the worker)."""
+    if state != celery_states.REJECTED or getattr(retval, "requeue", True):
+        return
+    name = str(getattr(sender, "name", "") or "")
+    event_id = kwargs.get("event_id") if isinstance(kwargs, dict) else None
+    if name.startswith("op_celery.") and isinstance(event_id, str):
+        forget_record(sender.app, _queue_of(sender.request, sender.app), event_id,
+                      "was rejected by the task")  # fmt: skip
 
 
 def install(app: Celery) -> None:

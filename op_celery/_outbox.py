@@ -59,7 +59,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -68,7 +68,16 @@ from kombu.exceptions import OperationalError
 from . import _compat
 from ._lua import lua
 
-__all__ = ["Sweeper", "Writer", "outbox_keys", "record_json"]
+__all__ = [
+    "Liveness",
+    "Losses",
+    "Sweeper",
+    "Writer",
+    "broker_keys",
+    "losses",
+    "outbox_keys",
+    "record_json",
+]
 
 log = logging.getLogger("op_celery")
 
@@ -84,6 +93,23 @@ MAX_SCAN_MESSAGES = 5_000
 #: a message a worker has popped but not yet recorded as unacked (its BRPOP reply still in the
 #: socket of a busy worker) is in that state for milliseconds, a lost one for good.
 CONFIRM_DELAY_S = 1.0
+#: Seconds between a consumer's word to the broker that it is alive (``lua/outbox_alive.lua``).
+ALIVE_INTERVAL_S = 2.0
+#: Seconds a consumer counts as alive after saying so: one not heard from for that long died
+#: (or stalled), and a message it had just popped may be lost.
+ALIVE_TTL_S = 10.0
+#: Seconds a record whose message is nowhere waits, when no loss is known, before the sweeper
+#: judges its message removed on purpose (purged, expired, revoked, refused by a worker)
+#: rather than lost: long enough for a consumer that died holding it to be found dead.
+SETTLE_S = ALIVE_TTL_S + CONFIRM_DELAY_S + 3.0
+#: Seconds a caller's clock, which dates a new record, may run ahead of Redis' without a loss
+#: being missed.
+CLOCK_MARGIN_S = 5.0
+#: Seconds a possible loss is remembered.
+LOSSES_KEPT_S = 7 * 24 * 3600.0
+#: Seconds a missing hash lives after its last write (entries of records a worker deleted
+#: while they were being judged go with it).
+MISSING_TTL_S = 24 * 3600
 #: Errors of the broker's Redis, as redis-py and kombu raise them.
 BROKER_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, OperationalError, OSError)
 
@@ -103,6 +129,14 @@ def record_json(task: str, task_id: str, queue: str, kwargs_json: str) -> str:
 RECORDS_KEY = "_op_celery.outbox.{queue}"
 DUE_KEY = "_op_celery.outbox_due.{queue}"
 LOCK_KEY = "_op_celery.outbox_sweeping.{queue}"
+#: Per queue: the records whose message was found nowhere, not judged yet (event id ->
+#: "<last seen> <first missed>").
+MISSING_KEY = "_op_celery.outbox_missing.{queue}"
+#: Per broker: the consumers alive (id -> until when), what may have lost a message (-> when),
+#: and the Redis run id last seen (a new one: Redis restarted).
+CONSUMERS_KEY = "_op_celery.outbox_consumers"
+LOSSES_KEY = "_op_celery.outbox_losses"
+RUN_KEY = "_op_celery.outbox_redis_run"
 
 
 def outbox_keys(queue: str, prefix: str = "") -> tuple[str, str]:
@@ -175,10 +209,149 @@ class SweepResult:
     swept: bool = False
     #: Messages on the lists and in unacked, when too many to scan; else 0.
     too_busy: int = 0
-    #: Records whose message was nowhere.
+    #: Records whose message was nowhere and a loss could explain it.
     lost: int = 0
     #: Of those, published again (the others were delivered already, or failed to publish).
     republished: int = 0
+    #: Records whose message was nowhere with no loss to explain it: removed on purpose
+    #: (purged, expired, revoked, refused by a worker), so the records were forgotten.
+    removed: int = 0
+    #: Records whose message was nowhere, not judged yet (looked at again SETTLE_S later).
+    pending: int = 0
+
+    def __add__(self, other: SweepResult) -> SweepResult:
+        return SweepResult(
+            swept=self.swept or other.swept,
+            too_busy=self.too_busy + other.too_busy,
+            lost=self.lost + other.lost,
+            republished=self.republished + other.republished,
+            removed=self.removed + other.removed,
+            pending=self.pending + other.pending,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Losses:
+    """What the broker's consumers may have lost, as of one moment (Redis time)."""
+
+    #: Redis time of the look, in seconds since the epoch.
+    now: float
+    #: The latest time a message may have been lost (a consumer died or reconnected, Redis
+    #: restarted), or None if nothing is known to have lost one.
+    latest: float | None
+
+    def may_have_lost(self, last_seen: float) -> bool:
+        """Whether a message last seen at ``last_seen`` may have been lost since."""
+        return self.latest is not None and self.latest > last_seen - CLOCK_MARGIN_S
+
+
+def broker_keys(prefix: str = "") -> tuple[str, str, str]:
+    """The consumers set, losses set and run-id key of a broker, with its key prefix."""
+    return prefix + CONSUMERS_KEY, prefix + LOSSES_KEY, prefix + RUN_KEY
+
+
+def losses(client: redis.Redis, prefix: str = "") -> Losses:
+    """Note the consumers found dead and a Redis restart as possible losses
+    (``lua/outbox_losses.lua``), and say when a message was last possibly lost."""
+    try:
+        run_id = str(client.info("server").get("run_id", ""))
+    except redis.ResponseError:  # INFO refused (a managed Redis): restarts go unseen here
+        run_id = ""
+    script = client.register_script(lua("outbox_losses.lua"))
+    now, latest = script(keys=list(broker_keys(prefix)), args=[run_id, LOSSES_KEPT_S])
+    return Losses(float(now), float(latest) if latest else None)
+
+
+class Liveness:
+    """A consumer's word to the broker that it is alive, so that the sweeper can tell a message
+    lost with it (the consumer died or reconnected) from one removed on purpose.
+
+    ``connect()`` returns a kombu connection to the (Redis) broker. :meth:`started` says it
+    once, at once (with ``reconnected``, also that the consumer's connection broke), and
+    starts a daemon thread that says it every :data:`ALIVE_INTERVAL_S`; :meth:`stop` says the
+    consumer stopped cleanly. A consumer not heard from for :data:`ALIVE_TTL_S` is taken for
+    dead by the next sweeper pass.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], Any],
+        consumer_id: str | None = None,
+        ttl_s: float = ALIVE_TTL_S,
+        interval_s: float = ALIVE_INTERVAL_S,
+    ) -> None:
+        self.consumer_id = consumer_id or f"{uuid.uuid4().hex}"
+        self.ttl_s = ttl_s
+        self.interval_s = interval_s
+        self._connect = connect
+        self._pending = "beat"
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def say(self, what: str, connection: Any) -> None:
+        """Say ``what`` ('beat', 'reconnected' or 'stopped') on ``connection``."""
+        channel = connection.default_channel
+        prefix = _compat.redis_key_prefix(channel)
+        client = _compat.redis_client(channel)
+        consumers, lost, _ = broker_keys(prefix)
+        script = client.register_script(lua("outbox_alive.lua"))
+        script(keys=[consumers, lost], args=[self.consumer_id, self.ttl_s, what])
+
+    def started(self, reconnected: bool = False) -> None:
+        """The consumer (re)started: say so now, and keep saying it is alive."""
+        with self._lock:
+            if reconnected:
+                self._pending = "reconnected"
+            what = self._pending
+        try:
+            with self._connect() as connection:
+                self.say(what, connection)
+        except BROKER_ERRORS as exc:  # the thread says it as soon as the broker answers
+            log.warning("op_celery: the consumer could not tell the broker it is alive: %s", exc)
+        else:
+            with self._lock:
+                if self._pending == what:
+                    self._pending = "beat"
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="op-celery-alive", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """The consumer stopped cleanly: stop saying it is alive, and say it stopped."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.interval_s + 5)
+        try:
+            with self._connect() as connection:
+                self.say("stopped", connection)
+        except BROKER_ERRORS as exc:  # taken for dead later: only more careful
+            log.info("op_celery: could not tell the broker the consumer stopped: %s", exc)
+
+    def _run(self) -> None:
+        connection = None
+        while not self._stop.wait(self.interval_s):
+            with self._lock:
+                what = self._pending
+            try:
+                if connection is None:
+                    connection = self._connect()
+                self.say(what, connection)
+            except BROKER_ERRORS as exc:
+                log.debug("op_celery: could not tell the broker the consumer is alive: %s", exc)
+                if connection is not None:
+                    _close(connection)
+                    connection = None
+                continue
+            except Exception:  # a bug must not end the thread
+                log.exception("op_celery: telling the broker the consumer is alive failed")
+                continue
+            with self._lock:
+                if self._pending == what:
+                    self._pending = "beat"
+        if connection is not None:
+            _close(connection)
 
 
 class Sweeper:
@@ -240,23 +413,27 @@ class Sweeper:
     def sweep(self, connection: Any) -> SweepResult:
         """One pass over each queue, on ``connection`` (a kombu connection to the Redis broker)."""
         total = SweepResult()
+        if not self._supported():
+            return total
+        channel = connection.default_channel
+        known = losses(_compat.redis_client(channel), _compat.redis_key_prefix(channel))
         for queue in dict.fromkeys(self._queues()):
-            result = self.sweep_queue(connection, queue)
-            total = SweepResult(
-                swept=total.swept or result.swept,
-                too_busy=total.too_busy + result.too_busy,
-                lost=total.lost + result.lost,
-                republished=total.republished + result.republished,
-            )
+            total += self.sweep_queue(connection, queue, known)
         return total
 
-    def sweep_queue(self, connection: Any, queue: str) -> SweepResult:
-        """One pass over the records of ``queue``."""
+    @staticmethod
+    def _supported() -> bool:
         support = _compat.redis_channel_support()
         if not support.ok:
             _compat.step_aside(
                 "the outbox sweeper", support.reason, "lost events are not published again"
             )
+        return support.ok
+
+    def sweep_queue(self, connection: Any, queue: str, known: Losses | None = None) -> SweepResult:
+        """One pass over the records of ``queue``; ``known``: the possible losses as this pass
+        found them (looked up here if not given)."""
+        if not self._supported():
             return SweepResult()
         channel = connection.default_channel
         # A plain client on kombu's pool, and key names with the broker's prefix in front.
@@ -268,11 +445,14 @@ class Sweeper:
             if client.get(lock) != self._token.encode():
                 return SweepResult()
             client.pexpire(lock, hold_ms)
+        if known is None:
+            known = losses(client, prefix)
         lists, unacked = _compat.redis_message_keys(channel, queue)
         records_key, due_key = outbox_keys(queue, prefix)
+        missing_key = prefix + MISSING_KEY.format(queue=queue)
         script = client.register_script(lua("outbox_sweep.lua"))
         answer = script(
-            keys=[records_key, due_key, unacked, *lists],
+            keys=[records_key, due_key, missing_key, unacked, *lists],
             args=[self.grace_s, MAX_RECORDS_PER_SWEEP, MAX_SCAN_MESSAGES],
         )
         status = int(answer[0])
@@ -287,26 +467,45 @@ class Sweeper:
                 queue,
             )
             return SweepResult(swept=True, too_busy=int(answer[1]))
-        due = [_Record.parse(raw) for raw in answer[2:]]
+        picked_at = float(answer[2])
+        due = {
+            pick.record.event_id: pick
+            for pick in (_Picked.parse(answer[i : i + 3], self.grace_s, picked_at)
+                         for i in range(3, len(answer), 3))
+        }  # fmt: skip
         _, present = _look(client, lists, unacked)
         if present is None:
             return SweepResult(swept=True)
-        suspects = [record.event_id for record in due if record.task_id not in present]
+        judged = _Judged(picked_at + self.grace_s)
+        judged.seen = [i for i, pick in due.items() if pick.task_id in present]
+        suspects = [i for i, pick in due.items() if pick.task_id not in present]
         if not suspects:
+            judged.write(client, records_key, due_key, missing_key)
             return SweepResult(swept=True)
-        # Look again a moment later, at the records too, and publish only what is still
+        # Look again a moment later, at the records too, and judge only what is still
         # nowhere (a record a worker has deleted meanwhile is finished).
         time.sleep(CONFIRM_DELAY_S)
         raws, present = _look(client, lists, unacked, records_key, suspects)
         if present is None:
             return SweepResult(swept=True)
         current = [_Record.parse(raw) for raw in raws if raw is not None]
-        lost = [record for record in current if record.task_id not in present]
+        lost: list[_Record] = []
+        removed: list[str] = []
+        for record in current:
+            pick = due[record.event_id]
+            if record.task_id in present:
+                judged.seen.append(record.event_id)
+            elif known.may_have_lost(pick.last_seen):
+                lost.append(record)
+            elif known.now - pick.first_missed >= SETTLE_S:
+                removed.append(record.event_id)
+            else:
+                judged.pending.append(pick)
+        judged.forget += removed
         republished = 0
-        finished: list[str] = []
         for record in lost:
             if self._delivered(record.event_id):
-                finished.append(record.event_id)
+                judged.forget.append(record.event_id)
                 continue
             try:
                 self._republish(record.task, record.kwargs, record.task_id, queue)
@@ -317,15 +516,33 @@ class Sweeper:
                     record.event_id,
                     exc,
                 )
+                judged.pending.append(due[record.event_id])
                 continue
+            judged.seen.append(record.event_id)  # its new message is on the queue
             republished += 1
             log.warning(
                 "op_celery: event %s was lost by the broker (taken off the queue, never "
                 "recorded as unacked); published again from the outbox",
                 record.event_id,
             )
-        Writer(channel.pool, prefix).forget(queue, finished)
-        return SweepResult(swept=True, lost=len(lost), republished=republished)
+        if removed:
+            log.info(
+                "op_celery: %d events of queue %r left the broker unfinished, and no worker "
+                "crash, reconnection or Redis restart could have lost them: they were removed "
+                "on purpose (purged, expired, revoked, or refused by a worker); the outbox "
+                "forgets them (first: %s)",
+                len(removed),
+                queue,
+                ", ".join(removed[:3]),
+            )
+        judged.write(client, records_key, due_key, missing_key)
+        return SweepResult(
+            swept=True,
+            lost=len(lost),
+            republished=republished,
+            removed=len(removed),
+            pending=len(judged.pending),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,6 +559,70 @@ class _Record:
         record = json.loads(raw)
         kwargs = record["kwargs"]
         return cls(str(kwargs.get("event_id")), str(record["id"]), str(record["task"]), kwargs)
+
+
+@dataclass(frozen=True, slots=True)
+class _Picked:
+    """A record the sweep script picked, with what is known of its message's whereabouts."""
+
+    record: _Record
+    #: When its message was last seen present (Redis time; for a new record, its writer's).
+    last_seen: float
+    #: When its message was first found nowhere (or the time of this pick).
+    first_missed: float
+    #: Whether its message had been found nowhere before (a missing entry).
+    missed: bool
+
+    @property
+    def task_id(self) -> str:
+        return self.record.task_id
+
+    @classmethod
+    def parse(cls, part: list[Any], grace_s: float, picked_at: float) -> _Picked:
+        raw, due_at, missing = part
+        if missing:
+            last_seen, first_missed = (float(x) for x in _text(missing).split())
+            return cls(_Record.parse(raw), last_seen, first_missed, True)
+        return cls(_Record.parse(raw), float(due_at) - grace_s, picked_at, False)
+
+
+@dataclass
+class _Judged:
+    """What a pass decided about the records it picked, written in one ``MULTI``."""
+
+    #: When a record whose message was seen is due again (a grace period after the pick).
+    due_again: float
+    #: Records whose message was seen (or published again): due again at ``due_again``.
+    seen: list[str] = field(default_factory=list)
+    #: Records to delete: removed on purpose, or delivered already.
+    forget: list[str] = field(default_factory=list)
+    #: Records whose message is nowhere, judged :data:`SETTLE_S` after it was first missed.
+    pending: list[_Picked] = field(default_factory=list)
+
+    def write(self, client: redis.Redis, records: str, due: str, missing: str) -> None:
+        if not (self.seen or self.forget or self.pending):
+            return
+        with client.pipeline(transaction=True) as pipe:
+            # XX everywhere: a record a worker deleted meanwhile stays deleted.
+            if self.seen:
+                pipe.zadd(due, dict.fromkeys(self.seen, self.due_again), xx=True)
+            if self.forget:
+                pipe.hdel(records, *self.forget)
+                pipe.zrem(due, *self.forget)
+            if self.seen or self.forget:
+                pipe.hdel(missing, *self.seen, *self.forget)
+            if self.pending:
+                pipe.hset(missing, mapping={
+                    p.record.event_id: f"{p.last_seen!r} {p.first_missed!r}" for p in self.pending
+                })  # fmt: skip
+                pipe.zadd(due, {p.record.event_id: p.first_missed + SETTLE_S for p in self.pending},
+                          xx=True)  # fmt: skip
+                pipe.expire(missing, MISSING_TTL_S)
+            pipe.execute()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _look(

@@ -1,11 +1,14 @@
 """The outbox: every enqueued event has a record until a worker is done with it, and the sweeper
-publishes again exactly the events whose message the broker lost, never one still waiting."""
+publishes again exactly the events whose message the broker lost (a consumer died or reconnected,
+or Redis restarted, after the message was last seen), never one still waiting, and never one
+removed on purpose (purged, or dropped by a worker without the tasks)."""
 
 from __future__ import annotations
 
 import json
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,7 +20,7 @@ import op_celery
 from op_celery import _outbox
 from op_celery._app import settings_for
 from op_celery._ledger import Ledger
-from op_celery._outbox import Sweeper, outbox_keys
+from op_celery._outbox import Liveness, Sweeper, broker_keys, outbox_keys
 from op_celery.testing import StandInServer
 
 from ._support import WorkerProcess, wait_until
@@ -37,10 +40,22 @@ def records(client: redis.Redis, env: dict[str, str]) -> dict[str, dict[str, Any
 
 
 def make_due(client: redis.Redis, env: dict[str, str]) -> None:
-    """Age every record past its grace period (as if the grace had passed)."""
+    """Make every record due now (as if its grace period had just passed)."""
     due = keys(env)[1]
+    now = time.time()
     for member in client.zrange(due, 0, -1):
-        client.zadd(due, {member: 0})
+        client.zadd(due, {member: now})
+
+
+def consumer_died(client: redis.Redis, env: dict[str, str], ago_s: float = 1.0) -> None:
+    """What a worker SIGKILLed leaves: a consumer that said it was alive and stopped saying so."""
+    consumers, _, _ = broker_keys(env["OP_CELERY_BROKER_KEY_PREFIX"])
+    client.zadd(consumers, {f"killed-{uuid.uuid4().hex[:6]}": time.time() - ago_s})
+
+
+def settle_now(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Judge a missing message at once (no consumer can still be found dead: the test has none)."""
+    monkeypatch.setattr(_outbox, "SETTLE_S", 0.0)
 
 
 def next_look(client: redis.Redis, env: dict[str, str]) -> float:
@@ -109,20 +124,117 @@ def test_an_event_published_through_celerys_path_has_a_record_too(
     assert record["kwargs"]["name"] == "later"
 
 
-def test_a_message_popped_and_never_recorded_as_unacked_is_published_again(
+def test_a_message_popped_by_a_consumer_that_died_before_recording_it_is_published_again(
     producer: Celery,
     redis_client: redis.Redis,
     env: dict[str, str],
     sweeper: Callable[[], Sweeper],
 ) -> None:
     result = op_celery.track.delay("lost")
-    # What a worker SIGKILLed right after kombu's BRPOP leaves: the message is gone.
+    # What a worker SIGKILLed right after kombu's BRPOP leaves: the message is gone, and the
+    # consumer stops saying it is alive.
     assert redis_client.rpop(queue_key(env)) is not None
+    consumer_died(redis_client, env)
     make_due(redis_client, env)
     outcome = sweep(sweeper(), producer)
     assert (outcome.lost, outcome.republished) == (1, 1)
     assert task_ids(redis_client, env) == [result.id]
     assert len(records(redis_client, env)) == 1
+
+
+def test_a_message_lost_on_a_connection_its_consumer_had_to_remake_is_published_again(
+    producer: Celery,
+    redis_client: redis.Redis,
+    env: dict[str, str],
+    sweeper: Callable[[], Sweeper],
+) -> None:
+    result = op_celery.track.delay("lost on a broken connection")
+    make_due(redis_client, env)
+    assert redis_client.rpop(queue_key(env)) is not None
+    with producer.connection_for_write() as connection:
+        Liveness(producer.connection_for_write).say("reconnected", connection)
+    outcome = sweep(sweeper(), producer)
+    assert (outcome.lost, outcome.republished) == (1, 1)
+    assert task_ids(redis_client, env) == [result.id]
+
+
+def test_a_message_lost_when_redis_restarted_is_published_again(
+    producer: Celery,
+    redis_client: redis.Redis,
+    env: dict[str, str],
+    sweeper: Callable[[], Sweeper],
+) -> None:
+    result = op_celery.track.delay("lost in a restart")
+    assert redis_client.rpop(queue_key(env)) is not None
+    make_due(redis_client, env)
+    # The run id the last look saw is another server's: Redis restarted since.
+    redis_client.set(broker_keys(env["OP_CELERY_BROKER_KEY_PREFIX"])[2], "an-earlier-run")
+    outcome = sweep(sweeper(), producer)
+    assert (outcome.lost, outcome.republished) == (1, 1)
+    assert task_ids(redis_client, env) == [result.id]
+
+
+def test_a_message_removed_with_no_loss_to_explain_it_is_forgotten_not_published_again(
+    producer: Celery,
+    redis_client: redis.Redis,
+    env: dict[str, str],
+    sweeper: Callable[[], Sweeper],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for i in range(3):
+        op_celery.track.delay(f"purged-{i}")
+    # What ``celery purge`` does (kombu's Redis ``_purge``): the queue's lists are deleted.
+    assert redis_client.delete(queue_key(env)) == 1
+    make_due(redis_client, env)
+    the_sweeper = sweeper()
+    first = sweep(the_sweeper, producer)
+    # Not judged yet: a consumer that died holding one could still be found dead.
+    assert (first.lost, first.removed, first.pending) == (0, 0, 3)
+    assert len(records(redis_client, env)) == 3
+    settle_now(monkeypatch)
+    make_due(redis_client, env)
+    second = sweep(the_sweeper, producer)
+    assert (second.lost, second.republished, second.removed) == (0, 0, 3)
+    assert records(redis_client, env) == {}
+    assert task_ids(redis_client, env) == []
+
+
+def test_a_missing_message_judged_later_is_published_again_if_a_consumer_died_meanwhile(
+    producer: Celery,
+    redis_client: redis.Redis,
+    env: dict[str, str],
+    sweeper: Callable[[], Sweeper],
+) -> None:
+    result = op_celery.track.delay("lost, its consumer found dead later")
+    assert redis_client.rpop(queue_key(env)) is not None
+    make_due(redis_client, env)
+    the_sweeper = sweeper()
+    assert sweep(the_sweeper, producer).pending == 1
+    consumer_died(redis_client, env)
+    make_due(redis_client, env)
+    outcome = sweep(the_sweeper, producer)
+    assert (outcome.lost, outcome.republished) == (1, 1)
+    assert task_ids(redis_client, env) == [result.id]
+
+
+def test_a_loss_before_the_message_was_last_seen_does_not_bring_it_back(
+    producer: Celery,
+    redis_client: redis.Redis,
+    env: dict[str, str],
+    sweeper: Callable[[], Sweeper],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    consumer_died(redis_client, env, ago_s=600)  # long before the event was enqueued
+    op_celery.track.delay("purged after a crash long ago")
+    redis_client.delete(queue_key(env))
+    make_due(redis_client, env)
+    settle_now(monkeypatch)
+    the_sweeper = sweeper()
+    assert sweep(the_sweeper, producer).pending == 1  # judged at the next look
+    make_due(redis_client, env)
+    outcome = sweep(the_sweeper, producer)
+    assert (outcome.lost, outcome.republished, outcome.removed) == (0, 0, 1)
+    assert records(redis_client, env) == {}
 
 
 def test_a_message_still_waiting_on_the_queue_is_not_published_again(
@@ -194,6 +306,7 @@ def test_a_lost_event_the_ledger_knows_as_delivered_loses_its_record_instead(
     op_celery.track.delay("delivered, then the record stayed")
     [event_id] = records(redis_client, env)
     redis_client.rpop(queue_key(env))
+    consumer_died(redis_client, env)
     Ledger(settings_for(producer)).record(event_id)
     make_due(redis_client, env)
     outcome = sweep(sweeper(), producer)
@@ -220,11 +333,13 @@ def test_a_backlog_too_long_to_scan_is_judged_later_not_published_again(
     for i in range(3):
         op_celery.track.delay(f"long-{i}")
     redis_client.rpop(queue_key(env))  # lost, but behind a backlog the sweeper won't scan
+    consumer_died(redis_client, env)
     make_due(redis_client, env)
     the_sweeper = sweeper()
     outcome = sweep(the_sweeper, producer)
     assert (outcome.too_busy, outcome.republished) == (2, 0)
     redis_client.rpop(queue_key(env))
+    consumer_died(redis_client, env)
     monkeypatch.setattr(_outbox, "MAX_SCAN_MESSAGES", 10)
     outcome = sweep(the_sweeper, producer)  # the records are still due
     assert (outcome.lost, outcome.republished) == (2, 2)
@@ -299,6 +414,7 @@ def test_a_worker_publishes_again_an_event_lost_from_its_queue(
     producer.conf.op_celery_outbox_grace = 1
     op_celery.track.delay("lost before any worker ran")
     redis_client.rpop(queue_key(env))
+    consumer_died(redis_client, env)  # the worker that popped it was SIGKILLed
     worker = start_worker(OP_CELERY_OUTBOX_GRACE="1", POOL=pool, CONCURRENCY="2")
     assert stand_in.wait_for(1, timeout=30)
     assert [r.payload["name"] for r in stand_in.received] == ["lost before any worker ran"]
