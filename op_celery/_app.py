@@ -8,6 +8,7 @@ the package's app, configured from the settings, so ``track.delay()`` just works
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import weakref
 from typing import Any
@@ -16,6 +17,7 @@ from celery import Celery
 
 from . import _compat
 from ._embedded import embedded_redis
+from ._exceptions import ConfigurationError
 from ._settings import EMBEDDED_URL, Settings, load_settings
 
 __all__ = ["configure_app", "package_app", "publishing_app", "settings_for"]
@@ -111,7 +113,9 @@ def publishing_app() -> Celery:
     Celery's current app is per thread: an app created at import time is current in the main
     thread only, not in a web server's request threads. So, in order: this thread's current
     app; else the app made default with ``app.set_default()``; else the one user app that
-    exists; else the package's app.
+    exists; else, with several, the package's app if ``OP_CELERY_BROKER_URL`` names its broker,
+    or :class:`ConfigurationError`; else (no Celery app at all) the package's app, whose
+    broker is the embedded Redis unless one is configured.
     """
     # Celery offers no public "was an app created?" test: ``current_app`` silently makes a
     # fallback app pointed at amqp://localhost, which is never what an op-celery user wants.
@@ -126,8 +130,16 @@ def publishing_app() -> Celery:
     users = [app for app in _compat.active_apps() if _is_user_app(app)]
     if len(users) == 1:
         return users[0]
-    if len(users) > 1:
-        _warn_ambiguous_once()
+    if users and not os.environ.get("OP_CELERY_BROKER_URL"):
+        # Guessing would send the events to a broker nobody may read: the package's app, with
+        # no broker setting, would put them in the embedded Redis.
+        names = ", ".join(sorted(repr(app.main or "?") for app in users))
+        raise ConfigurationError(
+            f"op_celery: {len(users)} Celery apps exist ({names}) and none is current in this "
+            f"thread ({threading.current_thread().name}), so op_celery cannot tell which one "
+            "publishes: call app.set_default() on yours once at start-up, or set "
+            "OP_CELERY_BROKER_URL to publish through op_celery's own app"
+        )
     return package_app()
 
 
@@ -135,16 +147,3 @@ def _is_user_app(app: Celery) -> bool:
     """Whether ``app`` (one of ``_compat.active_apps()``, Celery's fallback app left out) is
     not the package's own."""
     return app is not _package_app
-
-
-_warned = False
-
-
-def _warn_ambiguous_once() -> None:
-    global _warned
-    if not _warned:
-        _warned = True
-        log.warning(
-            "op_celery: several Celery apps exist and none is current in this thread; "
-            "publishing through the package's app. Call app.set_default() on yours"
-        )
