@@ -43,6 +43,7 @@ from ._settings import (
     Project,
     Secret,
     check_api_url,
+    redact_url,
 )
 
 __all__ = ["DEFAULT_USER_AGENT", "SDK_NAME", "Delivered", "OpenPanelClient"]
@@ -64,6 +65,8 @@ class Delivered:
 
     status: int
     body: Any
+    #: The answer's headers (case-insensitive), for the rate-limit headers (``_learning``).
+    headers: Mapping[str, str] | None = None
 
 
 class _Sessions(threading.local):
@@ -90,8 +93,10 @@ class OpenPanelClient:
     ) -> None:
         self.client_id = client_id
         self._secret = client_secret if isinstance(client_secret, Secret) else Secret(client_secret)
-        self.api_url = check_api_url(api_url, allow_insecure=allow_insecure_http)
-        self._track_url = f"{self.api_url}/track"
+        checked = check_api_url(api_url, allow_insecure=allow_insecure_http)
+        self._track_url = f"{checked}/track"
+        #: The API URL as messages, logs and dead letters show it: credentials in it are hidden.
+        self.api_url = redact_url(checked)
         self._timeout = (connect_timeout_s, read_timeout_s)
         self._session_factory = session_factory
         self._sessions = _Sessions()
@@ -208,7 +213,7 @@ def classify(operation: str, status: int, headers: Any, text: str) -> Delivered:
     """Map one HTTP answer to success or the right :class:`DeliveryError` (the contract's table)."""
     body, message = _server_message(text)
     if 200 <= status < 300:
-        return Delivered(status, body)
+        return Delivered(status, body, headers)
     retry_after = parse_retry_after(headers.get("retry-after"))
     detail = f"{operation}: HTTP {status} {message!r}"
     error: DeliveryError

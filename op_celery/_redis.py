@@ -10,33 +10,20 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
 from ._embedded import embedded_redis
 from ._exceptions import ConfigurationError, StorageUnavailable
-from ._settings import EMBEDDED_URL, Settings
+from ._settings import EMBEDDED_URL, Settings, redact_url
 
-__all__ = ["redact_url", "redis_for", "storage_errors"]
+__all__ = ["redact_url", "redis_for", "storage_errors"]  # redact_url: from _settings
 
 #: Seconds to wait for Redis before calling it unavailable; short, so a task fails fast to retry.
 REDIS_TIMEOUT_S = 5.0
 
 _clients: dict[str, redis.Redis] = {}
 _lock = threading.Lock()
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***``, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def redis_for(settings: Settings) -> redis.Redis:

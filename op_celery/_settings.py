@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from ._exceptions import ConfigurationError
 
@@ -228,17 +228,39 @@ def _env_name(project: str) -> str:
     return project.upper().replace("-", "_").replace(".", "_")
 
 
+def redact_url(url: str) -> str:
+    """``url`` with its credentials hidden, for every message, log line, stored error and status
+    output: a password becomes ``***``, and so does a user name given without one (a token)."""
+    try:
+        parts = urlsplit(url)
+        password, user = parts.password, parts.username
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:  # not a URL that parses: show none of what may be userinfo
+        return url.rsplit("@", 1)[-1] if "@" in url else url
+    if password is None and user is None:
+        return url
+    if ":" in host:
+        host = f"[{host}]"
+    if port is not None:
+        host = f"{host}:{port}"
+    userinfo = f"{user}:***" if password is not None else "***"
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@{host}"))
+
+
 def check_api_url(url: str, *, allow_insecure: bool) -> str:
     """Return the API URL without a trailing slash; refuse plain http to non-loopback hosts."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigurationError(
-            f"OPENPANEL_API_URL must be an http(s) URL such as {DEFAULT_API_URL}, got {url!r}"
+            f"OPENPANEL_API_URL must be an http(s) URL such as {DEFAULT_API_URL}, got "
+            f"{redact_url(url)!r}"
         )
     if parts.scheme == "http" and not allow_insecure and not _is_loopback(parts.hostname):
         raise ConfigurationError(
-            f"OPENPANEL_API_URL {url!r} is plain http to a non-loopback host, which would send "
-            "the client secret in clear text: use https, or set OPENPANEL_ALLOW_INSECURE_HTTP=1"
+            f"OPENPANEL_API_URL {redact_url(url)!r} is plain http to a non-loopback host, which "
+            "would send the client secret in clear text: use https, or set "
+            "OPENPANEL_ALLOW_INSECURE_HTTP=1"
         )
     return url.rstrip("/")
 

@@ -49,12 +49,17 @@ class Spool:
 
     def write(self, task_name: str, kwargs: dict[str, Any], options: dict[str, Any]) -> Path:
         """Store one message durably (written to a temporary name, fsynced, renamed)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        # Events hold personal data (emails, IPs): only the process's user may read them,
+        # whatever the umask. An existing directory is narrowed too.
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.directory.stat().st_mode & 0o077:
+            os.chmod(self.directory, 0o700)
         name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
         final = self.directory / (name + _SUFFIX)
         temporary = self.directory / (name + ".tmp")
         record = {"task": task_name, "kwargs": kwargs, "options": options}
-        with temporary.open("w", encoding="utf-8") as handle:
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with open(descriptor, "w", encoding="utf-8") as handle:
             json.dump(record, handle, separators=(",", ":"))
             handle.flush()
             os.fsync(handle.fileno())

@@ -115,3 +115,36 @@ def test_settings_are_a_hashable_value_holding_no_foreign_environment_and_no_pla
     assert "HOME" not in dumped
     assert settings.project().client_secret.reveal() == "sec_do_not_show"
     assert settings.project("eu").client_secret.reveal() == "sec_eu_hidden"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://user:pw@api.example.com/x", "https://user:***@api.example.com/x"),
+        ("https://tok3n@api.example.com", "https://***@api.example.com"),
+        ("redis://:pw@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
+        ("https://u:pw@[::1]:8443/", "https://u:***@[::1]:8443/"),
+        ("https://api.example.com", "https://api.example.com"),
+        ("http://u:pw@[::1", "[::1"),
+    ],
+)
+def test_redact_url_hides_every_credential_a_url_can_carry(url: str, shown: str) -> None:
+    from op_celery._settings import redact_url
+
+    assert redact_url(url) == shown
+
+
+def test_an_api_url_password_never_reaches_an_error_text_or_the_clients_repr() -> None:
+    from op_celery import NetworkError, OpenPanelClient, build_event
+
+    from ._support import free_port
+
+    url = f"http://user:hunter2@127.0.0.1:{free_port()}"
+    client = OpenPanelClient("cid", "sec", url, connect_timeout_s=0.5)
+    assert "hunter2" not in repr(client) and "hunter2" not in client.api_url
+    with pytest.raises(NetworkError) as caught:
+        client.send(build_event("track", {"name": "x"}))
+    assert "hunter2" not in str(caught.value)
+    with pytest.raises(ConfigurationError) as refused:
+        load_settings(env={**ENV, "OPENPANEL_API_URL": "ftp://u:hunter2@h"}).project()
+    assert "hunter2" not in str(refused.value)

@@ -117,3 +117,16 @@ def test_spooled_events_are_delivered_once_the_broker_is_back(
             worker.stop()
     names = sorted(r.payload["name"] for r in stand_in.received)
     assert names == [f"spooled-{i}" for i in range(5)]
+
+
+def test_spool_files_and_their_directory_are_readable_by_their_owner_only(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        (tmp_path / "wide").mkdir(mode=0o777)
+        os.chmod(tmp_path / "wide", 0o777)
+        for directory in (tmp_path / "new" / "spool", tmp_path / "wide"):
+            path = Spool(directory).write("op_celery.track", {"name": "x"}, {})
+            assert directory.stat().st_mode & 0o777 == 0o700
+            assert path.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
