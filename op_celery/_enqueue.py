@@ -8,10 +8,12 @@ name, so nothing needs the task classes themselves.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, cast
 
 import redis
 from celery import Task
+from kombu import Queue
 from kombu.exceptions import OperationalError
 
 from ._app import publishing_app, settings_for
@@ -27,6 +29,7 @@ __all__ = [
     "flush_spool",
     "publish_dead_letter",
     "publish_retry_policy",
+    "queue_for",
     "republish",
     "spool_for",
     "task_for",
@@ -63,6 +66,28 @@ def publish_retry_policy(timeout_s: float) -> dict[str, Any]:
     }
 
 
+def queue_for(
+    app: Any, task_name: str, settings: Settings, kwargs: Mapping[str, Any] | None = None
+) -> str:
+    """The queue of a call that names none: the one the app's ``task_routes`` give the task,
+    else ``OP_CELERY_QUEUE`` (``openpanel``).
+
+    The app's ``task_default_queue`` is not used: many projects set it for their own tasks,
+    and their workers for it may not import op_celery (route ``op_celery.*`` there to say so).
+    The name is set as the call's queue, so both publish paths send it there; Celery's router
+    still adds a route's other options (an exchange, a priority) on its own path.
+    """
+    router = app.amqp.router
+    if router.routes:
+        route = router.lookup_route(task_name, (), dict(kwargs or {}), {}, None)
+        queue = route if isinstance(route, str) else (route or {}).get("queue")
+        if isinstance(queue, Queue):
+            queue = queue.name
+        if isinstance(queue, str) and queue:
+            return queue
+    return settings.queue
+
+
 def spool_for(settings: Settings) -> Spool:
     """The spool of the settings' directory, one per process."""
     directory = settings.spool_dir or str(default_spool_dir())
@@ -91,8 +116,12 @@ def flush_spool(settings: Settings | None = None) -> int:
 
 def publish_dead_letter(letter: DeadLetter) -> object:
     """Re-enqueue a dead letter with its event id (the ledger drops it if it was delivered
-    after all); raises if the broker does not take it, so the dead letter is kept."""
+    after all), on the queue it came from when the letter says; raises if the broker does not
+    take it, so the dead letter is kept."""
     kwargs = dict(letter.kwargs)
     kwargs["event_id"] = letter.id
     options: dict[str, Any] = {NO_SPOOL: True}
+    queue = letter.extra.get("queue")
+    if isinstance(queue, str) and queue:
+        options["queue"] = queue  # back to the queue it came from (its routing may have changed)
     return task_for(letter.operation).apply_async((), kwargs, **options)
