@@ -44,6 +44,7 @@ from ._enqueue import (
     NO_SPOOL,
     NOW,
     publish_retry_policy,
+    queue_for,
     republish,
     spool_for,
     task_for,
@@ -184,7 +185,8 @@ class OpenPanelTask(_TaskBase):
                 (), message, task_id, producer, link, link_error, shadow, **options
             )
         spool_on_failure = options.pop(NO_SPOOL, False) is False
-        options.setdefault("queue", settings.queue)
+        if "queue" not in options:
+            options["queue"] = queue_for(self.app, self.name, settings, message)
         options["serializer"] = "json"
         options.setdefault("retry", True)
         options.setdefault("retry_policy", publish_retry_policy(settings.publish_timeout_s))
@@ -397,8 +399,9 @@ class OpenPanelTask(_TaskBase):
             raise error
         try:
             letter = delivery_for(self.settings).dead_letter(
-                self.operation, kwargs, error, attempts=retries + 1
-            )
+                self.operation, kwargs, error, attempts=retries + 1,
+                extra={"queue": self.queue_name()},
+            )  # fmt: skip
         except (StorageUnavailable, ConfigurationError) as exc:
             # Nowhere to keep it: put it back on the broker for later rather than lose it.
             log.error("op_celery: event %s kept on the queue: %s", kwargs.get("event_id"), exc)
