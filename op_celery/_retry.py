@@ -20,6 +20,11 @@ __all__ = ["Decision", "backoff_s", "decide", "parse_retry_after"]
 #: Seconds added at most to a server-given ``retry-after``, so that a pool of workers told the
 #: same time does not come back in the same millisecond.
 RETRY_AFTER_JITTER_S = 0.25
+#: The longest wait a server can impose through ``retry-after`` (delta-seconds or an HTTP date):
+#: a larger, infinite or far-future value is read as this. A limiter's window is seconds to a
+#: minute; a value of years is a misconfigured proxy, and obeying it would pause the pool for
+#: good (every pause and countdown derived from it is bounded by this too).
+MAX_RETRY_AFTER_S = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +73,8 @@ def decide(
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a ``retry-after`` header: delta-seconds or an HTTP date."""
+    """Seconds to wait from a ``retry-after`` header: delta-seconds or an HTTP date, at most
+    :data:`MAX_RETRY_AFTER_S`; None when the value is neither (or NaN)."""
     if value is None:
         return None
     text = value.strip()
@@ -79,11 +85,11 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     except ValueError:
         try:
             when = parsedate_to_datetime(text)
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError, IndexError, OverflowError):
             return None
         if when.tzinfo is None:
             when = when.replace(tzinfo=timezone.utc)
         seconds = (when - (now or datetime.now(timezone.utc))).total_seconds()
     if seconds != seconds:  # NaN
         return None
-    return max(0.0, seconds)
+    return min(MAX_RETRY_AFTER_S, max(0.0, seconds))

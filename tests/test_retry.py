@@ -6,6 +6,8 @@ import random
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 
+import pytest
+
 from op_celery import (
     AuthenticationError,
     InvalidPayload,
@@ -64,3 +66,18 @@ def test_retry_after_parses_seconds_and_http_dates() -> None:
     assert parse_retry_after("soon") is None
     assert parse_retry_after(None) is None
     assert parse_retry_after("-5") == 0.0
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["1000000000", "inf", "Infinity", "1e400", "Fri, 31 Dec 2100 23:59:59 GMT"],
+)
+def test_a_server_given_wait_is_bounded_whatever_it_says(value: str) -> None:
+    from op_celery._retry import MAX_RETRY_AFTER_S
+
+    assert parse_retry_after(value) == MAX_RETRY_AFTER_S
+
+
+@pytest.mark.parametrize("value", ["nan", "-inf", "", "   ", "Mon, 99 Foo 99999 GMT", "1e400e"])
+def test_a_wait_that_is_no_number_or_date_is_no_wait(value: str) -> None:
+    assert parse_retry_after(value) in (None, 0.0)
