@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _layers() -> list[str]:
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
-    (layers,) = [c for c in config["contracts"] if c["type"] == "layers"]
+    (layers,) = [c for c in config["contracts"] if c.get("containers") == ["op_celery"]]
     return [
         name.strip() for layer in layers["layers"] for name in layer.replace(":", "|").split("|")
     ]
