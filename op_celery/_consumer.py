@@ -44,9 +44,11 @@ from . import _compat
 from ._app import settings_for
 from ._exceptions import OpenPanelError
 from ._outbox import BROKER_ERRORS as OUTBOX_ERRORS
-from ._outbox import Liveness
+from ._outbox import Liveness, Writer
 from ._publish import outbox_writer, redis_broker
-from .dead_letters import DeadLetterStore
+from ._redis import redis_for
+from ._settings import Settings, _redis_url_of
+from .dead_letters import DeadLetter, DeadLetterStore, purge_listeners
 
 __all__ = ["PoisonGuard", "forget_record", "install"]
 
@@ -69,6 +71,26 @@ def forget_record(app: Celery, queue: str, event_id: str, why: str) -> None:
         return
     log.info("op_celery: event %s %s; its outbox record is gone, it is not published again",
              event_id, why)  # fmt: skip
+
+
+def _forget_purged(settings: Settings, letters: list[DeadLetter]) -> None:
+    """After a purge of dead letters: forget their events' outbox records, in the broker's
+    Redis when it is the store's (else the sweeper, which finds their messages gone with no
+    loss to explain it, forgets them)."""
+    if settings.redis_url is None or settings.redis_url != _redis_url_of(settings.broker_url):
+        return
+    by_queue: dict[str, list[str]] = {}
+    for letter in letters:
+        event_id = letter.event_id
+        if event_id is not None:
+            queue = str(letter.extra.get("queue") or settings.queue)
+            by_queue.setdefault(queue, []).append(event_id)
+    writer = Writer(redis_for(settings).connection_pool, settings.broker_key_prefix)
+    for queue, ids in by_queue.items():
+        writer.forget(queue, ids)
+
+
+purge_listeners.append(_forget_purged)
 
 
 def _event_id_of(message: Any) -> str | None:

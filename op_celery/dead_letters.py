@@ -9,11 +9,17 @@ so running it twice enqueues nothing twice.
 
 Storage: one Redis hash (id → JSON) and one sorted set (id by time) under ``OP_CELERY_KEY_PREFIX``.
 Filters run in the client, which is fine for thousands of dead letters, not for millions.
+
+``purge`` removes the events for good: it tells :data:`purge_listeners` which dead letters went,
+and the Celery layer (``_consumer``) forgets their outbox records there, so that no sweeper
+brings back an event whose record was left behind (a refusal, a record a worker failed to
+delete).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -24,10 +30,16 @@ from ._settings import Settings, load_settings
 
 __all__ = ["DeadLetter", "DeadLetterStore"]
 
+log = logging.getLogger("op_celery")
+
 #: Dead letters read from Redis per round trip.
 SCAN_BATCH = 500
 #: Characters of an undecodable message's body kept in its dead letter.
 MAX_RAW_CHARS = 4096
+
+
+#: Called with the settings and the dead letters of each purge, after they were deleted.
+purge_listeners: list[Callable[[Settings, list[DeadLetter]], object]] = []
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,15 @@ class DeadLetter:
     replayable: bool = True
     replays: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def event_id(self) -> str | None:
+        """The event's id: the dead letter's, or for a message that was no valid event, the
+        one its body carried (if any)."""
+        if self.error_type != "PoisonMessage":
+            return self.id
+        event_id = self.extra.get("event_id")
+        return event_id if isinstance(event_id, str) else None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
@@ -186,9 +207,15 @@ class DeadLetterStore:
         return count
 
     def purge(self, project: str | None = None, error: str | None = None) -> int:
-        """Delete matching dead letters; returns how many."""
-        ids = [letter.id for letter in self.list(project, error)]
-        return self.delete(ids)
+        """Delete matching dead letters, and tell :data:`purge_listeners`; returns how many."""
+        letters = list(self.list(project, error))
+        removed = self.delete(letter.id for letter in letters)
+        for listener in list(purge_listeners):
+            try:
+                listener(self._settings, letters)
+            except Exception as exc:  # the dead letters are gone either way
+                log.warning("op_celery: after purging dead letters, %r failed: %s", listener, exc)
+        return removed
 
     def delete(self, ids: Iterable[str]) -> int:
         removed = 0

@@ -154,3 +154,17 @@ def test_garbage_on_the_queue_is_dead_lettered_and_the_worker_lives_on(
     op_celery.track.delay("still-alive")
     assert stand_in.wait_for(1, timeout=20)
     assert worker.process is not None and worker.process.poll() is None
+
+
+def test_purging_dead_letters_forgets_the_outbox_records_their_events_left(
+    producer: Celery, worker_store: DeadLetterStore, redis_client: redis.Redis, env: dict[str, str]
+) -> None:
+    from op_celery._outbox import outbox_keys
+
+    op_celery.track.delay("given up, its record left behind")
+    records, due = outbox_keys(env["OP_CELERY_QUEUE"], env["OP_CELERY_BROKER_KEY_PREFIX"])
+    [event_id] = [k.decode() for k in redis_client.hkeys(records)]
+    worker_store.add(letter(id=event_id, extra={"queue": env["OP_CELERY_QUEUE"]}))
+    assert worker_store.purge() == 1
+    assert redis_client.hlen(records) == 0
+    assert redis_client.zcard(due) == 0
