@@ -276,3 +276,15 @@ def test_enqueue_on_commit_still_validates_at_the_call(published: list[Published
     with override_settings(OPENPANEL={"ENQUEUE_ON_COMMIT": True}):
         assert OpenPanelMiddleware(view)(RequestFactory().get("/")).status_code == 200
     assert published == []
+
+
+def test_capture_records_a_views_on_commit_event_when_its_transaction_commits() -> None:
+    from op_celery.testing import capture
+
+    with (
+        override_settings(ROOT_URLCONF=__name__, MIDDLEWARE=[MIDDLEWARE], OPENPANEL={}),
+        capture() as events,
+    ):
+        Client(HTTP_USER_AGENT=BROWSER).get("/signup")
+    assert events.names == ["signup"]  # the rolled-back one never reached the recorder
+    assert events[0].user_agent == BROWSER
