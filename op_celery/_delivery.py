@@ -4,11 +4,15 @@ One event in, one :data:`Outcome` out::
 
     claim the event in the ledger ── delivered before ──────────────→ AlreadyDelivered
       │                          └── a copy is being sent elsewhere ─→ Busy(wait_s)
-    take a slot of the project's shared rate limit
-      │  (a slot within OP_CELERY_MAX_INLINE_WAIT is slept for) ─ later → Throttled(wait_s)
+    take a slot of the project's shared rate limit: the lower of OPENPANEL_RATE_LIMIT and the
+      │  rate learned from the server (a slot within OP_CELERY_MAX_INLINE_WAIT is slept for;
+      │  the pool paused meanwhile, or a slot further off) ───────────→ Throttled(wait_s)
     POST it (``_client``)
-      ├── 2xx: mark it delivered in the ledger (and forget its outbox record, when the ledger's
-      │        Redis is the broker's: one round trip) ─────────────────→ Delivered
+      ├── 2xx: learn from its x-ratelimit headers (``_learning``); mark it delivered in the
+      │        ledger (and forget its outbox record, when the ledger's Redis is the broker's:
+      │        one round trip) ─────────────────────────────────────────→ Delivered
+      ├── 429: pause the pool, back the learned rate off (``_learning``) → Throttled(pause)
+      │        (no retry counted; only an event older than MAX_THROTTLED_AGE_S counts it)
       ├── transient failure, ``_retry.decide`` says again ─────────────→ Retry(countdown_s)
       └── permanent failure, or retries used up ───────────────────────→ GiveUp(reason)
 
@@ -18,6 +22,15 @@ Celery's retry, ``Busy`` and ``Throttled`` into a countdown that counts no retry
 a dead letter (:meth:`Delivery.dead_letter`) and acks the rest. Signals, the outbox and the
 broker are the caller's business: this module talks to the API and the package's Redis only,
 so it can be read and tested with the stand-in server and a Redis, and nothing else.
+
+A 429 is the server pacing the pool, not the event failing: it never uses up an event's
+retries, so it never dead-letters an event by itself. The bound is the event's age: an event
+whose timestamp (a ``track``'s, which is its ``.delay()`` time unless the caller gave one) is
+more than :data:`MAX_THROTTLED_AGE_S` old counts its 429s as retries again, and after
+``OP_CELERY_MAX_RETRIES`` of them becomes a (replayable) dead letter. The server accepts such an
+event, it only stops counting it towards sessions after 15 minutes; the bound is there so that
+a pool fed faster than the server allows, for hours, ends with dead letters rather than an ever
+longer queue. Events without a timestamp (all but ``track``) have no bound.
 """
 
 from __future__ import annotations
@@ -41,8 +54,9 @@ from ._exceptions import (
     StorageUnavailable,
     TransientError,
 )
+from ._learning import RateLearner
 from ._ledger import Ledger
-from ._limiter import RateLimiter
+from ._limiter import DEFAULT_PAUSE_S, RateLimiter, RateStatus
 from ._rates import DEFAULT_BURST, Rate, parse_burst, parse_rate, with_headroom
 from ._redis import redis_for
 from ._retry import decide
@@ -51,6 +65,8 @@ from .dead_letters import DeadLetter, DeadLetterStore
 
 __all__ = [
     "DEFAULT_PAUSE_S",
+    "MAX_THROTTLED_AGE_S",
+    "PAUSE_RECHECK_S",
     "AlreadyDelivered",
     "Attempt",
     "Busy",
@@ -61,12 +77,16 @@ __all__ = [
     "Retry",
     "Throttled",
     "delivery_for",
+    "rate_statuses",
 ]
 
 log = logging.getLogger("op_celery")
 
-#: Seconds the pool pauses after a 429 that named no retry-after.
-DEFAULT_PAUSE_S = 1.0
+#: Seconds of age (since the event's timestamp) after which a 429 counts as a retry again.
+MAX_THROTTLED_AGE_S = 6 * 3600.0
+#: A booked slot at least this many seconds ahead is checked against a pause (a 429 elsewhere)
+#: after the sleep, before sending into it; nearer slots are sent without the extra round trip.
+PAUSE_RECHECK_S = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +98,9 @@ class Attempt:
     #: The outbox keys of the event's queue when the ledger's Redis is the broker's, so the
     #: ledger's mark forgets the outbox record in the same round trip; else None.
     outbox_keys: tuple[str, str] | None = None
+    #: Seconds since the event's timestamp (``track``; None for the others): bounds how long
+    #: 429s are waited out without counting retries (:data:`MAX_THROTTLED_AGE_S`).
+    age_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +130,8 @@ class Busy:
 
 @dataclass(frozen=True, slots=True)
 class Throttled:
-    """The project's shared limit has no slot soon enough: run again in ``wait_s``.
+    """The project's shared limit has no slot soon enough, or the server answered 429: run
+    again in ``wait_s``.
 
     Throttling is not a failure: it costs the event no retry.
     """
@@ -143,6 +167,7 @@ class Delivery:
         self.ledger = Ledger(settings)
         self.dead_letters = DeadLetterStore(settings)
         self.limiter = RateLimiter(redis_for(settings), prefix=settings.key_prefix)
+        self.learner = RateLearner(self.limiter, headroom_pct=settings.rate_headroom_pct)
         self._clients: dict[str, OpenPanelClient] = {}
         self._limits: dict[str, tuple[Rate, int] | None] = {}
         self._lock = threading.Lock()
@@ -183,8 +208,9 @@ class Delivery:
             )
         else:
             log.info(
-                "op_celery: project %r has no rate limit (OPENPANEL_RATE_LIMIT unset): events "
-                "are sent as fast as the workers go",
+                "op_celery: project %r has no rate limit set (OPENPANEL_RATE_LIMIT unset): the "
+                "workers pace at the rate the server allows, learned from its x-ratelimit "
+                "headers or its 429s, and send as fast as they go until it shows one",
                 project,
             )
         self._limits[project] = limit
@@ -221,18 +247,24 @@ class Delivery:
         return Delivered(answer.status, time.perf_counter() - started)
 
     def _send(self, client: OpenPanelClient, event: Event, attempt: Attempt) -> Outcome:
+        limit = self.limit(event.project)
         try:
-            granted, waited_s = self._take_slot(event.project, client.client_id)
+            granted, waited_s = self._take_slot(client.client_id, limit)
             if not granted:
                 return Throttled(waited_s)
             started = time.perf_counter()
             try:
                 answer = client.send(event)
             except RateLimited as exc:
-                # Every worker of the pool holds off, not only this one.
-                self.limiter.pause(client.client_id, exc.retry_after or DEFAULT_PAUSE_S)
+                # Every worker of the pool holds off, not only this one; the pace backs off.
+                backoff = self.learner.rate_limited(
+                    client.client_id, exc.retry_after, None if limit is None else limit[0]
+                )
+                if attempt.age_s is None or attempt.age_s <= MAX_THROTTLED_AGE_S:
+                    return Throttled(backoff.pause_s)
                 raise
             latency_s = time.perf_counter() - started
+            self.learner.observe(client.client_id, answer.headers)
         except PermanentError as exc:
             return GiveUp(exc, "refused")
         except TransientError as exc:
@@ -246,13 +278,11 @@ class Delivery:
             log.warning("op_celery: event %s delivered but not recorded: %s", event.event_id, exc)
         return Delivered(answer.status, latency_s, waited_s, forgotten)
 
-    def _take_slot(self, project: str, client_id: str) -> tuple[bool, float]:
+    def _take_slot(self, client_id: str, limit: tuple[Rate, int] | None) -> tuple[bool, float]:
         """Take a slot of the project's shared limit: (True, seconds slept for it), or (False,
-        seconds until one) when it is further off than ``OP_CELERY_MAX_INLINE_WAIT``."""
-        limit = self.limit(project)
-        if limit is None:
-            return True, 0.0
-        rate, burst = limit
+        seconds until one) when it is further off than ``OP_CELERY_MAX_INLINE_WAIT`` or the
+        pool was paused while this attempt slept for its slot."""
+        rate, burst = (None, DEFAULT_BURST) if limit is None else limit
         acquisition = self.limiter.acquire(
             client_id, rate, burst, max_wait_s=self.settings.max_inline_wait_s
         )
@@ -260,7 +290,20 @@ class Delivery:
             return False, acquisition.wait_s
         if acquisition.wait_s:
             time.sleep(acquisition.wait_s)  # the slot is booked for us: send at it
+            if acquisition.wait_s >= PAUSE_RECHECK_S:
+                paused_s = self.limiter.paused_for(client_id)
+                if paused_s > 0:  # a 429 elsewhere while we slept: the window is spent
+                    return False, paused_s
         return True, acquisition.wait_s
+
+    def rate_status(self, project: str) -> RateStatus:
+        """The project's pace: configured, learned (and from where), in use, pause; for
+        ``op-celery status`` and the metrics. Raises ConfigurationError for a project without
+        credentials, LimiterUnavailable when Redis does not answer."""
+        limit = self.limit(project)
+        return self.limiter.status(
+            self.settings.project(project).client_id, None if limit is None else limit[0]
+        )
 
     def _after(self, error: TransientError, attempt: Attempt) -> Retry | GiveUp:
         decision = decide(error, attempt.retries, self.settings)
@@ -310,6 +353,19 @@ class Delivery:
 
 _deliveries: dict[Settings, Delivery] = {}
 _deliveries_lock = threading.Lock()
+
+
+def rate_statuses() -> list[tuple[str, RateStatus]]:
+    """(project, its pace) for every project this process has delivered for, read from Redis
+    now; a project whose Redis does not answer is left out."""
+    statuses = []
+    for delivery in list(_deliveries.values()):
+        for project in list(delivery._limits):
+            try:
+                statuses.append((project, delivery.rate_status(project)))
+            except (StorageUnavailable, ConfigurationError):
+                continue
+    return statuses
 
 
 def delivery_for(settings: Settings) -> Delivery:

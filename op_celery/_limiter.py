@@ -1,8 +1,9 @@
-"""One rate limit per OpenPanel project, shared by every worker through Redis.
+"""One rate limit per OpenPanel project, shared by every worker through Redis, at the slowest of
+the configured rate and the rate learned from the server.
 
 The algorithm is GCRA (a leaky bucket kept as one timestamp), run by ``lua/acquire.lua`` in one
 round trip per :meth:`RateLimiter.acquire`. The script reads the time from Redis ``TIME``, so
-the workers' clocks play no part.
+the workers' clocks play no part (tests may pass ``now_s`` to drive time).
 
 What it guarantees, on the Redis clock: in any half-open span of one period (one second for
 ``"50/s"``), at most ``limit + burst - 1`` requests are admitted. ``burst`` is the number
@@ -22,12 +23,34 @@ reaches the server some latency after it was admitted, and if that latency varie
 ``J`` seconds a window can receive about ``J * L / period`` more. To never see a 429, set the
 rate to ``L - (burst - 1)`` per window, less a margin for that jitter (e.g. 99 % of ``L``).
 
+The rate the server allows is learned two ways, and the lower of it and the configured rate (if
+any) is the one used:
+
+- **From headers** (:meth:`RateLimiter.learn`, ``lua/learn.lua``): ``x-ratelimit-limit`` over
+  the window inferred from ``x-ratelimit-reset`` (the largest reset seen: the answer that opens
+  a window carries all of it), slowed by the headroom. Kept :data:`LEARNED_TTL_S` after the
+  last refresh; a changed limit is taken at once.
+- **From 429s** (:meth:`RateLimiter.backoff`, ``lua/backoff.lua``), when no headers came: each
+  429 outside a pause lowers the rate to ``1 - BACKOFF_BETA`` of the rate in use, and the rate
+  climbs back along CUBIC's curve (RFC 9438), back at the 429's rate after
+  :data:`BACKOFF_PERIOD_S`, then probing upwards. Growth costs no write: acquire computes the
+  curve from the last 429's rate and time. The very first 429 takes the rate that was being
+  sent (acquire counts admissions while nothing paces) over the time it took plus the pause.
+
+Every 429 also pauses the whole pool, for ``retry-after`` or, without one,
+:data:`DEFAULT_PAUSE_S` doubled while 429s come back right after a pause (up to
+:data:`MAX_PAUSE_S`); the pause moves the bucket's TAT to its end, so workers come back one
+interval apart.
+
 Keys (the prefix is configurable, :data:`DEFAULT_KEY_PREFIX` by default)::
 
     <prefix>:{<client_id>}:bucket   the TAT; expires once it books nothing ahead
     <prefix>:{<client_id>}:pause    present while the project is paused after a 429
+    <prefix>:{<client_id>}:learned  the rate learned from headers (limit, window, interval)
+    <prefix>:{<client_id>}:backoff  the rate learned from 429s (rate and time of the last one)
+    <prefix>:{<client_id>}:tally    admissions counted while nothing paces the project
 
-The client id in braces is a Redis Cluster hash tag: both keys of a project live in one slot.
+The client id in braces is a Redis Cluster hash tag: every key of a project lives in one slot.
 The prefix defaults to the package's key namespace (``OP_CELERY_KEY_PREFIX``).
 
 Every ``redis`` error is mapped to :class:`LimiterUnavailable` here and nowhere else; its
@@ -37,25 +60,54 @@ when Redis does not answer: the caller retries the event later.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict
 
 import redis
 
 from ._exceptions import ConfigurationError, LimiterUnavailable
-from ._lua import lua
+from ._lua import Script
 from ._rates import DEFAULT_BURST, Rate
 from ._settings import DEFAULT_KEY_PREFIX
 
-__all__ = ["Acquisition", "LimiterState", "RateLimiter"]
+__all__ = [
+    "BACKOFF_BETA",
+    "BACKOFF_PERIOD_S",
+    "BACKOFF_TTL_S",
+    "DEFAULT_PAUSE_S",
+    "LEARNED_TTL_S",
+    "MAX_PAUSE_S",
+    "Acquisition",
+    "Backoff",
+    "Learned",
+    "LimiterState",
+    "RateLimiter",
+    "RateStatus",
+]
 
 #: Client ids whose keys a limiter keeps ready; beyond this the cache starts afresh.
 MAX_CACHED_CLIENT_IDS = 1024
+#: Share of the rate taken off at a 429 (CUBIC's 1 - beta_cubic is 0.3; 0.2 keeps more of the
+#: rate, as the pool's pause already stops the overshoot).
+BACKOFF_BETA = 0.2
+#: Seconds after a 429 until the rate learned from 429s is back at the rate of that 429 (K).
+BACKOFF_PERIOD_S = 10.0
+#: Seconds the rate learned from 429s is kept after the last 429.
+BACKOFF_TTL_S = 900.0
+#: Seconds the pool pauses after a 429 that named no retry-after.
+DEFAULT_PAUSE_S = 1.0
+#: Longest pause in seconds when 429s without retry-after keep doubling it.
+MAX_PAUSE_S = 60.0
+#: Seconds a rate learned from headers is kept without a refresh.
+LEARNED_TTL_S = 300.0
 
 _MICROSECONDS_PER_S = 1_000_000
 #: Replies of acquire.lua below this are reservations (µs to wait), above it admission times.
 _RESERVATION_CEILING_US = 10**12
+#: Indexes of a project's keys in the tuple of ``_keys``.
+_BUCKET, _PAUSE, _LEARNED, _BACKOFF, _TALLY = range(5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +126,27 @@ class Acquisition:
     admitted_at_s: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Learned:
+    """What :meth:`RateLimiter.learn` stored: the server's ``limit`` per ``window_s``, paced
+    at ``per_second`` (headroom taken off); ``changed`` when the pace is new."""
+
+    limit: int
+    window_s: float
+    per_second: float
+    changed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """What :meth:`RateLimiter.backoff` did: the pool is paused ``pause_s``; when ``lowered``,
+    the rate learned from 429s restarts at ``(1 - BACKOFF_BETA) * at_429_per_s``."""
+
+    pause_s: float
+    lowered: bool
+    at_429_per_s: float | None
+
+
 class LimiterState(TypedDict):
     """A project's limiter state, for a status command."""
 
@@ -88,41 +161,86 @@ class LimiterState(TypedDict):
     available: int | None
 
 
+class RateStatus(TypedDict):
+    """Where a project's pace comes from, for ``op-celery status`` and the metrics."""
+
+    client_id: str
+    #: The configured limit (``OPENPANEL_RATE_LIMIT``) as written, e.g. ``"50/s"``; None if unset.
+    configured: str | None
+    configured_per_second: float | None
+    #: ``"headers"`` (x-ratelimit-*), ``"429s"`` (backing off), or None (nothing learned).
+    learned_source: Literal["headers", "429s"] | None
+    #: The learned rate in requests per second, as acquire uses it now; None if none.
+    learned_per_second: float | None
+    #: From headers: the server's limit and window, e.g. ``"100/10s"``; None otherwise.
+    learned_limit: str | None
+    #: Seconds until the learned rate is forgotten without a refresh (or another 429).
+    learned_expires_s: float | None
+    #: From 429s: the rate at the last 429 and the seconds since; None otherwise.
+    last_429_per_second: float | None
+    since_last_429_s: float | None
+    #: The pace of every worker's acquire: the lower of configured and learned; None = unpaced.
+    in_use_per_second: float | None
+    #: ``"configured"``, ``"headers"``, ``"429s"`` or None: which of them sets the pace.
+    in_use_source: Literal["configured", "headers", "429s"] | None
+    #: Seconds until the pause ends; 0 when not paused.
+    paused_s: float
+    #: Seconds of admissions booked ahead of now; 0 when idle.
+    backlog_s: float
+
+
 class RateLimiter:
     """Rate limits per OpenPanel project, shared through the Redis behind ``client``.
 
-    The Lua scripts are registered with ``client`` once, here; each :meth:`acquire` is then one
-    ``EVALSHA``; after a Redis restart the registered script loads itself again.
+    The Lua scripts are made once, here; each :meth:`acquire` is then one ``EVALSHA``; after a
+    Redis restart a script loads itself again (``_lua.Script``).
     """
 
     def __init__(self, client: redis.Redis, *, prefix: str = DEFAULT_KEY_PREFIX) -> None:
         self._client = client
         self._prefix = prefix
         self._where = _describe(client)
-        self._key_cache: dict[str, tuple[bytes, bytes]] = {}
+        self._key_cache: dict[str, tuple[bytes, ...]] = {}
         self._packed: dict[tuple[str, int, int, int], Any] = {}
-        self._acquire = client.register_script(lua("acquire.lua"))
-        self._pause = client.register_script(lua("pause.lua"))
+        self._acquire = Script(client, "acquire.lua")
+        self._pause = Script(client, "pause.lua")
+        self._learn = Script(client, "learn.lua")
+        self._backoff = Script(client, "backoff.lua")
 
     def acquire(
-        self, client_id: str, rate: Rate, burst: int = DEFAULT_BURST, *, max_wait_s: float = 0.0
+        self,
+        client_id: str,
+        rate: Rate | None,
+        burst: int = DEFAULT_BURST,
+        *,
+        max_wait_s: float = 0.0,
+        now_s: float | None = None,
     ) -> Acquisition:
-        """Admit one request for ``client_id`` at ``rate``, or say how long to wait.
+        """Admit one request for ``client_id``, or say how long to wait.
 
+        The pace is the slowest of ``rate`` (the configured one; None for none) and what was
+        learned from the server (headers, or 429s); with neither, every request is admitted.
         ``burst`` (at least 1) is how many requests are admitted at once after idling; see the
         module docstring for what it costs. With ``max_wait_s``, a slot at most that far ahead
         is booked for the caller (granted, ``wait_s`` until it): callers that then sleep until
         their slot keep the schedule exactly, where callers that ask again after a wait race for
-        each slot and lose some. Raises :class:`LimiterUnavailable` when Redis does not answer.
+        each slot and lose some. ``now_s`` replaces the Redis clock (tests that drive time).
+        Raises :class:`LimiterUnavailable` when Redis does not answer.
         """
         if burst < 1:
             raise ConfigurationError(f"burst must be at least 1, got {burst!r}")
-        interval_us = _interval_us(rate)
-        tolerance_us = (burst - 1) * interval_us
+        interval_us = 0 if rate is None else _interval_us(rate)
         reserve_us = min(_RESERVATION_CEILING_US - 1, max(0, int(max_wait_s * _MICROSECONDS_PER_S)))
-        args = (interval_us, tolerance_us, reserve_us)
         try:
-            answer = self._send_packed(client_id, args)
+            if now_s is None:
+                answer = self._send_packed(client_id, (interval_us, burst, reserve_us))
+            else:
+                answer = int(
+                    self._acquire(
+                        self._cached_keys(client_id),
+                        (interval_us, burst, reserve_us, *_backoff_args(), _us(now_s)),
+                    )
+                )
         except redis.RedisError as exc:
             raise self._unavailable("acquire", exc) from exc
         if answer >= _RESERVATION_CEILING_US:
@@ -141,28 +259,92 @@ class RateLimiter:
         """
         cache_key = (client_id, *args)
         packed = self._packed.get(cache_key)
+        full_args = (*args, *_backoff_args(), 0)
         pool = self._client.connection_pool
-        connection: Any = pool.get_connection()  # redis-py's Connection is untyped here
+        connection: Any = _get_connection(pool)  # redis-py's Connection is untyped here
         try:
             if packed is None:
                 if len(self._packed) >= MAX_CACHED_CLIENT_IDS:
                     self._packed.clear()
-                keys = self._key_cache.get(client_id) or self._cache_keys(client_id)
-                packed = connection.pack_command("EVALSHA", self._acquire.sha, 2, *keys, *args)
+                keys = self._cached_keys(client_id)
+                packed = connection.pack_command(
+                    "EVALSHA", self._acquire.sha, len(keys), *keys, *full_args
+                )
                 self._packed[cache_key] = packed
             connection.send_packed_command(packed, check_health=False)
             answer = connection.read_response()
         except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.NoScriptError) as exc:
             if not isinstance(exc, redis.exceptions.NoScriptError):
                 connection.disconnect()
-            keys = self._key_cache.get(client_id) or self._cache_keys(client_id)
-            answer = self._acquire(keys=keys, args=args)
+            answer = self._acquire(self._cached_keys(client_id), full_args)
         finally:
             pool.release(connection)
         return int(answer)
 
+    def learn(
+        self,
+        client_id: str,
+        limit: int,
+        reset_s: float,
+        *,
+        headroom_pct: float = 0.0,
+        now_s: float | None = None,
+    ) -> Learned:
+        """Store the rate a server announced (``x-ratelimit-limit`` and ``-reset``) for every
+        worker's acquire, slowed by ``headroom_pct`` percent; see the module docstring."""
+        if limit < 1 or not reset_s > 0:
+            raise ConfigurationError(
+                f"a learned rate needs limit >= 1 and reset > 0, got {limit!r}, {reset_s!r}"
+            )
+        factor = max(0.01, 1 - max(0.0, headroom_pct) / 100)
+        keys = self._cached_keys(client_id)
+        args = (limit, math.ceil(reset_s * 1000), repr(factor), _ms(LEARNED_TTL_S), _us(now_s))
+        try:
+            interval_us, changed, stored_limit, window_ms = self._learn(
+                (keys[_LEARNED], keys[_BACKOFF]), args
+            )
+        except redis.RedisError as exc:
+            raise self._unavailable("learn", exc) from exc
+        return Learned(
+            limit=int(stored_limit),
+            window_s=int(window_ms) / 1000,
+            per_second=_MICROSECONDS_PER_S / int(interval_us),
+            changed=bool(changed),
+        )
+
+    def backoff(
+        self,
+        client_id: str,
+        retry_after_s: float | None,
+        rate: Rate | None = None,
+        *,
+        now_s: float | None = None,
+    ) -> Backoff:
+        """After a 429: pause every worker, and lower the rate learned from 429s unless headers
+        taught the rate; ``rate`` is the configured one (it caps what is learned)."""
+        retry_after_ms = -1 if retry_after_s is None else max(1, math.ceil(retry_after_s * 1000))
+        args = (
+            retry_after_ms,
+            _ms(DEFAULT_PAUSE_S),
+            _ms(MAX_PAUSE_S),
+            repr(BACKOFF_BETA),
+            _us(BACKOFF_PERIOD_S),
+            _ms(BACKOFF_TTL_S),
+            0 if rate is None else _interval_us(rate),
+            _us(now_s),
+        )
+        keys = self._cached_keys(client_id)
+        try:
+            pause_ms, lowered, at_429_milli = self._backoff(
+                (keys[_PAUSE], keys[_BUCKET], keys[_LEARNED], keys[_BACKOFF], keys[_TALLY]), args
+            )
+        except redis.RedisError as exc:
+            raise self._unavailable("backoff", exc) from exc
+        at_429 = int(at_429_milli) / 1000
+        return Backoff(int(pause_ms) / 1000, bool(lowered), at_429 or None)
+
     def pause(self, client_id: str, seconds: float) -> float:
-        """Admit nothing for ``client_id`` for ``seconds``, in every worker (after a 429).
+        """Admit nothing for ``client_id`` for ``seconds``, in every worker.
 
         A pause is only ever extended: the project stays paused until the later of its current
         end and now + ``seconds``. Returns the seconds left until the pause ends.
@@ -170,15 +352,16 @@ class RateLimiter:
         pause_ms = math.ceil(seconds * 1000)
         if pause_ms <= 0:
             return self.paused_for(client_id)
+        keys = self._cached_keys(client_id)
         try:
-            remaining_ms = self._pause(keys=self._keys(client_id)[1:], args=(pause_ms,))
+            remaining_ms = self._pause((keys[_PAUSE], keys[_BUCKET]), (pause_ms,))
         except redis.RedisError as exc:
             raise self._unavailable("pause", exc) from exc
         return max(0, int(remaining_ms)) / 1000
 
     def paused_for(self, client_id: str) -> float:
         """Seconds until the pause of ``client_id`` ends; 0 when it is not paused."""
-        pause_key = self._keys(client_id)[1]
+        pause_key = self._keys(client_id)[_PAUSE]
         try:
             remaining_ms = self._client.pttl(pause_key)
         except redis.RedisError as exc:
@@ -191,14 +374,14 @@ class RateLimiter:
         """The state of ``client_id``'s limit, read atomically; changes nothing.
 
         With ``rate`` (and ``burst``), ``available`` says how many requests would be admitted
-        right now if the project were not paused.
+        right now at that rate if the project were not paused.
         """
-        bucket_key, pause_key = self._keys(client_id)
+        keys = self._keys(client_id)
         try:
             with self._client.pipeline(transaction=True) as pipe:
                 pipe.time()
-                pipe.get(bucket_key)
-                pipe.pttl(pause_key)
+                pipe.get(keys[_BUCKET])
+                pipe.pttl(keys[_PAUSE])
                 (seconds, microseconds), tat, pause_ms = pipe.execute()
         except redis.RedisError as exc:
             raise self._unavailable("state", exc) from exc
@@ -210,33 +393,94 @@ class RateLimiter:
             available = max(0, ((burst - 1) * interval_us - backlog_us) // interval_us + 1)
         return LimiterState(
             client_id=client_id,
-            bucket_key=bucket_key,
-            pause_key=pause_key,
+            bucket_key=keys[_BUCKET],
+            pause_key=keys[_PAUSE],
             paused_s=max(0, int(pause_ms)) / 1000,
             backlog_s=backlog_us / _MICROSECONDS_PER_S,
             available=available,
         )
 
-    def _cache_keys(self, client_id: str) -> tuple[bytes, bytes]:
+    def status(self, client_id: str, rate: Rate | None = None) -> RateStatus:
+        """Where ``client_id``'s pace comes from, read atomically; changes nothing.
+
+        ``rate`` is the configured one (None for none). The rate learned from 429s is the one
+        acquire.lua computes at this moment (the curve from the last 429).
+        """
+        keys = self._keys(client_id)
+        try:
+            with self._client.pipeline(transaction=True) as pipe:
+                pipe.time()
+                pipe.hgetall(keys[_LEARNED])
+                pipe.pttl(keys[_LEARNED])
+                pipe.hgetall(keys[_BACKOFF])
+                pipe.pttl(keys[_BACKOFF])
+                pipe.pttl(keys[_PAUSE])
+                pipe.get(keys[_BUCKET])
+                replies = pipe.execute()
+        except redis.RedisError as exc:
+            raise self._unavailable("status", exc) from exc
+        (seconds, microseconds), learned, learned_ttl, backoff, backoff_ttl, pause_ms, tat = replies
+        now_us = seconds * _MICROSECONDS_PER_S + microseconds
+        learned = {_text(k): _text(v) for k, v in learned.items()}
+        backoff = {_text(k): _text(v) for k, v in backoff.items()}
+        configured = None if rate is None else _MICROSECONDS_PER_S / _interval_us(rate)
+        source: Literal["headers", "429s"] | None = None
+        learned_per_s = last_429 = since_429 = expires = None
+        learned_limit = None
+        if "interval_us" in learned:
+            source = "headers"
+            learned_per_s = _MICROSECONDS_PER_S / int(learned["interval_us"])
+            learned_limit = str(Rate(int(learned["limit"]), int(learned["window_ms"]) / 1000))
+            expires = max(0, int(learned_ttl)) / 1000
+        elif "wmax" in backoff:
+            source = "429s"
+            last_429 = float(backoff["wmax"])
+            since_429 = max(0, now_us - int(backoff["t0"])) / _MICROSECONDS_PER_S
+            learned_per_s = _backoff_rate(last_429, since_429)
+            expires = max(0, int(backoff_ttl)) / 1000
+        in_use: float | None = None
+        in_use_source: Literal["configured", "headers", "429s"] | None = None
+        if configured is not None:
+            in_use, in_use_source = configured, "configured"
+        if learned_per_s is not None and (in_use is None or learned_per_s < in_use):
+            in_use, in_use_source = learned_per_s, source
+        return RateStatus(
+            client_id=client_id,
+            configured=None if rate is None else str(rate),
+            configured_per_second=configured,
+            learned_source=source,
+            learned_per_second=learned_per_s,
+            learned_limit=learned_limit,
+            learned_expires_s=expires,
+            last_429_per_second=last_429,
+            since_last_429_s=since_429,
+            in_use_per_second=in_use,
+            in_use_source=in_use_source,
+            paused_s=max(0, int(pause_ms)) / 1000,
+            backlog_s=max(0, int(tat) - now_us) / _MICROSECONDS_PER_S if tat is not None else 0.0,
+        )
+
+    def _cached_keys(self, client_id: str) -> tuple[bytes, ...]:
         """The keys of ``client_id``, encoded once: :meth:`acquire` runs per event."""
+        keys = self._key_cache.get(client_id)
+        if keys is not None:
+            return keys
         if len(self._key_cache) >= MAX_CACHED_CLIENT_IDS:
             self._key_cache.clear()
-        bucket_key, pause_key = self._keys(client_id)
         encoding = self._client.connection_pool.connection_kwargs.get("encoding", "utf-8")
-        keys = self._key_cache[client_id] = (
-            bucket_key.encode(encoding),
-            pause_key.encode(encoding),
+        keys = self._key_cache[client_id] = tuple(
+            key.encode(encoding) for key in self._keys(client_id)
         )
         return keys
 
-    def _keys(self, client_id: str) -> tuple[str, str]:
+    def _keys(self, client_id: str) -> tuple[str, str, str, str, str]:
         if not client_id or "{" in client_id or "}" in client_id:
             raise ConfigurationError(
                 f"client id {client_id!r} cannot key a rate limit: it must be non-empty and "
                 "hold no braces"
             )
         tag = f"{self._prefix}:{{{client_id}}}"
-        return f"{tag}:bucket", f"{tag}:pause"
+        return f"{tag}:bucket", f"{tag}:pause", f"{tag}:learned", f"{tag}:backoff", f"{tag}:tally"
 
     def _unavailable(self, operation: str, exc: redis.RedisError) -> LimiterUnavailable:
         """The one mapping of a ``redis`` error to ours; the message carries no password."""
@@ -251,10 +495,54 @@ class RateLimiter:
         )
 
 
+def _backoff_rate(at_429_per_s: float, since_s: float) -> float:
+    """The rate learned from 429s ``since_s`` after the last one: acquire.lua's curve."""
+    x = max(0.0, since_s) / BACKOFF_PERIOD_S
+    return at_429_per_s * (1 + BACKOFF_BETA * (x - 1) ** 3)
+
+
+def _backoff_args() -> tuple[str, int]:
+    return repr(BACKOFF_BETA), _us(BACKOFF_PERIOD_S)
+
+
 def _interval_us(rate: Rate) -> int:
     """Microseconds between admissions at ``rate``, rounded up so the limiter is never fast."""
     period_us = round(rate.period_s * _MICROSECONDS_PER_S)
     return max(1, -(-period_us // rate.limit))
+
+
+def _us(seconds: float | None) -> int:
+    """Seconds as whole microseconds; None (the Redis clock) as 0."""
+    return 0 if seconds is None else round(seconds * _MICROSECONDS_PER_S)
+
+
+def _ms(seconds: float) -> int:
+    return math.ceil(seconds * 1000)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+#: Per connection-pool class: whether its ``get_connection`` wants a command name.
+_NEEDS_COMMAND_NAME: dict[Any, bool] = {}
+
+
+def _get_connection(pool: Any) -> Any:
+    """A pooled connection, on every redis-py from 5.0 on: before 5.3 ``get_connection`` needs
+    a command name; from 5.3 on passing one is deprecated."""
+    pool_class = type(pool)
+    needs = _NEEDS_COMMAND_NAME.get(pool_class)
+    if needs is None:
+        try:
+            parameter = inspect.signature(pool_class.get_connection).parameters.get("command_name")
+        except (TypeError, ValueError):
+            parameter = None
+        needs = parameter is not None and parameter.default is inspect.Parameter.empty
+        _NEEDS_COMMAND_NAME[pool_class] = needs
+    if needs:
+        return pool.get_connection("EVALSHA")
+    return pool.get_connection()
 
 
 def _describe(client: redis.Redis) -> str:

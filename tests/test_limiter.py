@@ -19,7 +19,15 @@ import pytest
 import redis
 
 from op_celery._exceptions import ConfigurationError, LimiterUnavailable
-from op_celery._limiter import Acquisition, RateLimiter
+from op_celery._limiter import (
+    BACKOFF_BETA,
+    BACKOFF_PERIOD_S,
+    DEFAULT_PAUSE_S,
+    LEARNED_TTL_S,
+    MAX_PAUSE_S,
+    Acquisition,
+    RateLimiter,
+)
 from op_celery._rates import Rate, parse_rate
 
 from ._support import REDIS_URL, RedisServer
@@ -186,9 +194,9 @@ def test_a_worker_with_a_skewed_clock_obeys_the_shared_limit(
     assert not skewed.granted
     assert 59 < skewed.wait_s <= 60
     # Nothing time-related went to Redis: the command sent is the keys, the interval, the
-    # tolerance and no reservation, packed once.
+    # burst and no reservation (and the backoff's constants, and 0 for "Redis TIME"), packed once.
     [(client_id, *args)] = skewed_limiter._packed
-    assert (client_id, args) == ("c", [60_000_000, 0, 0])
+    assert (client_id, args) == ("c", [60_000_000, 1, 0])
     [packed] = skewed_limiter._packed.values()
     sent = b"".join(packed) if isinstance(packed, list) else packed
     assert str(int(real_time())).encode()[:6] not in sent
@@ -209,12 +217,19 @@ def test_keys_share_a_cluster_slot_and_expire_when_idle(
     limiter: RateLimiter, redis_client: redis.Redis, prefix: str
 ) -> None:
     limiter.acquire("c", parse_rate("10/s"), burst=2)
-    limiter.pause("c", 5)
     state = limiter.state("c")
     assert state["bucket_key"] == f"{prefix}:{{c}}:bucket"
     assert state["pause_key"] == f"{prefix}:{{c}}:pause"
     assert 0 < redis_client.pttl(state["bucket_key"]) <= 100
+    limiter.pause("c", 5)
     assert 4_000 < redis_client.pttl(state["pause_key"]) <= 5_000
+    # The pause books the bucket up to its end, so the pool comes back paced, not all at once.
+    assert 4_000 < redis_client.pttl(state["bucket_key"]) <= 5_001
+    limiter.learn("c", 10, 1.0)
+    limiter.backoff("c", 1.0)
+    keys = sorted(key.decode() for key in redis_client.keys(f"{prefix}:*"))
+    assert keys == [f"{prefix}:{{c}}:{name}" for name in ("bucket", "learned", "pause")]
+    assert 0 < redis_client.pttl(f"{prefix}:{{c}}:learned") <= 300_000
 
 
 @pytest.mark.parametrize("client_id", ["", "a{b", "a}b"])
@@ -374,3 +389,184 @@ def test_a_pause_is_never_reserved_through(redis_client: redis.Redis, prefix: st
     limiter.pause("c", 0.3)
     answer = limiter.acquire("c", parse_rate("100/s"), max_wait_s=5.0)
     assert not answer.granted and 0.2 < answer.wait_s <= 0.3
+
+
+# -- the rate learned from the server (time driven through now_s, never slept) ----------------
+
+#: A moment on the driven clock (seconds since the epoch, as Redis TIME would say).
+T0 = 1_800_000_000.0
+
+
+def test_a_rate_learned_from_headers_paces_every_limiter_without_a_configured_rate(
+    limiter: RateLimiter, prefix: str
+) -> None:
+    assert limiter.acquire("c", None, now_s=T0).granted  # nothing learned: unpaced
+    assert limiter.acquire("c", None, now_s=T0).granted
+    learned = limiter.learn("c", 10, 1.0, now_s=T0)
+    assert (learned.limit, learned.window_s, learned.per_second, learned.changed) == (
+        10, 1.0, 10.0, True,
+    )  # fmt: skip
+    other = RateLimiter(redis.Redis.from_url(REDIS_URL), prefix=prefix)
+    assert other.acquire("c", None, now_s=T0 + 1).granted
+    refused = other.acquire("c", None, now_s=T0 + 1.01)
+    assert not refused.granted
+    assert refused.wait_s == pytest.approx(0.09)
+    assert not limiter.learn("c", 10, 0.4, now_s=T0 + 1).changed  # same limit, window kept
+
+
+def test_the_lower_of_configured_and_learned_rates_is_used(limiter: RateLimiter) -> None:
+    limiter.learn("c", 10, 1.0, now_s=T0)  # 10/s learned
+    assert limiter.acquire("c", parse_rate("5/s"), now_s=T0).granted
+    assert limiter.acquire("c", parse_rate("5/s"), now_s=T0 + 0.01).wait_s == pytest.approx(0.19)
+    limiter.learn("d", 10, 1.0, now_s=T0)
+    assert limiter.acquire("d", parse_rate("100/s"), now_s=T0).granted
+    assert limiter.acquire("d", parse_rate("100/s"), now_s=T0 + 0.01).wait_s == pytest.approx(0.09)
+
+
+def test_the_window_is_the_largest_reset_seen_and_a_new_limit_starts_afresh(
+    limiter: RateLimiter,
+) -> None:
+    assert limiter.learn("c", 100, 3.0).window_s == 3.0  # a reset seen mid-window
+    opened = limiter.learn("c", 100, 10.0)  # the answer that opened a window
+    assert (opened.window_s, opened.per_second, opened.changed) == (10.0, 10.0, True)
+    assert limiter.learn("c", 100, 4.0).window_s == 10.0
+    changed = limiter.learn("c", 30, 2.0)  # the server's limit changed
+    assert (changed.limit, changed.window_s) == (30, 2.0)
+    assert changed.per_second == pytest.approx(15.0, rel=1e-4)  # whole microseconds, rounded up
+
+
+def test_headroom_slows_the_learned_rate(limiter: RateLimiter) -> None:
+    assert limiter.learn("c", 50, 1.0, headroom_pct=1).per_second == pytest.approx(49.5, 0.001)
+
+
+def test_a_learned_rate_expires_and_the_pool_is_unpaced_again(
+    limiter: RateLimiter, redis_client: redis.Redis, prefix: str
+) -> None:
+    limiter.learn("c", 1, 60.0, now_s=T0)
+    key = f"{prefix}:{{c}}:learned"
+    assert 0 < redis_client.pttl(key) <= LEARNED_TTL_S * 1000
+    assert limiter.acquire("c", None, now_s=T0).granted
+    assert not limiter.acquire("c", None, now_s=T0 + 1).granted
+    redis_client.delete(key)  # what its expiry does
+    assert limiter.acquire("c", None, now_s=T0 + 2).granted
+    assert limiter.acquire("c", None, now_s=T0 + 2).granted
+
+
+def test_a_first_429_paces_at_what_was_sent_over_the_time_it_took_plus_the_pause(
+    limiter: RateLimiter,
+) -> None:
+    for n in range(50):  # 50 sent unpaced in the first half second of a 1 s window
+        assert limiter.acquire("c", None, now_s=T0 + n / 100).granted
+    backoff = limiter.backoff("c", 0.5, now_s=T0 + 0.5)
+    assert (backoff.pause_s, backoff.lowered) == (0.5, True)
+    assert backoff.at_429_per_s == pytest.approx(50, rel=0.02)
+    refused = limiter.acquire("c", None, now_s=T0 + 0.6)
+    assert not refused.granted and refused.wait_s == pytest.approx(0.4)  # the pause
+    # After the pause, paced one slot after another, starting at (1 - beta) of the 429's rate.
+    assert limiter.acquire("c", None, now_s=T0 + 1.0).granted
+    second = limiter.acquire("c", None, max_wait_s=1, now_s=T0 + 1.0)
+    assert 1 / second.wait_s == pytest.approx(_curve(50, 0.5), rel=0.03)
+    assert _curve(50, 0.0) == pytest.approx(50 * (1 - BACKOFF_BETA))
+
+
+def _curve(at_429_per_s: float, since_s: float) -> float:
+    """The pace ``since_s`` after a 429 at ``at_429_per_s``: CUBIC's curve, as documented."""
+    return at_429_per_s * (1 + BACKOFF_BETA * (since_s / BACKOFF_PERIOD_S - 1) ** 3)
+
+
+def test_the_rate_learned_from_429s_climbs_back_to_the_429s_rate_after_the_period(
+    limiter: RateLimiter,
+) -> None:
+    limiter.acquire("c", parse_rate("40/s"), now_s=T0)
+    assert limiter.backoff("c", None, parse_rate("40/s"), now_s=T0).at_429_per_s == 40
+
+    # Without a configured rate, the intervals acquire hands out follow the curve: below the
+    # 429's rate at first, back at it after the period, then above it (probing).
+    for since_s in (1.0, BACKOFF_PERIOD_S, 1.5 * BACKOFF_PERIOD_S):
+        now = T0 + since_s
+        assert limiter.acquire("c", None, now_s=now).granted
+        booked = limiter.acquire("c", None, max_wait_s=1, now_s=now)
+        assert 1 / booked.wait_s == pytest.approx(_curve(40, since_s), rel=0.01)
+    assert _curve(40, 1.0) < 40 * 0.9
+    assert _curve(40, BACKOFF_PERIOD_S) == 40
+    assert _curve(40, 1.5 * BACKOFF_PERIOD_S) > 40
+
+
+def test_a_429_during_a_pause_changes_nothing_and_one_after_it_lowers_again(
+    limiter: RateLimiter,
+) -> None:
+    first = limiter.backoff("c", 2.0, parse_rate("100/s"), now_s=T0)
+    assert first.lowered and first.at_429_per_s == 100
+    during = limiter.backoff("c", 1.0, now_s=T0 + 0.5)  # sent before the pause began
+    assert (during.lowered, during.pause_s) == (False, 1.5)
+    assert limiter.backoff("c", 3.0, now_s=T0 + 0.5).pause_s == 3.0  # a longer retry-after
+    after = limiter.backoff("c", 1.0, now_s=T0 + 3.6)
+    assert after.lowered  # from the pace it had climbed to since the first 429
+    assert after.at_429_per_s == pytest.approx(_curve(100, 3.6), rel=1e-3)
+
+
+def test_without_retry_after_a_429_right_after_a_pause_doubles_the_pause(
+    limiter: RateLimiter,
+) -> None:
+    assert limiter.backoff("c", None, now_s=T0).pause_s == DEFAULT_PAUSE_S
+    assert limiter.backoff("c", None, now_s=T0 + 1.1).pause_s == 2 * DEFAULT_PAUSE_S
+    assert limiter.backoff("c", None, now_s=T0 + 3.2).pause_s == 4 * DEFAULT_PAUSE_S
+    # Long after the last pause ended: back to the default.
+    assert limiter.backoff("c", None, now_s=T0 + 60).pause_s == DEFAULT_PAUSE_S
+    pauses = [limiter.backoff("d", None, now_s=T0 + i).pause_s for i in range(0, 200, 2)]
+    assert max(pauses) == MAX_PAUSE_S
+
+
+def test_with_headers_learned_a_429_only_pauses(limiter: RateLimiter) -> None:
+    limiter.learn("c", 10, 1.0, now_s=T0)
+    backoff = limiter.backoff("c", 0.7, now_s=T0)
+    assert (backoff.lowered, backoff.pause_s) == (False, 0.7)
+    assert limiter.status("c")["learned_source"] == "headers"
+
+
+def test_the_configured_rate_caps_what_a_first_429_teaches(limiter: RateLimiter) -> None:
+    for n in range(100):
+        limiter.acquire("c", None, now_s=T0 + n / 1000)  # 100 in 0.1 s: 1000/s sent
+    assert limiter.backoff("c", 0.1, parse_rate("20/s"), now_s=T0 + 0.1).at_429_per_s == 20
+
+
+def test_headers_learned_later_replace_the_rate_learned_from_429s(limiter: RateLimiter) -> None:
+    limiter.backoff("c", 1.0, parse_rate("10/s"), now_s=T0)
+    assert limiter.status("c")["learned_source"] == "429s"
+    limiter.learn("c", 100, 1.0, now_s=T0)
+    status = limiter.status("c")
+    assert (status["learned_source"], status["learned_per_second"]) == ("headers", 100.0)
+
+
+def test_status_says_configured_learned_its_source_in_use_and_the_pause(
+    limiter: RateLimiter,
+) -> None:
+    nothing = limiter.status("c")
+    assert (nothing["configured"], nothing["learned_source"], nothing["in_use_per_second"]) == (
+        None, None, None,
+    )  # fmt: skip
+    limiter.learn("c", 100, 10.0)
+    limiter.backoff("c", 4.0)
+    status = limiter.status("c", parse_rate("50/s"))
+    assert status["configured"] == "50/s" and status["configured_per_second"] == 50.0
+    assert status["learned_limit"] == "100/10s" and status["learned_per_second"] == 10.0
+    assert (status["in_use_source"], status["in_use_per_second"]) == ("headers", 10.0)
+    assert 3 < status["paused_s"] <= 4
+    assert status["learned_expires_s"] is not None and status["learned_expires_s"] > 0
+    assert limiter.status("c", parse_rate("5/s"))["in_use_source"] == "configured"
+
+
+class _PoolBefore53(redis.ConnectionPool):
+    """A pool with redis-py 5.0-5.2's signature: the command name is required."""
+
+    def get_connection(self, command_name: str, *keys: Any, **options: Any) -> Any:  # type: ignore[override]
+        assert command_name
+        return super().get_connection()
+
+
+def test_acquire_works_with_the_connection_pool_of_redis_py_before_5_3(prefix: str) -> None:
+    client = redis.Redis(connection_pool=_PoolBefore53.from_url(REDIS_URL))
+    limiter = RateLimiter(client, prefix=prefix)
+    assert limiter.acquire("c", parse_rate("1/m")).granted
+    assert not limiter.acquire("c", parse_rate("1/m")).granted
+    client.close()
