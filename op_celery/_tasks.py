@@ -27,6 +27,7 @@ from celery.local import Proxy
 
 from . import _startup, signals  # noqa: F401  (_startup: the worker's start-up hooks)
 from ._app import publishing_app, settings_for
+from ._capture import active_recorder
 from ._consumer import install as install_consumer_step
 from ._context import current_request
 from ._delivery import (
@@ -178,6 +179,18 @@ class OpenPanelTask(_TaskBase):
             )
             return self.AsyncResult(task_id)
         options.pop(NOW, None)
+        recorder = active_recorder()
+        if recorder is not None:
+            # op_celery.testing.capture(): validated as in production, kept in memory, and
+            # nothing reaches a broker or the network (also in eager mode).
+            captured = recorder.record(self.operation, message)
+            return self.AsyncResult(task_id or captured.event_id)
+        if not settings.enabled:
+            log.debug(
+                "op_celery: %s event %s dropped: OP_CELERY_ENABLED is off",
+                self.operation, message["event_id"],
+            )  # fmt: skip
+            return self.AsyncResult(task_id or str(message["event_id"]))
         if self.app.conf.task_always_eager:
             # Run here and now (Celery's apply): no broker, so no outbox record, no spool.
             options.pop(NO_SPOOL, None)
