@@ -162,6 +162,7 @@ class PoisonGuard(bootsteps.StartStopStep):
         if redis_broker(app):
             name = f"{getattr(consumer, 'hostname', None) or socket.gethostname()}:{os.getpid()}"
             self.liveness = Liveness(app.connection_for_write, f"{name}:{id(self):x}")
+            _alive.append(self.liveness)
 
     def start(self, consumer: Any) -> None:
         # The Tasks step has just filled consumer.strategies; the message handler looks them
@@ -181,10 +182,6 @@ class PoisonGuard(bootsteps.StartStopStep):
             # Celery starts the steps again after a broken connection: ``restart_count`` (a
             # public attribute of its consumer) is 0 at the first start.
             self.liveness.started(reconnected=(getattr(consumer, "restart_count", 0) or 0) > 0)
-
-    def shutdown(self, consumer: Any) -> None:
-        if self.liveness is not None:
-            self.liveness.stop()
 
 
 def _survive_restore_on_lost_connection(qos: Any) -> None:
@@ -256,6 +253,19 @@ def _guard(app: Celery, name: str, strategy: Any) -> Any:
 
     guarded._op_guarded = True  # type: ignore[attr-defined]
     return guarded
+
+
+#: The consumers of this process that say they are alive.
+_alive: list[Liveness] = []
+
+
+@signals.worker_shutdown.connect(weak=False)
+def _on_worker_shutdown(**_: Any) -> None:
+    """The worker stopped cleanly, its consumer's connection closed (kombu reads a BRPOP reply
+    in flight before closing, and gives back what it held): it lost nothing, so its consumers
+    say they stopped. A worker killed before this point is taken for dead instead."""
+    while _alive:
+        _alive.pop().stop()
 
 
 def _queue_of(request: Any, app: Celery) -> str:

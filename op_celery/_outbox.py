@@ -14,18 +14,30 @@ How, on a Redis broker:
   worker's retries and reschedules of an event publish it again under the same task id and
   queue: they keep the record its first publish wrote.
 - A worker deletes the record once it is done with the event: delivered, found delivered
-  already, or dead-lettered. A failed delete only leaves work for the sweeper.
+  already, or dead-lettered; and once Celery ended its message without running it (expired,
+  revoked, rejected, refused: ``_consumer``). A failed delete only leaves work for the sweeper.
 - A sweeper thread in each worker process (one at a time across the pool, under a lock) looks
   at records older than the grace period (``OP_CELERY_OUTBOX_GRACE``): ``lua/outbox_sweep.lua``
-  picks the due ones (and makes them due again a grace period later). Then the sweeper reads,
+  picks the due ones (those it finds are due again a grace period later). Then it reads,
   in one ``MULTI`` (a snapshot no worker can change halfway), every message on the queue's
   lists and in kombu's ``unacked`` hash, and decodes each as the JSON it is, taking its task id
   from its headers (a message waiting in a backlog, reserved by a worker, or held for its
   countdown is in one of them). A record whose task id is in neither was lost in that window;
   the sweeper looks again :data:`CONFIRM_DELAY_S` later, in one ``MULTI`` with the record
-  itself, and publishes it again if it is still nowhere (unless the ledger says it was
-  delivered). A record found is looked at again a grace period later, so a long backlog is
+  itself. A record found is looked at again a grace period later, so a long backlog is
   scanned, never re-published.
+- A message still nowhere was either lost or removed on purpose (``celery purge``, a worker
+  without the package's tasks dropping it, an end no worker of the package saw). It can only
+  have been lost by a consumer whose connection ended between its BRPOP and its unacked
+  write: so every consumer says it is alive (:class:`Liveness`, every :data:`ALIVE_INTERVAL_S`
+  from the consumer step) and says so again when it reconnects, and each pass notes
+  (``lua/outbox_losses.lua``) consumers not heard from for :data:`ALIVE_TTL_S` (died),
+  reconnections, and a Redis restart (its run id changed) as possible losses, with their
+  time. The sweeper publishes the record again (unless the ledger says it was delivered) only
+  if such a loss happened after the message was last seen; with none, it waits
+  :data:`SETTLE_S` from the first miss (long enough for a consumer that died holding it to be
+  found dead) and then forgets the record: the message was removed, and the outbox does not
+  override whoever removed it.
 
 Why the messages are read in the sweeper, not in Lua: the script used to find task ids with a
 string search for ``"id": "`` in kombu's stored JSON, which a change in kombu's spacing would
@@ -45,9 +57,15 @@ lost event then waits longer, but is not duplicated). A worker that has popped a
 not yet recorded it (its BRPOP reply still unread in a busy process) looks exactly like a loss
 for that moment, so a suspect is looked at again :data:`CONFIRM_DELAY_S` later and published
 only if still nowhere; one stalled even longer can be re-published while its original is
-delivered, and then the ledger's claim and its delivered mark (``_ledger``) keep that copy
-from reaching the API. Records take broker memory for as long as their events wait: about the
-size of the arguments per event. The names of kombu's keys come from its Redis channel through
+delivered (if a loss elsewhere happened meanwhile), and then the ledger's claim and its
+delivered mark (``_ledger``) keep that copy from reaching the API. A message removed on purpose
+after a worker crash, reconnection or Redis restart that came after its last look (at most a
+grace period and :data:`CLOCK_MARGIN_S` before) is taken for lost and published again: the
+outbox errs toward delivering. A message lost by a consumer that does not run this package (it
+never says it is alive) is not brought back. A lost event comes back up to :data:`ALIVE_TTL_S`
+later than the grace period alone would say (its consumer must first be found dead). Records
+take broker memory for as long as their events wait: about the size of the arguments per
+event. The names of kombu's keys come from its Redis channel through
 ``_compat``; a kombu without them turns the sweeper off, with one log line.
 """
 
