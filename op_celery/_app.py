@@ -18,9 +18,9 @@ from celery import Celery
 from . import _compat
 from ._embedded import embedded_redis
 from ._exceptions import ConfigurationError
-from ._settings import EMBEDDED_URL, Settings, load_settings
+from ._settings import DEFAULT_LEDGER_TTL_S, EMBEDDED_URL, Settings, load_settings
 
-__all__ = ["configure_app", "package_app", "publishing_app", "settings_for"]
+__all__ = ["adopt", "configure_app", "package_app", "publishing_app", "settings_for"]
 
 log = logging.getLogger("op_celery")
 
@@ -46,14 +46,114 @@ def reset_settings(app: Celery | None = None) -> None:
         _settings.pop(app, None)
 
 
-def _conf_view(app: Celery) -> dict[str, Any]:
+def _conf_view(app: Celery, broker_visibility: bool = True) -> dict[str, Any]:
     # Only the keys we read, so Celery's lazy defaults are not all materialised.
     conf = app.conf
     view = {
         key: conf[key] for key in list(conf.keys()) if key.startswith(("openpanel", "op_celery"))
     }
     view["broker_url"] = conf.get("broker_url")
+    # The visibility timeout the broker really applies is the app's, when it sets one: the
+    # countdowns must stay under it (``Settings.max_countdown_s``), and the ledger outlive it.
+    visibility_s = _app_visibility_timeout_s(app) if broker_visibility else None
+    if visibility_s is not None:
+        view["op_celery_visibility_timeout"] = visibility_s
+        if view.get("op_celery_ledger_ttl") is None and not os.environ.get("OP_CELERY_LEDGER_TTL"):
+            view["op_celery_ledger_ttl"] = max(DEFAULT_LEDGER_TTL_S, 2 * visibility_s)
     return view
+
+
+#: kombu's visibility timeout when an app's Redis broker sets none, in seconds.
+KOMBU_VISIBILITY_TIMEOUT_S = 3600.0
+#: URL schemes of the brokers that have a visibility timeout (kombu's Redis transport).
+_REDIS_SCHEMES = ("redis", "rediss", "redis+socket", "sentinel", "sentinel+ssl", "embedded")
+
+
+def _redis_broker_url(app: Celery) -> bool:
+    url = str(app.conf.get("broker_url") or "")
+    return url.split("://", 1)[0].lower() in _REDIS_SCHEMES
+
+
+def _app_visibility_timeout_s(app: Celery) -> float | None:
+    """The visibility timeout the app's Redis broker is given, if the app gives one."""
+    if not _redis_broker_url(app):
+        return None
+    value = (app.conf.get("broker_transport_options") or {}).get("visibility_timeout")
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def adopt(app: Celery) -> list[str]:
+    """At worker start, before it connects: give a user's app (Redis broker) the package's
+    visibility timeout and kombu's prompt sweep of unacked messages where it sets none; return
+    the lines to log once the worker is up, saying what that set or what the app's own value
+    changes. Nothing on the package's own app, which ``configure_app`` configured.
+
+    When the app's own tasks are acked late (``task_acks_late``, or a task's ``acks_late``),
+    kombu's 3,600 s stays: a shorter one would hand their long runs to a second worker.
+    """
+    if app is _package_app or not _redis_broker_url(app):
+        return []
+    name = app.main or "?"
+    wanted_s = load_settings(_conf_view(app, broker_visibility=False)).visibility_timeout_s
+    options = dict(app.conf.get("broker_transport_options") or {})
+    own_s = _app_visibility_timeout_s(app)
+    if own_s is None:
+        late = _own_late_acked_tasks(app)
+        if late:
+            return [
+                f"op_celery: visibility timeout {KOMBU_VISIBILITY_TIMEOUT_S:,.0f} s (kombu's "
+                f"default, kept: app {name!r} acks {late[0]!r} late, and a shorter one would "
+                f"hand its long runs to a second worker): a crashed worker's events come back "
+                f"after {_duration(KOMBU_VISIBILITY_TIMEOUT_S)}, not {_duration(wanted_s)}; set "
+                "broker_transport_options={'visibility_timeout': ...} to choose"
+            ]
+        options["visibility_timeout"] = wanted_s
+        options.setdefault("unacked_restore_interval", _restore_interval_s(wanted_s))
+        options.setdefault("unacked_restore_throttle", 1)
+        app.conf.broker_transport_options = options
+        reset_settings(app)
+        return [
+            f"op_celery: visibility timeout {wanted_s:,.0f} s set on app {name!r} (it set none; "
+            f"kombu's default is {KOMBU_VISIBILITY_TIMEOUT_S:,.0f} s): a crashed worker's "
+            f"events come back after {_duration(wanted_s)}; its own tasks get it too"
+        ]
+    if own_s != wanted_s:
+        return [
+            f"op_celery: visibility timeout {own_s:,.0f} s (the broker_transport_options of "
+            f"app {name!r}, kept): a crashed worker's events come back after "
+            f"{_duration(own_s)}, not {_duration(wanted_s)}; countdowns are capped at "
+            f"{own_s / 2:,.0f} s"
+        ]
+    return []
+
+
+def _own_late_acked_tasks(app: Celery) -> list[str]:
+    """The app's own tasks (neither op_celery's nor Celery's) that are acked late."""
+    return sorted(
+        name
+        for name, task in app.tasks.items()
+        if not name.startswith(("op_celery.", "celery.")) and getattr(task, "acks_late", False)
+    )
+
+
+def _restore_interval_s(visibility_s: float) -> float:
+    # kombu sweeps for expired unacked messages only every interval x throttle seconds
+    # (100 s by default): without these, a crashed worker's events would come back up to
+    # 100 s after the visibility timeout, not at it.
+    return min(10.0, max(1.0, visibility_s / 10))
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600 and seconds % 3600 == 0:
+        hours = int(seconds // 3600)
+        return "an hour" if hours == 1 else f"{hours} hours"
+    if seconds >= 60 and seconds % 60 == 0:
+        minutes = int(seconds // 60)
+        return "a minute" if minutes == 1 else f"{minutes} minutes"
+    return f"{seconds:,.0f} s"
 
 
 def configure_app(app: Celery, settings: Settings) -> None:
@@ -64,10 +164,7 @@ def configure_app(app: Celery, settings: Settings) -> None:
         # instead of hanging in connect().
         "socket_connect_timeout": max(0.1, settings.publish_timeout_s / 2),
         "socket_timeout": 10.0,
-        # kombu sweeps for expired unacked messages only every interval x throttle seconds
-        # (100 s by default): without these, a crashed worker's events would come back up to
-        # 100 s after the visibility timeout, not at it.
-        "unacked_restore_interval": min(10.0, max(1.0, settings.visibility_timeout_s / 10)),
+        "unacked_restore_interval": _restore_interval_s(settings.visibility_timeout_s),
         "unacked_restore_throttle": 1,
     }
     if settings.broker_key_prefix:

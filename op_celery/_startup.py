@@ -1,24 +1,38 @@
-"""What each worker process does when it is ready: say what the default project's limit is,
-start the outbox's sweeper, and re-publish what an earlier process left in the spool."""
+"""What each worker process does at start: give a user's app the package's broker settings it
+lacks (before the worker connects); once ready, say what keeps it from serving op-celery's
+tasks (one line each, with what to do), what the default project's limit is, start the
+outbox's sweeper, and re-publish what an earlier process left in the spool."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from celery.signals import worker_ready
+from celery.signals import worker_init, worker_ready
+from kombu.serialization import prepare_accept_content
 
-from ._app import settings_for
+from ._app import adopt, settings_for
 from ._delivery import delivery_for
-from ._enqueue import NO_SPOOL, republish, spool_for
+from ._enqueue import NO_SPOOL, queue_for, republish, spool_for
 from ._exceptions import OpenPanelError
 from ._outbox import Sweeper
 from ._publish import redis_broker
-from ._settings import Settings
+from ._settings import Settings, redact_url
 
-__all__ = ["start_sweeper"]
+__all__ = ["problems", "start_sweeper"]
 
 log = logging.getLogger("op_celery")
+
+#: What ``adopt`` said at ``worker_init``, per app, to log once the worker is ready.
+_adopted: dict[int, list[str]] = {}
+
+
+@worker_init.connect(weak=False)
+def _adopt(sender: Any = None, **_: Any) -> None:
+    """Before the worker connects: the package's broker settings on a user's app (``adopt``)."""
+    app = getattr(sender, "app", None)
+    if app is not None and "op_celery.track" in app.tasks:
+        _adopted[id(app)] = adopt(app)
 
 
 @worker_ready.connect(weak=False)
@@ -29,11 +43,16 @@ def _announce(sender: Any = None, **_: Any) -> None:
     app = getattr(sender, "app", None)
     if app is None or "op_celery.track" not in app.tasks:
         return
+    for line in _adopted.pop(id(app), []):
+        log.warning("%s", line)
     settings = settings_for(app)
-    try:
-        delivery_for(settings).limit("default")
-    except OpenPanelError as exc:
-        log.warning("op_celery: the default project is not usable yet: %s", exc)
+    for line in problems(app, settings, _consumed(sender, app)):
+        log.error("%s", line)
+    if settings.redis_url is not None:  # without, ``problems`` said it: nothing else to say
+        try:
+            delivery_for(settings).limit("default")
+        except OpenPanelError as exc:
+            log.warning("op_celery: the default project is not usable yet: %s", exc)
     start_sweeper(app, settings)
     spool = spool_for(settings)
     spool.recover_stale_claims()
@@ -69,3 +88,54 @@ def _consumed_queues(app: Any, settings: Settings) -> list[str]:
     queues = app.amqp.queues
     names = list(queues.consume_from or queues)
     return names if names else [settings.queue]
+
+
+def _consumed(consumer: Any, app: Any) -> list[str]:
+    """The queues the ready worker consumes."""
+    task_consumer = getattr(consumer, "task_consumer", None)
+    queues = getattr(task_consumer, "queues", None)
+    if queues:
+        return [queue.name for queue in queues]
+    return list(app.amqp.queues.consume_from or app.amqp.queues)
+
+
+def problems(app: Any, settings: Settings, consumed: list[str]) -> list[str]:
+    """What keeps a worker of ``app`` that consumes ``consumed`` from serving op-celery's tasks:
+    one line each, saying what to do."""
+    lines = []
+    operations = sorted(name for name in app.tasks if name.startswith("op_celery."))
+    missing: dict[str, list[str]] = {}
+    for name in operations:
+        queue = queue_for(app, name, settings)
+        if queue not in consumed:
+            missing.setdefault(queue, []).append(name.removeprefix("op_celery."))
+    for queue, names in missing.items():
+        which = "op_celery's events go" if len(names) == len(operations) else (
+            f"op_celery's {', '.join(names)} events go"
+        )  # fmt: skip
+        lines.append(
+            f"op_celery: this worker does not consume the queue {queue!r}, where {which}, so "
+            f"none are delivered here: add it to -Q (-Q {','.join([*consumed, queue])}), or run "
+            f"a worker with -Q {queue}"
+        )
+    accepted = prepare_accept_content(app.conf.accept_content or ["json"]) or set()
+    if "application/json" not in accepted:
+        lines.append(
+            "op_celery: this worker does not accept JSON (accept_content="
+            f"{list(app.conf.accept_content)!r}), and every op_celery event is JSON: it refuses "
+            "them all; add 'json' to accept_content"
+        )
+    if settings.redis_url is None:
+        lines.append(
+            f"op_celery: the broker {redact_url(settings.broker_url)} is not Redis and "
+            "OP_CELERY_REDIS_URL is not set: op_celery's ledger, rate limiter and dead letters "
+            "need a Redis, so no event can be delivered; set OP_CELERY_REDIS_URL "
+            "(e.g. redis://localhost:6379/0) on the workers"
+        )
+    lazy = [name for name in operations if not app.tasks[name].acks_late]
+    if lazy:
+        lines.append(
+            f"op_celery: {', '.join(lazy)} are not acked late on this worker (task_annotations?): "
+            "a worker killed mid-task loses the events it holds; leave acks_late to op_celery"
+        )
+    return lines

@@ -1,0 +1,198 @@
+"""A worker of a user's own app says at start what keeps it from serving op-celery's tasks, and
+what the package's broker settings change on that app: real ``celery worker`` processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from op_celery import _app
+from op_celery._app import adopt
+
+from ._support import WORKER_START_TIMEOUT_S
+
+RABBITMQ_URL = os.environ.get("OP_CELERY_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+#: A user's Celery module: its app, configured with CONFIG, and op_celery imported.
+MODULE = """
+from celery import Celery
+import op_celery  # noqa: F401  (the tasks, and their start-up checks)
+
+app = Celery({name!r})
+app.conf.update({config!r})
+"""
+
+
+def run_user_worker(tmp_path: Path, env: dict[str, str], config: dict[str, Any], *args: str) -> str:
+    """Start ``celery -A <user module> worker`` with ``args``, wait until it is ready, stop it;
+    return its log."""
+    name = f"userproj_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(MODULE.format(name=name, config=config))
+    log_path = tmp_path / f"{name}.log"
+    process_env = {k: v for k, v in env.items() if k != "OP_CELERY_BROKER_URL"}
+    process_env.update(PYTHONPATH=str(tmp_path), C_FORCE_ROOT="1")  # accept_content=["pickle"]
+    command = [
+        sys.executable, "-m", "celery", "-A", name, "worker", "--pool", "threads",
+        "--concurrency", "2", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+        "--without-heartbeat", "--hostname", f"{name}@%h", *args,
+    ]  # fmt: skip
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command, env=process_env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+        while " ready." not in log_path.read_text(errors="replace"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"worker not ready:\n{log_path.read_text(errors='replace')}")
+            time.sleep(0.1)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
+    return log_path.read_text(errors="replace")
+
+
+def op_celery_lines(log: str, level: str) -> list[str]:
+    return re.findall(rf"{level}/MainProcess\] (op_celery: .*)", log)
+
+
+@pytest.fixture
+def redis_config(env: dict[str, str]) -> dict[str, Any]:
+    """A user's app on the test's Redis, routing nothing: events go to the test's queue."""
+    return {
+        "broker_url": env["OP_CELERY_BROKER_URL"],
+        "broker_transport_options": {"global_keyprefix": env["OP_CELERY_BROKER_KEY_PREFIX"]},
+        "op_celery_queue": env["OP_CELERY_QUEUE"],
+    }
+
+
+def test_a_worker_that_cannot_serve_the_tasks_says_why_and_what_to_do(
+    tmp_path: Path, env: dict[str, str], redis_config: dict[str, Any]
+) -> None:
+    config = {**redis_config, "accept_content": ["pickle"]}
+    log = run_user_worker(tmp_path, env, config, "-Q", "someone-elses")
+    errors = op_celery_lines(log, "ERROR")
+    queue = env["OP_CELERY_QUEUE"]
+    assert errors == [
+        f"op_celery: this worker does not consume the queue {queue!r}, where op_celery's events "
+        f"go, so none are delivered here: add it to -Q (-Q someone-elses,{queue}), or run a "
+        f"worker with -Q {queue}",
+        "op_celery: this worker does not accept JSON (accept_content=['pickle']), and every "
+        "op_celery event is JSON: it refuses them all; add 'json' to accept_content",
+    ]
+
+
+def _rabbitmq_answers() -> bool:
+    host, port = RABBITMQ_URL.split("@")[1].split("/")[0].split(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _rabbitmq_answers(), reason=f"no RabbitMQ at {RABBITMQ_URL}")
+def test_a_rabbitmq_worker_without_a_redis_says_op_celery_needs_one(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    config = {"broker_url": RABBITMQ_URL, "op_celery_queue": env["OP_CELERY_QUEUE"]}
+    log = run_user_worker(tmp_path, env, config, "-Q", env["OP_CELERY_QUEUE"])
+    assert op_celery_lines(log, "ERROR") == [
+        "op_celery: the broker amqp://guest:***@127.0.0.1:5672// is not Redis and "
+        "OP_CELERY_REDIS_URL is not set: op_celery's ledger, rate limiter and dead letters need "
+        "a Redis, so no event can be delivered; set OP_CELERY_REDIS_URL "
+        "(e.g. redis://localhost:6379/0) on the workers"
+    ]
+    assert "guest:guest" not in log
+
+
+def test_a_well_configured_users_worker_reports_nothing_wrong_and_what_the_package_set(
+    tmp_path: Path, env: dict[str, str], redis_config: dict[str, Any]
+) -> None:
+    log = run_user_worker(tmp_path, env, redis_config, "-Q", env["OP_CELERY_QUEUE"])
+    assert op_celery_lines(log, "ERROR") == []
+    [note] = [line for line in op_celery_lines(log, "WARNING") if "visibility" in line]
+    assert note.startswith("op_celery: visibility timeout 300 s set on app 'userproj_")
+
+
+def test_a_users_own_visibility_timeout_is_kept_and_what_it_changes_is_said(
+    tmp_path: Path, env: dict[str, str], redis_config: dict[str, Any]
+) -> None:
+    options = {**redis_config["broker_transport_options"], "visibility_timeout": 3600}
+    config = {**redis_config, "broker_transport_options": options}
+    log = run_user_worker(tmp_path, env, config, "-Q", env["OP_CELERY_QUEUE"])
+    [note] = [line for line in op_celery_lines(log, "WARNING") if "visibility" in line]
+    assert "3,600 s" in note and "kept" in note
+    assert "come back after an hour, not 5 minutes" in note
+
+
+# --- adopt: what the package sets on a user's app, in-process. ---------------------------------
+
+
+@pytest.fixture
+def user_app(env: dict[str, str]) -> Iterator[Callable[..., Celery]]:
+    made: list[Celery] = []
+
+    def make(**config: Any) -> Celery:
+        app = Celery(f"adopted-{len(made)}", set_as_current=False)
+        app.conf.update(broker_url=env["OP_CELERY_BROKER_URL"], **config)
+        made.append(app)
+        return app
+
+    yield make
+    for app in made:
+        app.close()
+    _app.reset_settings()
+
+
+def test_an_app_without_a_visibility_timeout_gets_the_packages_and_its_settings_follow(
+    user_app: Callable[..., Celery],
+) -> None:
+    app = user_app()
+    [note] = adopt(app)
+    assert "300 s set" in note
+    assert app.conf.broker_transport_options["visibility_timeout"] == 300.0
+    assert _app.settings_for(app).max_countdown_s == 150.0
+
+
+def test_an_apps_own_visibility_timeout_is_what_countdowns_and_the_ledger_follow(
+    user_app: Callable[..., Celery],
+) -> None:
+    app = user_app(broker_transport_options={"visibility_timeout": 3600})
+    adopt(app)
+    assert app.conf.broker_transport_options == {"visibility_timeout": 3600}
+    settings = _app.settings_for(app)
+    assert settings.max_countdown_s == 1800.0
+    assert settings.ledger_ttl_s > 3600
+
+
+def test_an_app_with_its_own_late_acked_tasks_keeps_kombus_visibility_timeout(
+    user_app: Callable[..., Celery],
+) -> None:
+    app = user_app()
+
+    @app.task(name="proj.long_report", acks_late=True)
+    def long_report() -> None:
+        pass
+
+    [note] = adopt(app)
+    assert "acks 'proj.long_report' late" in note
+    assert "visibility_timeout" not in (app.conf.broker_transport_options or {})
