@@ -60,6 +60,8 @@ DEFAULT_RATE_HEADROOM_PCT = 1.0
 #: Seconds an outbox record (an enqueued, unfinished event) waits before the sweeper checks
 #: that its message still exists; messages vanish only in kombu's BRPOP window (``_outbox``).
 DEFAULT_OUTBOX_GRACE_S = 60.0
+#: The Sentinel service name of the package's Redis when OP_CELERY_REDIS_URL is ``sentinel://``.
+DEFAULT_REDIS_SENTINEL_MASTER = "mymaster"
 #: What ``.delay()`` does when the broker stays away: "spool" to disk, or "raise" PublishError.
 DEFAULT_ON_PUBLISH_FAILURE = "spool"
 
@@ -114,6 +116,10 @@ class Settings:
     broker_url_source: str = "default"
     broker_key_prefix: str = ""
     redis_url: str | None = None
+    #: With a ``sentinel://`` OP_CELERY_REDIS_URL: the master's service name, and the password
+    #: of the sentinels themselves when they have one (the URL's password is the master's).
+    redis_sentinel_master: str = DEFAULT_REDIS_SENTINEL_MASTER
+    redis_sentinel_password: Secret | None = None
     queue: str = DEFAULT_QUEUE
     visibility_timeout_s: float = DEFAULT_VISIBILITY_TIMEOUT_S
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
@@ -347,6 +353,14 @@ def load_settings(
         broker_url_source=source,
         broker_key_prefix=str(get("OP_CELERY_BROKER_KEY_PREFIX") or ""),
         redis_url=str(redis_url) if redis_url else None,
+        redis_sentinel_master=str(
+            get("OP_CELERY_REDIS_SENTINEL_MASTER") or DEFAULT_REDIS_SENTINEL_MASTER
+        ),
+        redis_sentinel_password=(
+            Secret(str(get("OP_CELERY_REDIS_SENTINEL_PASSWORD")))
+            if get("OP_CELERY_REDIS_SENTINEL_PASSWORD")
+            else None
+        ),
         queue=str(get("OP_CELERY_QUEUE") or DEFAULT_QUEUE),
         visibility_timeout_s=number("OP_CELERY_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT_S),
         connect_timeout_s=number("OP_CELERY_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT_S),

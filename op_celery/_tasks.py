@@ -12,13 +12,19 @@ worker process runs the outbox's sweeper (``_startup``).
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import functools
 import logging
+import os
 import random
+import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, cast
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, ParamSpec, cast
 
 from celery import Celery, Task, shared_task
 from celery.exceptions import Ignore
@@ -102,6 +108,31 @@ JSON = Mapping[str, Any]
 THROTTLE_JITTER_S = 0.05
 
 
+#: Threads that publish for ``adelay``: a broker round trip each, so a few keep up with many
+#: requests; bounded so a broker outage cannot grow a thread per waiting request.
+ADELAY_THREADS = 8
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _forget_pool() -> None:
+    """In a forked child the pool's threads do not exist: start a new pool when needed."""
+    global _pool
+    _pool = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _publish_pool() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        with _pool_lock:
+            if _pool is None:
+                _pool = ThreadPoolExecutor(ADELAY_THREADS, thread_name_prefix="op-celery-adelay")
+    return _pool
+
+
 def _age_s(kwargs: Mapping[str, Any]) -> float | None:
     stamp = kwargs.get("timestamp")
     if not isinstance(stamp, str):
@@ -114,6 +145,14 @@ def _age_s(kwargs: Mapping[str, Any]) -> float | None:
 
 if TYPE_CHECKING:
     _TaskBase = Task[..., None]
+
+    _P = ParamSpec("_P")
+
+    def _awaitable(
+        delay: Callable[_P, AsyncResult[None]],
+    ) -> Callable[_P, Coroutine[Any, Any, AsyncResult[None]]]:
+        """The type of ``adelay``: ``delay``'s own signature, awaited."""
+        ...
 else:
     _TaskBase = Task
 
@@ -144,6 +183,36 @@ class OpenPanelTask(_TaskBase):
     def delay(self, *args: Any, **kwargs: Any) -> AsyncResult[None]:
         """Validate and enqueue; each operation's class declares its typed signature."""
         return self.apply_async(args, kwargs)
+
+    if TYPE_CHECKING:
+        # Typed per operation in each subclass as ``delay``'s signature, awaited.
+        adelay: Callable[..., Coroutine[Any, Any, AsyncResult[None]]]
+    else:
+
+        async def adelay(self, *args: Any, **kwargs: Any) -> AsyncResult[None]:
+            """``delay`` for an event loop: validates at once, publishes without blocking."""
+            return await self.aapply_async(args, kwargs)
+
+    async def aapply_async(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> AsyncResult[None]:
+        """``apply_async`` for an event loop.
+
+        Validation runs here, in the caller (``InvalidEvent`` raises before the first
+        ``await``); the publish, which waits for the broker (up to ``OP_CELERY_PUBLISH_TIMEOUT``
+        when it is away, then spools), runs on the package's own small thread pool, with the
+        caller's context (its request's IP and user agent) and the same guarantees as
+        ``apply_async``. A capture (``op_celery.testing``) records at once, off no thread.
+        """
+        message = normalize_call(self.operation, tuple(args or ()), kwargs)
+        if active_recorder() is not None:
+            return self.apply_async((), message, **options)
+        context = contextvars.copy_context()
+        call = functools.partial(context.run, self.apply_async, (), message, **options)
+        return await asyncio.get_running_loop().run_in_executor(_publish_pool(), call)
 
     @property
     def settings(self) -> Settings:
@@ -459,6 +528,8 @@ class TrackTask(OpenPanelTask):
             """Enqueue a ``track`` event; ``timestamp`` defaults to now."""
             ...
 
+        adelay = _awaitable(delay)
+
 
 class IdentifyTask(OpenPanelTask):
     operation = "identify"
@@ -481,6 +552,8 @@ class IdentifyTask(OpenPanelTask):
             """Enqueue an ``identify``: create or update a profile."""
             ...
 
+        adelay = _awaitable(delay)
+
 
 class AliasTask(OpenPanelTask):
     operation = "alias"
@@ -499,6 +572,8 @@ class AliasTask(OpenPanelTask):
             """Enqueue an ``alias`` (current OpenPanel servers answer "Alias is not supported")."""
             ...
 
+        adelay = _awaitable(delay)
+
 
 class _CounterTask(OpenPanelTask):
     if TYPE_CHECKING:
@@ -515,6 +590,8 @@ class _CounterTask(OpenPanelTask):
         ) -> AsyncResult[None]:
             """Enqueue a change of a numeric profile property by a positive ``value``."""
             ...
+
+        adelay = _awaitable(delay)
 
 
 class IncrementTask(_CounterTask):
@@ -544,6 +621,8 @@ class GroupTask(OpenPanelTask):
             """Enqueue a ``group``: create or update a group."""
             ...
 
+        adelay = _awaitable(delay)
+
 
 class AssignGroupTask(OpenPanelTask):
     operation = "assign_group"
@@ -561,6 +640,8 @@ class AssignGroupTask(OpenPanelTask):
         ) -> AsyncResult[None]:
             """Enqueue an ``assign_group``: put a profile into groups."""
             ...
+
+        adelay = _awaitable(delay)
 
 
 def _deliver(self: OpenPanelTask, *args: Any, **kwargs: Any) -> None:
