@@ -54,7 +54,6 @@ __all__ = [
     "exec_options",
     "fast_publish_support",
     "next_delivery_tag",
-    "on_app_finalize",
     "pool_acquire_timeout_s",
     "redis_channel_support",
     "redis_client",
@@ -79,9 +78,9 @@ log = logging.getLogger("op_celery")
 #: The versions every name below was checked against (read in each one's source, and run by
 #: the test suite at both ends): (oldest, newest).
 CHECKED: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
-    "celery": ((5, 5, 3), (5, 7, 0)),
-    "kombu": ((5, 5, 4), (5, 7, 0)),
-    "redis": ((5, 2, 1), (8, 1, 0)),
+    "celery": ((5, 5, 0), (5, 7, 0)),
+    "kombu": ((5, 5, 2), (5, 7, 0)),
+    "redis": ((5, 0, 0), (8, 1, 0)),
 }
 
 
@@ -154,8 +153,8 @@ class Support:
 # Celery offers no public "which apps exist" or "is an app current in this thread" test:
 # ``celery.current_app`` silently makes a fallback app pointed at amqp://localhost.
 
-#: ``celery._state``: Celery's module of current and default apps. Checked: celery 5.5.3, 5.6.3,
-#: 5.7.0 (same module in each). Fallback: :func:`celery.app.app_or_default`, below.
+#: ``celery._state``: Celery's module of current and default apps. Checked: celery 5.5.0, 5.5.3,
+#: 5.6.3, 5.7.0 (same module in each). Fallback: :func:`celery.app.app_or_default`, below.
 CELERY_STATE_MODULE = "celery._state"
 #: ``celery._state._tls``: a ``threading.local`` whose ``current_app`` is this thread's app.
 CELERY_STATE_TLS = "_tls"
@@ -163,8 +162,6 @@ CELERY_STATE_TLS = "_tls"
 CELERY_STATE_DEFAULT_APP = "default_app"
 #: ``celery._state._get_active_apps()``: a weak set of every app created.
 CELERY_STATE_ACTIVE_APPS = "_get_active_apps"
-#: ``celery._state.connect_on_app_finalize(callback)``: called with each app as it finalizes.
-CELERY_STATE_ON_FINALIZE = "connect_on_app_finalize"
 
 
 def _import(name: str) -> Any:
@@ -190,7 +187,7 @@ def _is_fallback_app(app: Any) -> bool:
 def thread_current_app() -> Celery | None:
     """This thread's current Celery app, or None.
 
-    Private: ``celery._state._tls.current_app``. Checked: celery 5.5.3, 5.6.3, 5.7.0.
+    Private: ``celery._state._tls.current_app``. Checked: celery 5.5.0, 5.5.3, 5.6.3, 5.7.0.
     Fallback: ``celery.app.app_or_default()`` (public), unless that is Celery's fallback app;
     it also answers with the default app where no app is current in this thread.
     """
@@ -206,7 +203,7 @@ def default_app() -> Celery | None:
     """The app made default with ``set_default()``, or None (also when that is Celery's
     fallback app).
 
-    Private: ``celery._state.default_app``. Checked: celery 5.5.3, 5.6.3, 5.7.0.
+    Private: ``celery._state.default_app``. Checked: celery 5.5.0, 5.5.3, 5.6.3, 5.7.0.
     Fallback: None (then :func:`thread_current_app`'s fallback finds the default app).
     """
     app: Celery | None = getattr(_celery_state(), CELERY_STATE_DEFAULT_APP, None)
@@ -216,7 +213,7 @@ def default_app() -> Celery | None:
 def active_apps() -> list[Celery]:
     """Every Celery app that exists, but Celery's fallback app.
 
-    Private: ``celery._state._get_active_apps()``. Checked: celery 5.5.3, 5.6.3, 5.7.0.
+    Private: ``celery._state._get_active_apps()``. Checked: celery 5.5.0, 5.5.3, 5.6.3, 5.7.0.
     Fallback: an empty list (a thread without a current app then publishes through the
     default app, else the package's).
     """
@@ -228,27 +225,12 @@ def active_apps() -> list[Celery]:
     return [app for app in get() if not (app is fallback and _is_fallback_app(app))]
 
 
-def on_app_finalize(callback: Callable[[Celery], object]) -> bool:
-    """Call ``callback(app)`` for every Celery app as it finalizes, present and future;
-    False if this Celery has no such hook (then nothing is registered).
-
-    Private: ``celery._state.connect_on_app_finalize``. Checked: celery 5.5.3, 5.6.3, 5.7.0.
-    Fallback: False; the caller does the same from its task class's ``on_bound(app)``
-    classmethod (public), which Celery calls for every app a shared task is bound to.
-    """
-    connect = getattr(_celery_state(), CELERY_STATE_ON_FINALIZE, None)
-    if not callable(connect):
-        return False
-    connect(callback)
-    return True
-
-
 # --- Celery: its publish path, as the fast path reproduces it. -------------------------------
 
 #: ``Task._get_exec_options()``: the task's execution options, cached per task. Checked: celery
-#: 5.5.3, 5.6.3, 5.7.0 (the same 12 attributes in each).
+#: 5.5.0, 5.5.3, 5.6.3, 5.7.0 (the same 12 attributes in each).
 TASK_EXEC_OPTIONS = "_get_exec_options"
-#: The attributes Celery's ``extract_exec_options`` reads (celery 5.5.3 to 5.7.0).
+#: The attributes Celery's ``extract_exec_options`` reads (celery 5.5.0 to 5.7.0).
 EXEC_OPTION_NAMES = (
     "queue",
     "routing_key",
@@ -269,7 +251,7 @@ def exec_options(task: Any) -> Mapping[str, Any]:
     """The execution options Celery's ``apply_async`` merges under a call's options.
 
     Private: ``Task._get_exec_options()`` (the same mapping object until the task changes).
-    Checked: celery 5.5.3, 5.6.3, 5.7.0. Fallback: the same public task attributes, read now
+    Checked: celery 5.5.0, 5.5.3, 5.6.3, 5.7.0. Fallback: the same public task attributes, read now
     (a new mapping on every call).
     """
     get = getattr(task, TASK_EXEC_OPTIONS, None)
@@ -281,7 +263,7 @@ def exec_options(task: Any) -> Mapping[str, Any]:
 
 #: ``celery.app.amqp._callback_publish_retry``: a ContextVar, true while a worker publishes a
 #: task's callbacks (then Celery retries each message on its own). New in celery 5.7.0; absent
-#: in 5.5.3 and 5.6.3, which have no such mode.
+#: in 5.5.0, 5.5.3 and 5.6.3, which have no such mode.
 CALLBACK_PUBLISH_RETRY = "_callback_publish_retry"
 #: The first Celery version with that mode.
 CALLBACK_PUBLISH_RETRY_SINCE = (5, 7)
@@ -291,7 +273,7 @@ def callback_publish_retry() -> bool:
     """Whether Celery is publishing a worker's callbacks right now (its retry differs then).
 
     Private: ``celery.app.amqp._callback_publish_retry``. Checked: celery 5.7.0 (absent in
-    5.5.3 and 5.6.3: False there is exact). Fallback: :func:`fast_publish_support` says no on
+    5.5.0, 5.5.3 and 5.6.3: False there is exact). Fallback: :func:`fast_publish_support` says no on
     a Celery from 5.7 on without it, so this is not asked.
     """
     var = getattr(celery_amqp, CALLBACK_PUBLISH_RETRY, None)
@@ -300,14 +282,14 @@ def callback_publish_retry() -> bool:
 
 #: The methods of Celery's ``AMQP`` that build and send a task message; an app whose AMQP class
 #: overrides one publishes something else. ``_create_task_sender`` is private. Checked: celery
-#: 5.5.3, 5.6.3, 5.7.0.
+#: 5.5.0, 5.5.3, 5.6.3, 5.7.0.
 AMQP_SENDER_METHODS = ("as_task_v2", "send_task_message", "_create_task_sender")
 
 
 def amqp_is_celerys(amqp: Any) -> bool:
     """Whether ``amqp`` (``app.amqp``) builds and sends task messages with Celery's code.
 
-    Private: ``AMQP._create_task_sender``. Checked: celery 5.5.3, 5.6.3, 5.7.0. Fallback: a
+    Private: ``AMQP._create_task_sender``. Checked: celery 5.5.0, 5.5.3, 5.6.3, 5.7.0. Fallback: a
     name Celery no longer has is not compared (the public ones still are).
     """
     kind = type(amqp)
@@ -320,21 +302,21 @@ def amqp_is_celerys(amqp: Any) -> bool:
 
 
 #: ``Task.__v2_compat__``: set by Celery's old task base class, whose publish differs. Checked:
-#: celery 5.5.3, 5.6.3, 5.7.0 (False on ``Task``).
+#: celery 5.5.0, 5.5.3, 5.6.3, 5.7.0 (False on ``Task``).
 TASK_V2_COMPAT = "__v2_compat__"
 
 
 def task_is_v2_compat(task: Any) -> bool:
     """Whether ``task`` derives from Celery's old (3.x) task base class.
 
-    Private: ``Task.__v2_compat__``. Checked: celery 5.5.3, 5.6.3, 5.7.0. Fallback: False (no
+    Private: ``Task.__v2_compat__``. Checked: celery 5.5.0, 5.5.3, 5.6.3, 5.7.0. Fallback: False (no
     such base class is left to derive from).
     """
     return bool(getattr(task, TASK_V2_COMPAT, False))
 
 
 #: ``Task._dump_pydantic_arguments``: set on a ``pydantic=True`` task, whose apply_async then
-#: dumps model arguments. New in celery 5.7.0 (None on ``Task``); absent in 5.5.3 and 5.6.3,
+#: dumps model arguments. New in celery 5.7.0 (None on ``Task``); absent in 5.5.0, 5.5.3 and 5.6.3,
 #: which dump nothing in the caller.
 TASK_DUMP_PYDANTIC = "_dump_pydantic_arguments"
 
@@ -342,8 +324,8 @@ TASK_DUMP_PYDANTIC = "_dump_pydantic_arguments"
 def task_dumps_pydantic_arguments(task: Any) -> bool:
     """Whether Celery's ``apply_async`` rewrites the arguments of ``task`` before publishing.
 
-    Private: ``Task._dump_pydantic_arguments``. Checked: celery 5.7.0 (absent in 5.5.3 and
-    5.6.3: False there is exact). Fallback: False.
+    Private: ``Task._dump_pydantic_arguments``. Checked: celery 5.7.0 (absent in 5.5.0,
+    5.5.3 and 5.6.3: False there is exact). Fallback: False.
     """
     return getattr(task, TASK_DUMP_PYDANTIC, None) is not None
 
@@ -356,7 +338,7 @@ def repr_maxlevels(conf: Any) -> int:
     """The nesting depth Celery's argsrepr/kwargsrepr render to.
 
     Not private, but versioned: the setting ``task_repr_maxlevels`` is new in celery 5.7.0;
-    5.5.3 and 5.6.3 call ``saferepr`` with its default depth, 3.
+    5.5.0 to 5.6.3 call ``saferepr`` with its default depth, 3.
     """
     value = conf.get("task_repr_maxlevels", SAFEREPR_DEFAULT_MAXLEVELS)
     return SAFEREPR_DEFAULT_MAXLEVELS if value is None else int(value)
@@ -367,7 +349,7 @@ def pool_acquire_timeout_s(conf: Any) -> float | None:
     (None: as long as it takes).
 
     Not private, but versioned: the setting ``broker_pool_acquire_timeout`` is new in celery
-    5.7.0; 5.5.3 and 5.6.3 wait without a limit.
+    5.7.0; 5.5.0 to 5.6.3 wait without a limit.
     """
     value = conf.get("broker_pool_acquire_timeout")
     return None if value is None else float(value)
@@ -377,14 +359,14 @@ def pool_acquire_timeout_s(conf: Any) -> float | None:
 
 #: ``Channel._q_for_pri(queue, priority)``: the Redis list of ``queue``'s messages of that
 #: priority; ``Channel._get_message_priority(message, reverse)``: the priority kombu reads off
-#: a message. Checked: kombu 5.5.4, 5.6.2, 5.7.0. No fallback: a wrong list would lose messages,
-#: so without them the fast path and the outbox sweeper step aside.
+#: a message. Checked: kombu 5.5.2, 5.5.4, 5.6.2, 5.7.0. No fallback: a wrong list would lose
+#: messages, so without them the fast path and the outbox sweeper step aside.
 KOMBU_QUEUE_FOR_PRIORITY = "_q_for_pri"
 KOMBU_MESSAGE_PRIORITY = "_get_message_priority"
 #: Public attributes of kombu's Redis channel these functions also read (all checked as above).
 KOMBU_REDIS_CHANNEL_ATTRIBUTES = ("pool", "priority_steps", "unacked_key", "default_priority")
 #: ``Channel._next_delivery_tag()``: a new message's delivery tag, ``kombu.utils.uuid.uuid()``
-#: in kombu 5.5.4, 5.6.2 and 5.7.0. Fallback: that same function.
+#: in kombu 5.5.2, 5.5.4, 5.6.2 and 5.7.0. Fallback: that same function.
 KOMBU_NEXT_DELIVERY_TAG = "_next_delivery_tag"
 
 
@@ -404,7 +386,7 @@ def redis_queue_key(channel: Any, queue: str, priority: int) -> str:
     """kombu's Redis list for messages of ``queue`` with message property ``priority``,
     without the broker's key prefix.
 
-    Private: ``Channel._get_message_priority``, ``Channel._q_for_pri``. Checked: kombu 5.5.4,
+    Private: ``Channel._get_message_priority``, ``Channel._q_for_pri``. Checked: kombu 5.5.2, 5.5.4,
     5.6.2, 5.7.0. No fallback (see :func:`fast_publish_support`).
     """
     probe = {"properties": {"priority": priority}}
@@ -418,7 +400,7 @@ def redis_message_keys(channel: Any, queue: str) -> tuple[list[str], str]:
     priority step) and the unacked hash (delivery tag -> [message, exchange, routing key]).
 
     Private: ``Channel._q_for_pri``; public attributes ``priority_steps``, ``unacked_key``.
-    Checked: kombu 5.5.4, 5.6.2, 5.7.0. No fallback (see :func:`redis_channel_support`).
+    Checked: kombu 5.5.2, 5.5.4, 5.6.2, 5.7.0. No fallback (see :func:`redis_channel_support`).
     """
     prefix = redis_key_prefix(channel)
     for_priority = getattr(channel, KOMBU_QUEUE_FOR_PRIORITY)
@@ -429,7 +411,7 @@ def redis_message_keys(channel: Any, queue: str) -> tuple[list[str], str]:
 def next_delivery_tag(channel: Any) -> str:
     """A delivery tag for a new message, as kombu's virtual channel makes them.
 
-    Private: ``Channel._next_delivery_tag()``. Checked: kombu 5.5.4, 5.6.2, 5.7.0. Fallback:
+    Private: ``Channel._next_delivery_tag()``. Checked: kombu 5.5.2, 5.5.4, 5.6.2, 5.7.0. Fallback:
     ``kombu.utils.uuid.uuid()``, what each of those returns.
     """
     make = getattr(channel, KOMBU_NEXT_DELIVERY_TAG, None)
@@ -442,8 +424,8 @@ def redis_client(channel: Any) -> redis.Redis:
     server, credentials and socket options, with no key prefix (see :func:`redis_key_prefix`).
 
     Public attribute ``Channel.pool`` (a replacement for the private ``Channel._create_client``,
-    whose client adds the prefix to some keys and not others). Checked: kombu 5.5.4, 5.6.2,
-    5.7.0. No fallback (see :func:`fast_publish_support`).
+    whose client adds the prefix to some keys and not others). Checked: kombu 5.5.2, 5.5.4,
+    5.6.2, 5.7.0. No fallback (see :func:`fast_publish_support`).
     """
     return redis.Redis(connection_pool=channel.pool)
 
@@ -451,10 +433,15 @@ def redis_client(channel: Any) -> redis.Redis:
 def redis_key_prefix(channel: Any) -> str:
     """The broker's ``global_keyprefix`` transport option, which kombu puts in front of its keys.
 
-    Public: the documented transport option, as the channel holds it. Checked: kombu 5.5.4,
+    Public: the documented transport option, as the channel holds it. Checked: kombu 5.5.2, 5.5.4,
     5.6.2, 5.7.0.
     """
     return str(getattr(channel, "global_keyprefix", "") or "")
+
+
+#: ``Connection._reraise_as_library_errors()``: kombu's context manager that
+#: :func:`reraise_as_library_errors` reimplements (not called; the test compares the two).
+KOMBU_RERAISE_AS_LIBRARY_ERRORS = "_reraise_as_library_errors"
 
 
 @contextmanager
@@ -463,7 +450,7 @@ def reraise_as_library_errors(connection: Any) -> Iterator[None]:
     ``OperationalError``, as ``Producer.publish`` does around its publish.
 
     Public reimplementation of kombu's private ``Connection._reraise_as_library_errors`` (the
-    same code in kombu 5.5.4, 5.6.2 and 5.7.0; ``tests/test_compat.py`` compares the two).
+    same code in kombu 5.5.2, 5.5.4, 5.6.2 and 5.7.0; ``tests/test_compat.py`` compares the two).
     """
     try:
         yield
@@ -478,7 +465,7 @@ def reraise_as_library_errors(connection: Any) -> Iterator[None]:
 # --- kombu: the messages it stores in Redis. --------------------------------------------------
 # kombu's Redis transport stores a message as the JSON of a dict ("body", "content-encoding",
 # "content-type", "headers", "properties"); its unacked hash holds the JSON of
-# [message, exchange, routing key]. Checked: kombu 5.5.4, 5.6.2, 5.7.0 (``Channel._put``,
+# [message, exchange, routing key]. Checked: kombu 5.5.2, 5.5.4, 5.6.2, 5.7.0 (``Channel._put``,
 # ``QoS.append``). Celery's protocol 2 puts the task id in headers["id"] (its protocol 1, in the
 # body); both set properties["correlation_id"] to it.
 
@@ -524,11 +511,11 @@ def task_id_of_unacked(raw: bytes | str) -> str | None:
 # --- Celery's worker consumer (the poison guard). ---------------------------------------------
 
 #: ``Consumer.strategies``: task name -> the function the consumer calls per message, filled by
-#: the Tasks bootstep and looked up per message. Checked: celery 5.5.3, 5.6.3, 5.7.0.
+#: the Tasks bootstep and looked up per message. Checked: celery 5.5.0, 5.5.3, 5.6.3, 5.7.0.
 CONSUMER_STRATEGIES = "strategies"
 #: ``Consumer.on_decode_error(message, exc)``: what the consumer calls for an undecodable
 #: message (it logs and acks), looked up on the consumer when the task consumer is made.
-#: Checked: celery 5.5.3, 5.6.3, 5.7.0.
+#: Checked: celery 5.5.0, 5.5.3, 5.6.3, 5.7.0.
 CONSUMER_ON_DECODE_ERROR = "on_decode_error"
 
 
@@ -537,7 +524,7 @@ def wrap_task_strategies(consumer: Any, wrap: Callable[[str, Any], Any]) -> bool
     (which may return the strategy unchanged); False if this Celery's consumer has none.
 
     Private: ``Consumer.strategies``, a dict the message handler reads per message, so an entry
-    replaced in place takes effect. Checked: celery 5.5.3, 5.6.3, 5.7.0. Fallback: nothing is
+    replaced in place takes effect. Checked: celery 5.5.0, 5.5.3, 5.6.3, 5.7.0. Fallback: nothing is
     wrapped (False): Celery handles every message itself.
     """
     strategies = getattr(consumer, CONSUMER_STRATEGIES, None)
@@ -554,7 +541,7 @@ def wrap_decode_error_handler(consumer: Any, handler: Callable[[Any, Exception],
 
     Semi-private: ``Consumer.on_decode_error``, which the task consumer captures when the Tasks
     bootstep starts, so this must run before (from a consumer bootstep's ``__init__``).
-    Checked: celery 5.5.3, 5.6.3, 5.7.0. Fallback: nothing is wrapped (False).
+    Checked: celery 5.5.0, 5.5.3, 5.6.3, 5.7.0. Fallback: nothing is wrapped (False).
     """
     original = getattr(consumer, CONSUMER_ON_DECODE_ERROR, None)
     if not callable(original):
@@ -569,7 +556,7 @@ def wrap_decode_error_handler(consumer: Any, handler: Callable[[Any, Exception],
 
 
 #: The QoS methods of kombu's Redis channel that push back or settle unacked messages.
-#: Checked: kombu 5.5.4, 5.6.2, 5.7.0.
+#: Checked: kombu 5.5.2, 5.5.4, 5.6.2, 5.7.0.
 KOMBU_QOS_METHODS = ("restore_unacked_once", "ack", "reject")
 
 
@@ -577,7 +564,7 @@ def redis_qos(consumer: Any) -> Any:
     """The QoS of the worker ``consumer``'s kombu channel when it is a Redis one, else None.
 
     Semi-private: ``Consumer.task_consumer.channel.qos`` and its methods
-    :data:`KOMBU_QOS_METHODS`. Checked: celery 5.5.3–5.7.0, kombu 5.5.4–5.7.0. Fallback: None.
+    :data:`KOMBU_QOS_METHODS`. Checked: celery 5.5.0–5.7.0, kombu 5.5.2–5.7.0. Fallback: None.
     """
     task_consumer = getattr(consumer, "task_consumer", None)
     qos = getattr(getattr(task_consumer, "channel", None), "qos", None)
