@@ -13,6 +13,18 @@ replaces the claim by the delivered mark; a failed attempt releases it (``lua/re
 
 What remains is the window between the server's 2xx and the write of the mark: a worker killed
 exactly there leaves its event to be sent again once.
+
+Keys (the prefix is ``OP_CELERY_KEY_PREFIX``)::
+
+    <prefix>:{<event id>}:delivered   the mark, for OP_CELERY_LEDGER_TTL seconds
+    <prefix>:{<event id>}:inflight    the claim of one attempt (its token), for its ttl
+
+The event id in braces is a Redis Cluster hash tag: both keys of an event live in one slot, so
+each script runs on a cluster (the ``Ledger`` refuses a prefix that would break that).
+
+On a replicated Redis (Sentinel, a cluster's replicas) a failover can lose the last writes the
+old master had not yet passed on: a mark lost so means one duplicate of that event, a claim lost
+so means another copy may be sent while the first is in flight. Neither loses an event.
 """
 
 from __future__ import annotations
@@ -20,8 +32,11 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
+from redis.crc import key_slot
+
+from ._exceptions import ConfigurationError
 from ._lua import Script
-from ._redis import redis_for, storage_errors
+from ._redis import is_cluster, redis_for, storage_errors
 from ._settings import Settings
 
 __all__ = ["Claim", "Ledger"]
@@ -47,17 +62,33 @@ class Ledger:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._redis = redis_for(settings)
-        self._delivered = f"{settings.key_prefix}:delivered:"
-        self._inflight = f"{settings.key_prefix}:inflight:"
+        self._prefix = settings.key_prefix
+        self._check_one_slot()
         self._ttl_s = int(settings.ledger_ttl_s)
         self._claim = Script(self._redis, "claim.lua")
         self._release = Script(self._redis, "release.lua")
         self._record = Script(self._redis, "delivered.lua")
 
+    def keys(self, event_id: str) -> tuple[str, str]:
+        """The event's delivered and in-flight keys, in one hash slot."""
+        tag = f"{self._prefix}:{{{event_id}}}"
+        return f"{tag}:delivered", f"{tag}:inflight"
+
+    def _check_one_slot(self) -> None:
+        """Refuse a key prefix whose braces would tear an event's keys apart on a cluster
+        (``a{b`` or ``a{}b``: Redis hashes from the first ``{`` to the next ``}``)."""
+        delivered, inflight = self.keys("0f3c2a1e-event")
+        if key_slot(delivered.encode()) != key_slot(inflight.encode()):
+            raise ConfigurationError(
+                f"OP_CELERY_KEY_PREFIX {self._prefix!r} puts an event's ledger keys into two "
+                "Redis Cluster slots: use a prefix with no braces, or one whole hash tag such "
+                "as '{op-celery}'"
+            )
+
     def delivered(self, event_id: str) -> bool:
         """Whether the event was already delivered; raises StorageUnavailable if unknown."""
         with storage_errors("checking the delivered-events ledger", self._settings.redis_url):
-            return bool(self._redis.exists(self._delivered + event_id))
+            return bool(self._redis.exists(self.keys(event_id)[0]))
 
     def claim(self, event_id: str, ttl_s: float) -> Claim:
         """Claim the event for one attempt to send it, for at most ``ttl_s`` seconds.
@@ -65,7 +96,7 @@ class Ledger:
         Raises StorageUnavailable when Redis does not answer.
         """
         token = uuid.uuid4().hex
-        keys = (self._delivered + event_id, self._inflight + event_id)
+        keys = self.keys(event_id)
         with storage_errors("checking the delivered-events ledger", self._settings.redis_url):
             answer = int(self._claim(keys, (token, max(1, int(ttl_s * 1000)))))
         if answer == 0:
@@ -77,7 +108,7 @@ class Ledger:
     def release(self, event_id: str, token: str) -> None:
         """Give up this attempt's claim (if it still holds), so a retry can claim again."""
         with storage_errors("releasing an event's claim", self._settings.redis_url):
-            self._release((self._inflight + event_id,), (token,))
+            self._release(self.keys(event_id)[1:], (token,))
 
     def record(self, event_id: str, outbox_keys: tuple[str, str] | None = None) -> None:
         """Remember a delivered event for ``OP_CELERY_LEDGER_TTL`` seconds; its claim ends.
@@ -85,6 +116,8 @@ class Ledger:
         ``outbox_keys`` (the records hash and due set of the event's queue, when this Redis is
         the broker's) also forgets the event's outbox record, in the same round trip.
         """
-        keys = [self._delivered + event_id, self._inflight + event_id, *(outbox_keys or ())]
+        if outbox_keys is not None and is_cluster(self._redis):
+            outbox_keys = None  # no broker lives on a cluster: there is no record to forget
+        keys = [*self.keys(event_id), *(outbox_keys or ())]
         with storage_errors("recording a delivered event", self._settings.redis_url):
             self._record(keys, (self._ttl_s, event_id))

@@ -1,7 +1,27 @@
-"""Redis clients of the worker side (ledger, dead letters), and the one mapping of their errors.
+"""The package's Redis (ledger, dead letters, limiter) on every deployment redis-py supports, and
+the one mapping of its errors.
 
-One client per URL and process: redis-py's pool notices a ``fork()`` and reconnects, and its
-connections are safe to share between the threads of a thread-pool worker.
+``OP_CELERY_REDIS_URL`` names the deployment by its scheme:
+
+- standalone: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` (TLS),
+  ``unix:///path/to/redis.sock[?db=N]``, through ``redis.Redis``;
+- Redis Cluster: ``redis+cluster://[[user]:password@]host:port[,host:port...]`` (or
+  ``rediss+cluster://`` for TLS), any of the nodes as seeds, through
+  ``redis.cluster.RedisCluster``, which finds the rest and follows slot moves and failovers;
+- Sentinel: ``sentinel://[[user]:password@]host:port[;sentinel://host:port...][/db]``, as
+  kombu spells it for brokers: the sentinels to ask, the master's service name from
+  ``OP_CELERY_REDIS_SENTINEL_MASTER`` (default ``mymaster``), the URL's password the master's
+  (``OP_CELERY_REDIS_SENTINEL_PASSWORD`` the sentinels', if they have one), ``?ssl=true`` (and
+  redis-py's ``ssl_*`` options) for TLS to both; through ``redis.sentinel.Sentinel.master_for``,
+  whose connections ask the sentinels for the master again after a failover.
+
+Every Lua script of the package touches the keys of one hash slot (a project's limiter keys
+share the tag ``{client id}``, an event's ledger keys the tag ``{event id}``), so each runs on a
+cluster. While a master fails over, commands fail for a few seconds: redis-py's errors become
+:class:`StorageUnavailable` here, which the tasks take as "retry shortly", never "give up".
+
+One client per deployment and process: redis-py's pools notice a ``fork()`` and reconnect, and
+their connections are safe to share between the threads of a thread-pool worker.
 """
 
 from __future__ import annotations
@@ -9,56 +29,274 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
+from urllib.parse import quote, unquote
 
 import redis
+from redis.cluster import ClusterNode, RedisCluster
+from redis.connection import parse_url
+from redis.exceptions import RedisClusterException
+from redis.sentinel import Sentinel
 
 from ._embedded import embedded_redis
 from ._exceptions import ConfigurationError, StorageUnavailable
 from ._settings import EMBEDDED_URL, Settings, redact_url
 
-__all__ = ["redact_url", "redis_for", "storage_errors"]  # redact_url: from _settings
+__all__ = [
+    "Deployment",
+    "deployment_of",
+    "is_cluster",
+    "redact",
+    "redact_url",
+    "redis_for",
+    "storage_errors",
+]
+# redact_url lives in _settings; it is re-exported here, where the Redis URLs are.
 
 #: Seconds to wait for Redis before calling it unavailable; short, so a task fails fast to retry.
 REDIS_TIMEOUT_S = 5.0
+#: Seconds a pooled connection may sit idle before it is checked with a PING on its next use.
+HEALTH_CHECK_INTERVAL_S = 30
+#: Times a cluster client asks again after a node went away or a slot moved, before it raises
+#: (redis-py waits a short exponential backoff between them): enough to ride a replica's
+#: promotion of a few seconds, few enough that a task gives its slot back soon to retry.
+CLUSTER_ERROR_RETRY_ATTEMPTS = 3
+#: Port of a host named without one: Redis's and Sentinel's defaults.
+DEFAULT_REDIS_PORT = 6379
+DEFAULT_SENTINEL_PORT = 26379
 
-_clients: dict[str, redis.Redis] = {}
+_STANDALONE = ("redis", "rediss", "unix")
+_CLUSTER = ("redis+cluster", "rediss+cluster")
+_SENTINEL = ("sentinel",)
+_FORMS = (
+    "redis://host:6379/0, rediss://host:6380/0, unix:///path/redis.sock?db=0 (one server); "
+    "redis+cluster://host1:6379,host2:6379 or rediss+cluster://... (Redis Cluster); "
+    "sentinel://host1:26379;sentinel://host2:26379 with OP_CELERY_REDIS_SENTINEL_MASTER "
+    "(Sentinel)"
+)
+
+_clients: dict[tuple[Any, ...], Any] = {}
 _lock = threading.Lock()
 
 
+@dataclass(frozen=True)
+class Deployment:
+    """What an ``OP_CELERY_REDIS_URL`` names: its kind, its nodes and the connection options."""
+
+    #: "standalone", "cluster" or "sentinel".
+    kind: str
+    #: The cluster's seed nodes or the sentinels, as (host, port); empty for standalone.
+    nodes: tuple[tuple[str, int], ...] = ()
+    #: The database of a standalone or Sentinel-managed server (a cluster has only 0).
+    db: int = 0
+    #: The rest of the connection options redis-py reads from a URL (password, TLS ...).
+    options: tuple[tuple[str, Any], ...] = ()
+
+
 def redis_for(settings: Settings) -> redis.Redis:
-    """The client for ``settings.redis_url`` (``OP_CELERY_REDIS_URL``, else a Redis broker)."""
+    """The client for ``settings.redis_url`` (``OP_CELERY_REDIS_URL``, else a Redis broker).
+
+    A :class:`redis.cluster.RedisCluster` for a cluster URL: it answers the same commands as
+    ``redis.Redis`` (the return type says ``redis.Redis`` so that callers typed against it keep
+    checking), but it has no ``connection_pool``; code that reaches for one must check
+    :func:`is_cluster` first. Raises :class:`ConfigurationError` for a URL that is none of the
+    forms above, saying what to write instead.
+    """
     url = settings.redis_url
     if url is None:
         raise ConfigurationError(
             "op-celery needs a Redis for its ledger, dead letters and limiter: set "
             "OP_CELERY_REDIS_URL (the broker is not Redis)"
         )
-    client = _clients.get(url)
+    cache_key = (url, settings.redis_sentinel_master, settings.redis_sentinel_password)
+    client = _clients.get(cache_key)
     if client is None:
         with _lock:
-            client = _clients.get(url)
+            client = _clients.get(cache_key)
             if client is None:
-                options: dict[str, Any] = {
-                    "socket_timeout": REDIS_TIMEOUT_S,
-                    "socket_connect_timeout": REDIS_TIMEOUT_S,
-                    "health_check_interval": 30,
-                }
-                if url == EMBEDDED_URL:
-                    client = redis.Redis(unix_socket_path=embedded_redis(), **options)
-                else:
-                    client = redis.Redis.from_url(url, **options)
-                _clients[url] = client
-    return client
+                client = _clients[cache_key] = _connect(settings)
+    return cast("redis.Redis", client)
+
+
+def is_cluster(client: object) -> bool:
+    """Whether ``client`` is a Redis Cluster client (no ``connection_pool``, keys by slot)."""
+    return isinstance(client, RedisCluster)
+
+
+def _connect(settings: Settings) -> Any:
+    url = cast("str", settings.redis_url)
+    options: dict[str, Any] = {
+        "socket_timeout": REDIS_TIMEOUT_S,
+        "socket_connect_timeout": REDIS_TIMEOUT_S,
+        "health_check_interval": HEALTH_CHECK_INTERVAL_S,
+    }
+    if url == EMBEDDED_URL:
+        return redis.Redis(unix_socket_path=embedded_redis(), **options)
+    deployment = deployment_of(url)
+    if deployment.kind == "standalone":
+        return redis.Redis.from_url(url, **options)
+    options.update(deployment.options)
+    if deployment.kind == "cluster":
+        return RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in deployment.nodes],  # type: ignore[no-untyped-call]
+            cluster_error_retry_attempts=CLUSTER_ERROR_RETRY_ATTEMPTS,
+            **options,
+        )
+    sentinel_options = {
+        key: value
+        for key, value in options.items()
+        if key not in ("username", "password", "db", "health_check_interval")
+    }
+    if settings.redis_sentinel_password is not None:
+        sentinel_options["password"] = settings.redis_sentinel_password.reveal()
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(deployment.nodes), sentinel_kwargs=sentinel_options, db=deployment.db, **options
+    )
+    return sentinel.master_for(settings.redis_sentinel_master)  # type: ignore[no-untyped-call]
+
+
+def deployment_of(url: str) -> Deployment:
+    """Parse ``url`` into a :class:`Deployment`; :class:`ConfigurationError` if it is none of
+    the accepted forms, with the forms that are."""
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not sep:
+        raise _malformed(url, "it has no scheme")
+    if scheme in _STANDALONE:
+        if scheme != "unix" and "," in rest.split("/", 1)[0]:
+            raise _malformed(url, "a redis:// URL names one server; for a cluster write "
+                                  f"{scheme}+cluster://host1:port,host2:port")  # fmt: skip
+        _check_parses(url, url)
+        return Deployment("standalone")
+    if scheme in _CLUSTER:
+        return _cluster(url, scheme, rest)
+    if scheme in _SENTINEL:
+        return _sentinel(url)
+    hint = ""
+    if "cluster" in scheme:
+        hint = "; a cluster is redis+cluster:// or rediss+cluster://"
+    elif "sentinel" in scheme:
+        hint = "; Sentinel is sentinel://host:26379;sentinel://host2:26379"
+    raise _malformed(url, f"op-celery does not know the scheme {scheme}://{hint}")
+
+
+def _cluster(url: str, scheme: str, rest: str) -> Deployment:
+    netloc, path, query = _split(rest)
+    userinfo, at, hosts = netloc.rpartition("@")
+    nodes = tuple(_node(url, item, DEFAULT_REDIS_PORT) for item in hosts.split(","))
+    if path not in ("", "/", "/0"):
+        raise _malformed(url, "a Redis Cluster has only database 0: drop the /db path")
+    base = "rediss" if scheme.startswith("rediss") else "redis"
+    single = f"{base}://{userinfo}{at}{_netloc(nodes[0])}/0{query}"
+    options = _check_parses(url, single)
+    if options.get("db", 0) != 0:
+        raise _malformed(url, "a Redis Cluster has only database 0: drop the db option")
+    for key in ("host", "port", "db", "path"):
+        options.pop(key, None)
+    return Deployment("cluster", nodes, 0, tuple(sorted(options.items())))
+
+
+def _sentinel(url: str) -> Deployment:
+    parts = url.split(";")
+    nodes: list[tuple[str, int]] = []
+    userinfo, path, query = "", "", ""
+    for part in parts:
+        scheme, _, rest = part.strip().partition("://")
+        if scheme.lower() != "sentinel":
+            raise _malformed(url, "each sentinel is written sentinel://host:port, separated by ;")
+        netloc, part_path, part_query = _split(rest)
+        info, at, hostport = netloc.rpartition("@")
+        if "," in hostport:
+            raise _malformed(url, "sentinels are separated by ';sentinel://', not by commas")
+        nodes.append(_node(url, hostport, DEFAULT_SENTINEL_PORT))
+        userinfo = userinfo or (info + at)
+        path = path or part_path
+        query = query or part_query
+    db_text = path.strip("/") or "0"
+    if not db_text.isdigit():
+        raise _malformed(url, f"the path names the database, a number, not {db_text!r}")
+    single = f"redis://{userinfo}{_netloc(nodes[0])}/{db_text}{query}"
+    options = _check_parses(url, single)
+    # ssl=True, not an SSL connection class: the pool's connections must stay the
+    # Sentinel-managed kind (that asks the sentinels again after a failover), over TLS.
+    if str(options.pop("ssl", "")).lower() in ("1", "true", "yes", "on"):
+        options["ssl"] = True
+    db = int(options.pop("db", db_text))
+    for key in ("host", "port", "path"):
+        options.pop(key, None)
+    return Deployment("sentinel", tuple(nodes), db, tuple(sorted(options.items())))
+
+
+def _split(rest: str) -> tuple[str, str, str]:
+    """(netloc, path, "?query") of what follows ``scheme://``."""
+    rest, mark, query = rest.partition("?")
+    netloc, slash, path = rest.partition("/")
+    return netloc, slash + path, mark + query
+
+
+def _node(url: str, text: str, default_port: int) -> tuple[str, int]:
+    text = text.strip()
+    if text.startswith("["):
+        host, _, tail = text[1:].partition("]")
+        port_text = tail[1:] if tail.startswith(":") else ""
+    else:
+        host, _, port_text = text.rpartition(":") if ":" in text else (text, "", "")
+    if not host:
+        raise _malformed(url, f"{text!r} names no host")
+    if port_text and not (port_text.isdigit() and 0 < int(port_text) < 65536):
+        raise _malformed(url, f"{port_text!r} is not a port")
+    return unquote(host), int(port_text) if port_text else default_port
+
+
+def _netloc(node: tuple[str, int]) -> str:
+    host, port = node
+    return f"[{host}]:{port}" if ":" in host else f"{quote(host, safe='.-_')}:{port}"
+
+
+def _check_parses(url: str, single: str) -> dict[str, Any]:
+    try:
+        return dict(parse_url(single))  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        raise _malformed(url, str(exc)) from None
+
+
+def redact(url: str) -> str:
+    """``url`` with every password hidden, also in the forms that name several servers (the
+    sentinels' ``;``-separated URLs, a cluster's comma-separated hosts), which
+    :func:`redact_url` alone does not parse."""
+    return ";".join(_redact_one(part) for part in url.split(";"))
+
+
+def _redact_one(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    netloc, path, query = _split(rest)
+    userinfo, at, hosts = netloc.rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    hidden = f"{user}:***" if colon else "***"
+    return f"{scheme}{sep}{hidden}@{hosts}{path}{query}"
+
+
+def _malformed(url: str, why: str) -> ConfigurationError:
+    return ConfigurationError(
+        f"OP_CELERY_REDIS_URL {redact(url)!r} is not a Redis URL op-celery can use: {why}. "
+        f"Write one of: {_FORMS}"
+    )
 
 
 @contextmanager
 def storage_errors(what: str, url: str | None) -> Iterator[None]:
-    """Turn redis-py's errors into :class:`StorageUnavailable`, never showing a password."""
+    """Turn redis-py's errors into :class:`StorageUnavailable`, never showing a password.
+
+    Includes a cluster client's own errors (``RedisClusterException``: no node answered, a slot
+    not covered while a master fails over), which are not ``RedisError``.
+    """
     try:
         yield
-    except redis.RedisError as exc:
-        where = redact_url(url) if url else "Redis"
+    except (redis.RedisError, RedisClusterException) as exc:
+        where = redact(url) if url else "Redis"
         raise StorageUnavailable(
             f"{what}: {where} did not answer ({type(exc).__name__}); the event will be retried. "
             "Check that Redis runs and OP_CELERY_REDIS_URL is right"

@@ -1,7 +1,7 @@
 -- Claim an event for sending, unless it was delivered or another worker is sending it.
 --
--- KEYS[1]  the ledger's delivered key of the event, e.g. op-celery:delivered:<event id>.
--- KEYS[2]  its in-flight key, e.g. op-celery:inflight:<event id>.
+-- KEYS[1]  the ledger's delivered key of the event, e.g. op-celery:{<event id>}:delivered.
+-- KEYS[2]  its in-flight key, e.g. op-celery:{<event id>}:inflight (same slot).
 -- ARGV[1]  a token naming this attempt.
 -- ARGV[2]  how long the claim holds, in milliseconds (it outlives a killed worker by no more).
 --
