@@ -132,7 +132,13 @@ def publish(
     (Celery's path), due that many seconds later.
     """
     app: Any = task.app
-    with _bounded(_app_plan(app).publish_timeout_s):
+    # The bound of `_bounded`, inline: a generator-based context costs a microsecond or two.
+    outer = getattr(_bound, "deadline", None)
+    if outer is None:
+        timeout_s = _app_plan(app).publish_timeout_s
+        _bound.deadline = time.monotonic() + timeout_s
+        _bound.attempt_s = timeout_s * ATTEMPT_SHARE
+    try:
         route = None
         if (
             producer is None
@@ -148,6 +154,9 @@ def publish(
                 outbox_grace_s,
             )  # fmt: skip
         return _send(task, app, route, kwargs, task_id or uuid(), outbox_grace_s)
+    finally:
+        if outer is None:
+            _bound.deadline = None
 
 
 def _celery_publish(
