@@ -46,8 +46,8 @@ def _announce(sender: Any = None, **_: Any) -> None:
     for line in _adopted.pop(id(app), []):
         log.warning("%s", line)
     settings = settings_for(app)
-    for line in problems(app, settings, _consumed(sender, app)):
-        log.error("%s", line)
+    for level, line in problems(app, settings, _consumed(sender, app)):
+        log.log(level, "%s", line)
     if settings.redis_url is not None:  # without, ``problems`` said it: nothing else to say
         try:
             delivery_for(settings).limit("default")
@@ -99,43 +99,51 @@ def _consumed(consumer: Any, app: Any) -> list[str]:
     return list(app.amqp.queues.consume_from or app.amqp.queues)
 
 
-def problems(app: Any, settings: Settings, consumed: list[str]) -> list[str]:
+def problems(app: Any, settings: Settings, consumed: list[str]) -> list[tuple[int, str]]:
     """What keeps a worker of ``app`` that consumes ``consumed`` from serving op-celery's tasks:
-    one line each, saying what to do."""
-    lines = []
+    one line each with its log level, saying what to do.
+
+    A worker that consumes none of the events' queues gets one warning only (a project may run
+    a worker of its own for them, as the README suggests); the rest concerns workers that do.
+    """
+    lines: list[tuple[int, str]] = []
     operations = sorted(name for name in app.tasks if name.startswith("op_celery."))
-    missing: dict[str, list[str]] = {}
+    queues: dict[str, list[str]] = {}
     for name in operations:
-        queue = queue_for(app, name, settings)
-        if queue not in consumed:
-            missing.setdefault(queue, []).append(name.removeprefix("op_celery."))
-    for queue, names in missing.items():
+        queues.setdefault(queue_for(app, name, settings), []).append(
+            name.removeprefix("op_celery.")
+        )
+    for queue, names in queues.items():
+        if queue in consumed:
+            continue
         which = "op_celery's events go" if len(names) == len(operations) else (
             f"op_celery's {', '.join(names)} events go"
         )  # fmt: skip
-        lines.append(
-            f"op_celery: this worker does not consume the queue {queue!r}, where {which}, so "
-            f"none are delivered here: add it to -Q (-Q {','.join([*consumed, queue])}), or run "
-            f"a worker with -Q {queue}"
-        )
+        lines.append((logging.WARNING,
+            f"op_celery: this worker does not consume the queue {queue!r}, where {which}: it "
+            f"delivers none of them, so a worker with -Q {queue} must run (or add it here: "
+            f"-Q {','.join([*consumed, queue])})",
+        ))  # fmt: skip
+    if not any(queue in consumed for queue in queues):
+        return lines
     accepted = prepare_accept_content(app.conf.accept_content or ["json"]) or set()
     if "application/json" not in accepted:
-        lines.append(
+        lines.append((logging.ERROR,
             "op_celery: this worker does not accept JSON (accept_content="
             f"{list(app.conf.accept_content)!r}), and every op_celery event is JSON: it refuses "
-            "them all; add 'json' to accept_content"
-        )
+            "them all; add 'json' to accept_content",
+        ))  # fmt: skip
     if settings.redis_url is None:
-        lines.append(
+        lines.append((logging.ERROR,
             f"op_celery: the broker {redact_url(settings.broker_url)} is not Redis and "
             "OP_CELERY_REDIS_URL is not set: op_celery's ledger, rate limiter and dead letters "
             "need a Redis, so no event can be delivered; set OP_CELERY_REDIS_URL "
-            "(e.g. redis://localhost:6379/0) on the workers"
-        )
+            "(e.g. redis://localhost:6379/0) on the workers",
+        ))  # fmt: skip
     lazy = [name for name in operations if not app.tasks[name].acks_late]
     if lazy:
-        lines.append(
+        lines.append((logging.ERROR,
             f"op_celery: {', '.join(lazy)} are not acked late on this worker (task_annotations?): "
-            "a worker killed mid-task loses the events it holds; leave acks_late to op_celery"
-        )
+            "a worker killed mid-task loses the events it holds; leave acks_late to op_celery",
+        ))  # fmt: skip
     return lines

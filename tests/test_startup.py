@@ -84,19 +84,29 @@ def redis_config(env: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def test_a_worker_that_cannot_serve_the_tasks_says_why_and_what_to_do(
+def test_a_worker_that_does_not_consume_the_events_queue_says_which_worker_must_run(
+    tmp_path: Path, env: dict[str, str], redis_config: dict[str, Any]
+) -> None:
+    # Its other settings are none of op_celery's business: it receives none of the events.
+    config = {**redis_config, "accept_content": ["pickle"]}
+    log = run_user_worker(tmp_path, env, config, "-Q", "someone-elses")
+    queue = env["OP_CELERY_QUEUE"]
+    assert op_celery_lines(log, "ERROR") == []
+    assert (
+        f"op_celery: this worker does not consume the queue {queue!r}, where op_celery's events "
+        f"go: it delivers none of them, so a worker with -Q {queue} must run (or add it here: "
+        f"-Q someone-elses,{queue})"
+    ) in op_celery_lines(log, "WARNING")
+
+
+def test_a_worker_of_the_events_queue_that_refuses_json_says_it_refuses_them_all(
     tmp_path: Path, env: dict[str, str], redis_config: dict[str, Any]
 ) -> None:
     config = {**redis_config, "accept_content": ["pickle"]}
-    log = run_user_worker(tmp_path, env, config, "-Q", "someone-elses")
-    errors = op_celery_lines(log, "ERROR")
-    queue = env["OP_CELERY_QUEUE"]
-    assert errors == [
-        f"op_celery: this worker does not consume the queue {queue!r}, where op_celery's events "
-        f"go, so none are delivered here: add it to -Q (-Q someone-elses,{queue}), or run a "
-        f"worker with -Q {queue}",
+    log = run_user_worker(tmp_path, env, config, "-Q", f"someone-elses,{env['OP_CELERY_QUEUE']}")
+    assert op_celery_lines(log, "ERROR") == [
         "op_celery: this worker does not accept JSON (accept_content=['pickle']), and every "
-        "op_celery event is JSON: it refuses them all; add 'json' to accept_content",
+        "op_celery event is JSON: it refuses them all; add 'json' to accept_content"
     ]
 
 
