@@ -21,8 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from . import __about__
+from . import __about__, _deadline
 from ._events import Event
 from ._exceptions import (
     AliasNotSupported,
@@ -98,6 +101,10 @@ class OpenPanelClient:
         #: The API URL as messages, logs and dead letters show it: credentials in it are hidden.
         self.api_url = redact_url(checked)
         self._timeout = (connect_timeout_s, read_timeout_s)
+        #: The whole request's bound (``_deadline``): one connect and one read timeout. The
+        #: ledger's claim outlives it (``Settings.claim_ttl_s`` adds a margin to the same sum),
+        #: so no request is still running when another worker may claim its event.
+        self._deadline_s = connect_timeout_s + read_timeout_s
         self._session_factory = session_factory
         self._sessions = _Sessions()
         self._base_headers = {
@@ -135,7 +142,12 @@ class OpenPanelClient:
         sessions = self._sessions
         pid = os.getpid()
         if sessions.session is None or sessions.pid != pid:
-            sessions.session = self._session_factory()
+            session = self._session_factory()
+            for prefix in ("https://", "http://"):
+                # Only the stock adapter: a test's or user's own adapter is left as it is.
+                if type(session.adapters.get(prefix)) is HTTPAdapter:
+                    session.mount(prefix, _DeadlineAdapter())
+            sessions.session = session
             sessions.pid = pid
             sessions.environment = None
         return sessions.session
@@ -168,6 +180,7 @@ class OpenPanelClient:
             data=json.dumps(event.body, separators=(",", ":")),
             params={},
         )
+        deadline = _deadline.arm(self._deadline_s)
         try:
             prepared = session.prepare_request(request)
             environment = sessions.environment
@@ -179,15 +192,88 @@ class OpenPanelClient:
             response = session.send(
                 prepared, timeout=self._timeout, allow_redirects=False, **environment
             )
-        except requests.Timeout as exc:
-            raise NetworkError(
-                f"{event.operation} to {self.api_url}: timed out ({type(exc).__name__}); will retry"
-            ) from None
         except requests.RequestException as exc:
-            raise NetworkError(
-                f"{event.operation} to {self.api_url}: no answer ({type(exc).__name__}); will retry"
-            ) from None
+            raise _no_answer(event, self.api_url, exc, deadline, self._deadline_s) from None
+        finally:
+            deadline.disarm()
         return classify(event.operation, response.status_code, response.headers, response.text)
+
+
+def _no_answer(
+    event: Event, where: str, exc: requests.RequestException, deadline: Any, deadline_s: float
+) -> NetworkError:
+    """The NetworkError of a request that got no (complete) answer, saying whether the server
+    may have received it: after the request was sent, a retry can deliver it twice."""
+    name = type(exc).__name__
+    if deadline.expired:
+        what = f"no complete answer within the request's {deadline_s:g} s deadline ({name})"
+        maybe = True
+    elif isinstance(exc, requests.ConnectTimeout | requests.exceptions.ProxyError):
+        what, maybe = f"could not connect ({name})", False
+    elif isinstance(exc, requests.ConnectionError) and not isinstance(
+        exc, requests.exceptions.ChunkedEncodingError
+    ):
+        what, maybe = f"no answer ({name})", _sent(exc)
+    elif isinstance(exc, requests.Timeout):
+        what, maybe = f"timed out waiting for the answer ({name})", True
+    else:
+        what, maybe = f"no complete answer ({name})", True
+    tail = "; the server may have received it, so the retry may deliver it twice" if maybe else ""
+    error = NetworkError(f"{event.operation} to {where}: {what}; will retry{tail}")
+    error.maybe_delivered = maybe
+    return error
+
+
+def _sent(exc: requests.RequestException) -> bool:
+    """Whether a connection error came after the request went out (a reset mid-answer)."""
+    text = str(exc)
+    return not any(
+        marker in text
+        for marker in ("NewConnectionError", "Connection refused", "Name or service", "resolve")
+    )
+
+
+class _DeadlineConnection(HTTPConnection):
+    """A connection that binds the thread's request deadline when a request starts on it."""
+
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        deadline = _deadline.current()
+        if deadline is not None:
+            deadline.bind(self)
+        return super().request(*args, **kwargs)
+
+
+class _DeadlineHTTPSConnection(HTTPSConnection):
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        deadline = _deadline.current()
+        if deadline is not None:
+            deadline.bind(self)
+        return super().request(*args, **kwargs)
+
+
+class _DeadlinePool(HTTPConnectionPool):
+    ConnectionCls = _DeadlineConnection
+
+
+class _DeadlineHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _DeadlineHTTPSConnection
+
+
+class _DeadlineAdapter(HTTPAdapter):
+    """requests' adapter, its pools making connections that keep the request deadline."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        _use_deadline_pools(self.poolmanager)
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        _use_deadline_pools(manager)
+        return manager
+
+
+def _use_deadline_pools(manager: Any) -> None:
+    manager.pool_classes_by_scheme = {"http": _DeadlinePool, "https": _DeadlineHTTPSPool}
 
 
 def _server_message(text: str) -> tuple[Any, str]:

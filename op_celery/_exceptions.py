@@ -152,7 +152,13 @@ class ServerError(TransientError, DeliveryError):
 
 
 class NetworkError(TransientError, DeliveryError):
-    """No response: the connection failed or timed out."""
+    """No (complete) response: the connection failed, timed out or passed its deadline.
+
+    ``maybe_delivered`` is True when the request had gone out: the server may have stored the
+    event, and a retry can then deliver it twice (OpenPanel keeps no idempotency key).
+    """
+
+    maybe_delivered: bool = False
 
 
 class ProfileNotFound(TransientError, DeliveryError):
