@@ -54,7 +54,6 @@ from ._enqueue import (
     queue_for,
     republish,
     spool_for,
-    task_for,
 )
 from ._events import build_event, normalize_call
 from ._exceptions import (
@@ -95,11 +94,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("op_celery")
-
-# Old names the CLI still imports from here, until it imports them from ``_enqueue``.
-_NO_SPOOL = NO_SPOOL
-_republish = republish
-__all__ += ["spool_for", "task_for"]
 
 JSON = Mapping[str, Any]
 
