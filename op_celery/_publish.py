@@ -561,25 +561,30 @@ os.register_at_fork(after_in_child=_forget_pools_after_fork)
 
 @contextmanager
 def _acquire(pool: Any, plan: _AppPlan) -> Iterator[Any]:
+    """A connection (or producer) of ``pool``, as `_take` lends it, released afterwards."""
+    resource = _take(pool, plan)
+    try:
+        yield resource
+    finally:
+        resource.release()
+
+
+def _take(pool: Any, plan: _AppPlan) -> Any:
     """A connection (or producer) of ``pool``, waiting at most what is left of the bound and
-    of ``broker_pool_acquire_timeout``."""
+    of ``broker_pool_acquire_timeout``; the caller releases it."""
     deadline = getattr(_bound, "deadline", None)
     timeout = plan.acquire_timeout_s
     if deadline is not None:
         left = max(0.0, deadline - time.monotonic())
         timeout = left if timeout is None else min(timeout, left)
     try:
-        resource = pool.acquire(block=True, timeout=timeout)
+        return pool.acquire(block=True, timeout=timeout)
     except LimitExceeded as exc:
         raise OperationalError(
             f"Timed out waiting for a broker connection after {timeout:.3g} s: all "
             f"{pool.limit} of op-celery's are in use. Consider increasing broker_pool_limit or "
             "OP_CELERY_PUBLISH_TIMEOUT."
         ) from exc
-    try:
-        yield resource
-    finally:
-        resource.release()
 
 
 # --- Building and sending the message. ---------------------------------------------------------
@@ -645,7 +650,8 @@ def _send(
     )
     # A pooled broker connection, as Celery's producer pool lends (its producers hold one each
     # from this same pool); the producer itself would only be rebound and copied.
-    with _acquire(publish_pools(app).connections, plan) as connection:
+    connection = _take(publish_pools(app).connections, plan)  # not `_acquire`: a µs per call
+    try:
 
         def put() -> None:
             _put(connection.default_channel, message, route)
@@ -657,6 +663,8 @@ def _send(
         else:
             with _compat.reraise_as_library_errors(connection):
                 put()
+    finally:
+        connection.release()
     result: AsyncResult[Any] = task.AsyncResult(task_id)
     result.ignored = True  # as Celery's send_task sets it
     if parent is not None:
