@@ -12,7 +12,8 @@ count; ``lint-imports`` checks it against ``[tool.importlinter]`` in ``pyproject
 
     tools           cli, _demo, worker, contrib (Django, Flask, FastAPI), metrics, testing
     ─────────────────────────────────────────────────────────────────────────────────────────
-    Celery layer    _tasks      the typed tasks: validate at .delay(), map outcomes to Celery
+    Celery layer    _tasks      the seven typed tasks and the proxies exported here
+                    _task       their class: validate at .delay(), map outcomes to Celery
                     _startup    what a worker does as it starts (sweeper, checks, announce)
                     _enqueue    spool, re-publish, dead-letter replay's publisher
                     _consumer   the consumer step that keeps malformed messages visible
