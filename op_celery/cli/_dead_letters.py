@@ -12,7 +12,7 @@ import click
 from .._enqueue import publish_dead_letter
 from .._exceptions import PublishError
 from ..dead_letters import DeadLetter, DeadLetterStore
-from ._main import command_settings, main, table
+from ._main import command_settings, main, say_where, table
 
 __all__ = ["dead_letters"]
 
@@ -32,8 +32,11 @@ def _filters(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--project", help="Only dead letters of this project.")(f)
 
 
-def _store() -> DeadLetterStore:
-    return DeadLetterStore(command_settings())
+def _store(*, broker: bool = False) -> DeadLetterStore:
+    """The dead letters of op-celery's Redis, after saying which Redis (and broker) that is."""
+    settings = command_settings()
+    say_where(settings, broker=broker, redis_too=True)
+    return DeadLetterStore(settings)
 
 
 def _when(timestamp: float) -> str:
@@ -75,13 +78,14 @@ def list_dead_letters(
 @_filters
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def replay(project: str | None, error: str | None, yes: bool) -> None:
-    """Re-enqueue matching dead letters for the workers, with their event ids.
+    """Re-enqueue matching dead letters for the workers, with their event ids, each on the
+    queue it came from.
 
     Each is removed as it is enqueued, so running replay twice enqueues nothing twice, and an
     event delivered after all is not sent again. Invalid events and broken messages cannot be
     replayed: they stay until purged.
     """
-    store = _store()
+    store = _store(broker=True)
     matching = list(store.list(project, error))
     replayable = sum(1 for x in matching if x.replayable)
     kept = len(matching) - replayable

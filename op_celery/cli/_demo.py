@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
+import os
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
 import click
 
-from ._main import main
+from .._settings import DEFAULT_API_URL
+from ._main import main, requested_app
 
 __all__ = ["demo"]
 
@@ -31,6 +37,10 @@ __all__ = ["demo"]
     "--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True,
     help="Seconds the whole demo may take.",
 )  # fmt: skip
+@click.option(
+    "--real", is_flag=True,
+    help="Send to the real project of OPENPANEL_CLIENT_ID without asking first.",
+)  # fmt: skip
 @click.pass_context
 def demo(
     ctx: click.Context,
@@ -39,21 +49,29 @@ def demo(
     concurrency: int,
     rate_limit: str | None,
     timeout: float,
+    real: bool,
 ) -> None:
     """Run the whole path on this machine and print what happened.
 
     Starts only what is missing: the embedded Redis when no broker is configured, worker
     processes (celery -A op_celery.worker worker), and a stand-in OpenPanel server with a few
-    injected faults unless OPENPANEL_CLIENT_ID and OPENPANEL_CLIENT_SECRET are set (then the
-    real API gets the events). Enqueues events of every type, follows their delivery, prints a
-    summary and stops everything it started, also on Ctrl-C. Exits 1 if not all deliverable
-    events were delivered.
+    injected faults unless OPENPANEL_CLIENT_ID and OPENPANEL_CLIENT_SECRET are set: then that
+    project gets the events, once you say yes to the question the demo asks when its API
+    (OPENPANEL_API_URL, default the cloud) is not on this machine, or with --real. Enqueues
+    events of every type, follows their delivery, prints a summary and stops everything it
+    started, also on Ctrl-C. Exits 1 if not all deliverable events were delivered.
     """
     from .._demo import DemoError, DemoOptions, run_demo
     from .._rates import parse_rate
 
+    if requested_app():
+        raise click.UsageError(
+            "the demo runs its own app and workers, not yours: run it without -A (it uses "
+            "OP_CELERY_BROKER_URL if set, else the embedded Redis)"
+        )
     if rate_limit is not None:
         parse_rate(rate_limit, setting="--rate-limit")  # a bad rate is said before anything starts
+    _confirm_real_project(os.environ, events, real)
     options = DemoOptions(events, workers, concurrency, rate_limit, timeout)
     try:
         result = run_demo(options)
@@ -66,3 +84,42 @@ def demo(
         click.echo(line)
     if not result.all_delivered:
         ctx.exit(1)
+
+
+def _remote_api(env: Mapping[str, str]) -> str | None:
+    """The API URL the demo would send to when it is a real project's, not this machine's."""
+    if not (env.get("OPENPANEL_CLIENT_ID") and env.get("OPENPANEL_CLIENT_SECRET")):
+        return None
+    url = env.get("OPENPANEL_API_URL") or DEFAULT_API_URL
+    host = urlsplit(url).hostname or ""
+    try:
+        local = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = False
+    return None if local else url
+
+
+def _confirm_real_project(env: Mapping[str, str], events: int, real: bool) -> None:
+    """Ask before demo events go to a real project (credentials set, an API not on this
+    machine), unless ``--real``; no answer (a script, a pipe) is a no."""
+    if real and not (env.get("OPENPANEL_CLIENT_ID") and env.get("OPENPANEL_CLIENT_SECRET")):
+        raise click.UsageError(
+            "--real sends to the project of OPENPANEL_CLIENT_ID and OPENPANEL_CLIENT_SECRET: "
+            "set both, or leave --real out to use the stand-in server"
+        )
+    url = _remote_api(env)
+    if url is None or real:
+        return
+    question = (
+        f"OPENPANEL_CLIENT_ID and OPENPANEL_CLIENT_SECRET are set: send {events} demo events "
+        f"to the real project of client {env['OPENPANEL_CLIENT_ID']} at {url}?"
+    )
+    try:
+        if click.confirm(question, default=False):
+            return
+    except click.Abort:  # no answer: end the question's line
+        click.echo()
+    raise click.ClickException(
+        "demo not started: nothing was sent. Pass --real to send to that project, or unset "
+        "OPENPANEL_CLIENT_ID and OPENPANEL_CLIENT_SECRET to use the stand-in server"
+    )

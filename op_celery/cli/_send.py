@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import click
 
-from .._enqueue import NO_SPOOL, task_for
+from .._app import publishing_app
+from .._enqueue import NO_SPOOL, queue_for, task_for
 from .._events import OPERATIONS, build_event, normalize_call
-from .._exceptions import DeliveryError, InvalidEvent, PublishError
+from .._exceptions import (
+    AuthenticationError,
+    DeliveryError,
+    InvalidEvent,
+    InvalidPayload,
+    NetworkError,
+    ProfileNotFound,
+    PublishError,
+    RateLimited,
+    TransientError,
+)
 from .._settings import Settings
 from ._main import broker_description, command_settings, main
 
@@ -146,8 +158,9 @@ def send(
 
     OPERATION is one of track, identify, alias, increment, decrement, group, assign_group. By
     default the event goes straight to the API with the project's credentials from the
-    environment, and the server's status and answer are printed. With --enqueue it goes
-    through the queue, as .delay() would.
+    environment, and the server's status and answer are printed; it is sent once, never
+    retried, and a refusal leaves no dead letter. With --enqueue it goes through the queue, as
+    .delay() would (on your app's broker with -A), and the workers deliver and retry it.
 
     \b
     op-celery send track --name signup --property plan=pro --profile-id user-1
@@ -176,13 +189,45 @@ def send(
     try:
         delivered = client.send(event)
     except DeliveryError as exc:
-        raise click.ClickException(f"not accepted: {exc}") from None
+        raise click.ClickException(f"not accepted: {_what_now(exc)}") from None
     click.echo(f"HTTP {delivered.status} from {client.api_url}/track (event {event.event_id})")
     click.echo(_show_body(delivered.body))
 
 
+#: What the client's messages promise that `send` does not do: it sends once, from here, and
+#: keeps nothing (no retry, no dead letter to replay).
+_WORKER_ADVICE = re.compile(
+    r"; (?:rate limited, |server error, |the profile may not be processed yet, )?will retry$"
+    r"|, then replay (?:it|the dead letters)$"
+)
+
+
+def _what_now(exc: DeliveryError) -> str:
+    """The server's refusal as `send` met it: sent once, not retried, nothing kept."""
+    text = _WORKER_ADVICE.sub("", str(exc))
+    if isinstance(exc, RateLimited):
+        wait = f"after {exc.retry_after:g} s" if exc.retry_after else "in a moment"
+        return f"{text}; rate limited: sent once, not retried; send again {wait}"
+    if isinstance(exc, ProfileNotFound):
+        return f"{text}; no such profile yet: send identify for it first, then this again"
+    if isinstance(exc, NetworkError):
+        maybe = " (it may have arrived)" if getattr(exc, "maybe_delivered", False) else ""
+        return (
+            f"{text}{maybe}; sent once, not retried: check OPENPANEL_API_URL and the network, or "
+            "use --enqueue to let the workers retry it"
+        )
+    if isinstance(exc, TransientError):
+        return (
+            f"{text}; sent once, not retried: send again, or use --enqueue to let the workers "
+            "retry it"
+        )
+    if isinstance(exc, (InvalidPayload, AuthenticationError)):
+        return f"{text}, then send again"
+    return text
+
+
 def _enqueue_event(operation: str, message: dict[str, Any], settings: Settings) -> None:
-    task = task_for(operation)
+    task = task_for(operation)  # the lines below name the broker
     try:
         # From a shell, a broker that does not answer is said at once, not hidden in the spool.
         no_spool: dict[str, Any] = {NO_SPOOL: True}
@@ -193,7 +238,8 @@ def _enqueue_event(operation: str, message: dict[str, Any], settings: Settings) 
             f"{settings.publish_timeout_s:g} s: the event was not enqueued (without --enqueue "
             "it is sent to the API directly)"
         ) from None
+    queue = queue_for(publishing_app(), f"op_celery.{operation}", settings, message)
     click.echo(
         f"Enqueued {operation} event {message['event_id']} (task {result.id}) on queue "
-        f"{settings.queue} at {broker_description(settings)}"
+        f"{queue} at {broker_description(settings)}; the workers deliver it, retrying as they do"
     )

@@ -6,7 +6,7 @@ import click
 
 from .._enqueue import republish, spool_for
 from .._exceptions import PublishError
-from ._main import broker_description, command_settings, main
+from ._main import broker_description, command_settings, main, say_where
 
 __all__ = ["spool"]
 
@@ -25,6 +25,7 @@ def flush() -> None:
     """Re-publish the spooled events now, oldest first (processes also do it by themselves
     every few seconds once the broker answers)."""
     settings = command_settings()
+    say_where(settings, broker=True)
     events = spool_for(settings)
     total = len(events)
     if not total:

@@ -1,35 +1,48 @@
-"""``op-celery status``: the queue, the dead letters, the spool and each project's limiter."""
+"""``op-celery status``: the queue, the dead letters, the spool and each project's limiter.
+
+Each part is read on its own, so a broker that does not answer still leaves the dead letters
+shown, and a missing Redis still leaves the queue depth: what could not be read is said in its
+place, and the command then exits 1. Only when nothing answered is it a one-line error.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import socket
 from collections import Counter
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from importlib import import_module
 from types import ModuleType
 from typing import Any
 
 import click
 import redis
+from celery import Celery
 
-from .._enqueue import spool_for
-from .._exceptions import OpenPanelError
+from .._enqueue import queue_for, spool_for
+from .._exceptions import LimiterUnavailable, OpenPanelError, StorageUnavailable
 from .._outbox import outbox_keys
 from .._settings import EMBEDDED_URL, Settings, _redis_url_of
 from ..dead_letters import DeadLetterStore
-from ._main import BROKER_TIMEOUT_S, broker_description, command_settings, main, table
+from ._main import (
+    BROKER_TIMEOUT_S,
+    broker_description,
+    broker_url,
+    command_app,
+    command_settings,
+    main,
+    redis_description,
+    redis_problem,
+    table,
+)
 
 __all__ = ["status"]
 
 
-def _broker_redis(settings: Settings) -> redis.Redis | None:
-    """A client of the broker's Redis, or None when the broker is not Redis."""
-    url = _redis_url_of(settings.broker_url)
-    if url is None:
-        return None
+def _broker_redis(url: str) -> redis.Redis:
+    """A client of the broker's Redis (``url`` as ``_redis_url_of`` gives it)."""
     options: dict[str, Any] = {
         "socket_timeout": BROKER_TIMEOUT_S,
         "socket_connect_timeout": BROKER_TIMEOUT_S,
@@ -39,6 +52,115 @@ def _broker_redis(settings: Settings) -> redis.Redis | None:
 
         return redis.Redis(unix_socket_path=embedded_redis(), **options)
     return redis.Redis.from_url(url, **options)
+
+
+def _broker_key_prefix(settings: Settings, app: Celery | None) -> str:
+    if settings.broker_key_prefix or app is None:
+        return settings.broker_key_prefix
+    options = app.conf.get("broker_transport_options") or {}
+    return str(options.get("global_keyprefix") or "")
+
+
+def _broker_problem(where: str, exc: BaseException) -> str:
+    """What went wrong with a broker that is not Redis (kombu, py-amqp), by its real cause."""
+    name = type(exc).__name__
+    text = str(exc)
+    if name == "AccessRefused":
+        return f"{where} refused the login ({text}): fix the user and password in its URL"
+    if name == "NotAllowed":
+        return f"{where} refused the connection ({text}): check the virtual host in its URL"
+    if isinstance(exc, (OSError, socket.timeout)) or name in ("OperationalError", "TimeoutError"):
+        return f"{where} did not answer ({name}: {text}): start it, or fix its URL"
+    return f"{where} answered with an error ({name}: {text}): check its URL"
+
+
+def _queue_by_declare(url: str, queue: str, app: Celery | None) -> tuple[int | None, str | None]:
+    """The queue's depth by a passive declare (RabbitMQ and other kombu brokers), and a note
+    when the queue does not exist. Raises what the connection raises."""
+    from kombu import Connection
+
+    connection = (
+        app.connection_for_read() if app is not None
+        else Connection(url, connect_timeout=BROKER_TIMEOUT_S)
+    )  # fmt: skip
+    with connection:
+        connection.connect()
+        channel: Any = connection.channel()
+        try:
+            _, depth, _ = channel.queue_declare(queue=queue, passive=True)
+        except connection.channel_errors as exc:
+            if "NOT_FOUND" in str(exc) or getattr(exc, "code", None) == 404:
+                return None, "the queue does not exist on the broker yet (no worker declared it)"
+            raise
+    return int(depth), None
+
+
+def _broker_part(settings: Settings, app: Celery | None, problems: list[str]) -> dict[str, Any]:
+    queue = queue_for(app, "op_celery.track", settings) if app is not None else settings.queue
+    prefix = _broker_key_prefix(settings, app)
+    url = broker_url(settings)
+    broker: dict[str, Any] = {
+        "url": broker_description(settings),
+        "queue": queue,
+        "queue_key": f"{prefix}{queue}",
+        "queue_length": None,
+        "unfinished": None,
+        "note": None,
+        "answered": False,
+    }
+    where = f"the broker at {broker_description(settings)}"
+    redis_url = _redis_url_of(url)
+    if redis_url is None:
+        try:
+            broker["queue_length"], broker["note"] = _queue_by_declare(url, queue, app)
+            broker["answered"] = True
+        except Exception as exc:  # every transport's errors: said, not raised
+            broker["note"] = _broker_problem(where, exc)
+            problems.append(broker["note"])
+        return broker
+    try:
+        client = _broker_redis(redis_url)
+        broker["queue_length"] = int(client.llen(broker["queue_key"]))
+        if settings.outbox:
+            # Events enqueued and not yet delivered or dead-lettered (``_outbox``).
+            records, _ = outbox_keys(queue, prefix)
+            broker["unfinished"] = int(client.hlen(records))
+        broker["answered"] = True
+    except redis.RedisError as exc:
+        broker["note"] = redis_problem(where, exc, settings.broker_url_source)
+        problems.append(broker["note"])
+    return broker
+
+
+def _dead_letters_part(settings: Settings, problems: list[str]) -> dict[str, Any]:
+    part: dict[str, Any] = {"total": None, "by_project": {}, "by_error_type": {}}
+    part.update(by_project_and_error_type=[], note=None)
+    if settings.redis_url is None:
+        part["note"] = (
+            "not available: op-celery has no Redis here (the broker is not Redis); set "
+            "OP_CELERY_REDIS_URL, which its workers need too"
+        )
+        problems.append(part["note"])
+        return part
+    try:
+        letters = list(DeadLetterStore(settings).list())
+    except (redis.RedisError, StorageUnavailable) as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, redis.RedisError) else exc
+        where = f"Redis at {redis_description(settings)}"
+        part["note"] = "not available: " + redis_problem(where, cause, "OP_CELERY_REDIS_URL")
+        problems.append(part["note"])
+        return part
+    pairs = Counter((x.project, x.error_type) for x in letters)
+    part.update(
+        total=len(letters),
+        by_project=dict(Counter(x.project for x in letters)),
+        by_error_type=dict(Counter(x.error_type for x in letters)),
+        by_project_and_error_type=[
+            {"project": project, "error_type": error, "count": count}
+            for (project, error), count in sorted(pairs.items())
+        ],
+    )
+    return part
 
 
 def _limiter_modules() -> tuple[ModuleType, ModuleType] | None:
@@ -88,8 +210,18 @@ def _project_status(settings: Settings, name: str) -> dict[str, Any]:
         entry["note"] = str(exc)
         return entry
     burst = project.rate_burst or rates.DEFAULT_BURST
-    limiter = limiter_module.RateLimiter(redis_for(settings), prefix=settings.key_prefix)
-    state = limiter.state(project.client_id, rate, burst)
+    if settings.redis_url is None:
+        entry["note"] = "limiter state not available: no Redis for op-celery"
+        return entry
+    try:
+        limiter = limiter_module.RateLimiter(redis_for(settings), prefix=settings.key_prefix)
+        state = limiter.state(project.client_id, rate, burst)
+    except (redis.RedisError, StorageUnavailable, LimiterUnavailable) as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, redis.RedisError) else exc
+        entry["note"] = "limiter state not available: " + redis_problem(
+            "its Redis", cause, "OP_CELERY_REDIS_URL"
+        )
+        return entry
     entry["limiter"] = {
         "paused_s": state["paused_s"],
         "backlog_s": state["backlog_s"],
@@ -99,59 +231,27 @@ def _project_status(settings: Settings, name: str) -> dict[str, Any]:
     return entry
 
 
-def _status_report(settings: Settings, env: Mapping[str, str]) -> dict[str, Any]:
-    queue_key = f"{settings.broker_key_prefix}{settings.queue}"
-    broker: dict[str, Any] = {
-        "url": broker_description(settings),
-        "queue": settings.queue,
-        "queue_key": queue_key,
-        "queue_length": None,
-        "unfinished": None,
-        "note": None,
-    }
-    client = _broker_redis(settings)
-    if client is None:
-        broker["note"] = "queue length not available: the broker is not Redis"
-    else:
-        with _broker_errors(settings):
-            broker["queue_length"] = int(client.llen(queue_key))
-            if settings.outbox:
-                # Events enqueued and not yet delivered or dead-lettered (``_outbox``).
-                records, _ = outbox_keys(settings.queue, settings.broker_key_prefix)
-                broker["unfinished"] = int(client.hlen(records))
-    letters = list(DeadLetterStore(settings).list())
-    pairs = Counter((x.project, x.error_type) for x in letters)
+def _status_report(
+    settings: Settings, env: Mapping[str, str], app: Celery | None = None
+) -> dict[str, Any]:
+    problems: list[str] = []
+    broker = _broker_part(settings, app, problems)
+    dead_letters = _dead_letters_part(settings, problems)
     spool = spool_for(settings)
     return {
         "broker": broker,
-        "dead_letters": {
-            "total": len(letters),
-            "by_project": dict(Counter(x.project for x in letters)),
-            "by_error_type": dict(Counter(x.error_type for x in letters)),
-            "by_project_and_error_type": [
-                {"project": project, "error_type": error, "count": count}
-                for (project, error), count in sorted(pairs.items())
-            ],
-        },
+        "redis": {"url": redis_description(settings)},
+        "dead_letters": dead_letters,
         "spool": {"dir": str(spool.directory), "files": len(spool)},
         "projects": [_project_status(settings, name) for name in _configured_projects(env)],
+        "problems": problems,
     }
-
-
-@contextmanager
-def _broker_errors(settings: Settings) -> Iterator[None]:
-    try:
-        yield
-    except redis.RedisError as exc:
-        raise click.ClickException(
-            f"the broker at {broker_description(settings)} did not answer "
-            f"({type(exc).__name__}): start it, or fix OP_CELERY_BROKER_URL"
-        ) from None
 
 
 def _print_status(report: Mapping[str, Any]) -> None:
     broker = report["broker"]
     click.echo(f"broker        {broker['url']}")
+    click.echo(f"redis         {report['redis']['url']}")
     if broker["queue_length"] is None:
         click.echo(f"queue         {broker['queue']}: {broker['note']}")
     else:
@@ -161,7 +261,10 @@ def _print_status(report: Mapping[str, Any]) -> None:
             + ("" if unfinished is None else f", {unfinished} not yet finished (outbox)")
         )
     dead = report["dead_letters"]
-    click.echo(f"dead letters  {dead['total']}")
+    if dead["total"] is None:
+        click.echo(f"dead letters  {dead['note']}")
+    else:
+        click.echo(f"dead letters  {dead['total']}")
     rows = [
         [x["project"], x["error_type"], str(x["count"])] for x in dead["by_project_and_error_type"]
     ]
@@ -196,13 +299,25 @@ def _print_status(report: Mapping[str, Any]) -> None:
 def status(as_json: bool) -> None:
     """Show queue length, dead letters, spool and rate limits.
 
-    The queue is the package's (OP_CELERY_QUEUE) on the broker; its length is read from Redis
-    (not available for other brokers). Dead letters are counted by project and error type.
-    Each configured project (OPENPANEL_CLIENT_ID, OPENPANEL_<NAME>_CLIENT_ID) shows its rate
-    limiter's state when a rate is set.
+    First the broker and the Redis it looks at (passwords hidden). The queue is the package's
+    (OP_CELERY_QUEUE, or where your app's task_routes send op_celery's tasks); its depth is
+    read from Redis, or by a passive declare on RabbitMQ and other brokers. Dead letters are
+    counted by project and error type. Each configured project (OPENPANEL_CLIENT_ID,
+    OPENPANEL_<NAME>_CLIENT_ID) shows its rate limiter's state when a rate is set. A part
+    that cannot be read is said in its place, and the command exits 1.
     """
-    report = _status_report(command_settings(), os.environ)
+    settings = command_settings()
+    report = _status_report(settings, os.environ, command_app())
+    problems = report["problems"]
+    answered = report["broker"]["answered"] or report["dead_letters"]["total"] is not None
+    if problems and not answered:
+        # Nothing answered: one line; the broker's problem alone when its Redis is op-celery's.
+        same = _redis_url_of(broker_url(settings)) == settings.redis_url
+        raise click.ClickException(problems[0] if same else "; ".join(problems))
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
         _print_status(report)
+    if problems:
+        count = "1 part" if len(problems) == 1 else f"{len(problems)} parts"
+        raise click.ClickException(f"{count} of the status could not be read (said above)")
