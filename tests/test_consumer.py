@@ -205,3 +205,20 @@ def test_a_worker_refusing_json_keeps_one_dead_letter_per_event_and_no_record(
     assert len(store) == 0
     assert republished(worker) == 0
     assert stand_in.received == []
+
+
+def test_an_event_the_users_code_rejects_is_an_end_never_published_again(
+    producer: Celery,
+    start_app_worker: Callable[..., AppWorker],
+    stand_in: StandInServer,
+    redis_client: redis.Redis,
+    env: dict[str, str],
+) -> None:
+    producer.conf.op_celery_outbox_grace = GRACE
+    worker = start_app_worker("tests.rejecting_worker_app", OP_CELERY_OUTBOX_GRACE=GRACE)
+    op_celery.track.delay("rejected")
+    assert wait_until(lambda: "was rejected by the task" in worker.log, timeout=30), worker.log
+    assert records(redis_client, env) == {}
+    time.sleep(QUIET_S)
+    assert republished(worker) == 0
+    assert stand_in.received == []
