@@ -27,17 +27,20 @@ their connections are safe to share between the threads of a thread-pool worker.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import quote, unquote
 
 import redis
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.connection import parse_url
 from redis.exceptions import RedisClusterException
-from redis.sentinel import Sentinel
+from redis.retry import Retry
+from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from ._embedded import embedded_redis
 from ._exceptions import ConfigurationError, StorageUnavailable
@@ -62,6 +65,10 @@ HEALTH_CHECK_INTERVAL_S = 30
 #: (redis-py waits a short exponential backoff between them): enough to ride a replica's
 #: promotion of a few seconds, few enough that a task gives its slot back soon to retry.
 CLUSTER_ERROR_RETRY_ATTEMPTS = 3
+#: Seconds between two questions of a Sentinel client to the sentinels: which server is master
+#: now? After a failover, connections still open to the old master are closed within this, so
+#: writes stop going to a server that will drop them once it is made a replica.
+MASTER_CHECK_INTERVAL_S = 1.0
 #: Port of a host named without one: Redis's and Sentinel's defaults.
 DEFAULT_REDIS_PORT = 6379
 DEFAULT_SENTINEL_PORT = 26379
@@ -75,6 +82,9 @@ _FORMS = (
     "sentinel://host1:26379;sentinel://host2:26379 with OP_CELERY_REDIS_SENTINEL_MASTER "
     "(Sentinel)"
 )
+
+#: A cluster's refusals of a command whose keys live in two slots: a bug, not an outage.
+_CROSS_SLOT = (redis.exceptions.ClusterCrossSlotError, redis.exceptions.CrossSlotTransactionError)
 
 _clients: dict[tuple[Any, ...], Any] = {}
 _lock = threading.Lock()
@@ -140,7 +150,7 @@ def _connect(settings: Settings) -> Any:
     if deployment.kind == "cluster":
         return RedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in deployment.nodes],  # type: ignore[no-untyped-call]
-            cluster_error_retry_attempts=CLUSTER_ERROR_RETRY_ATTEMPTS,
+            retry=Retry(ExponentialWithJitterBackoff(), CLUSTER_ERROR_RETRY_ATTEMPTS),
             **options,
         )
     sentinel_options = {
@@ -153,7 +163,34 @@ def _connect(settings: Settings) -> Any:
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         list(deployment.nodes), sentinel_kwargs=sentinel_options, db=deployment.db, **options
     )
-    return sentinel.master_for(settings.redis_sentinel_master)  # type: ignore[no-untyped-call]
+    return sentinel.master_for(  # type: ignore[no-untyped-call]
+        settings.redis_sentinel_master, connection_pool_class=_FollowingPool
+    )
+
+
+class _FollowingPool(SentinelConnectionPool):
+    """redis-py's Sentinel pool, which asks the sentinels for the master only when it opens a
+    connection, so after a failover that left the old master running (``SENTINEL FAILOVER``, a
+    partition) its open connections keep writing there until the sentinels demote it, seconds
+    later, and those writes are dropped. This one asks every :data:`MASTER_CHECK_INTERVAL_S`
+    and closes connections to a server that is no longer the master (redis-py then closes the
+    idle ones itself)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self._next_check = 0.0
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + MASTER_CHECK_INTERVAL_S
+            with suppress(redis.RedisError):  # no sentinel answered: keep the connections
+                self.get_master_address()  # type: ignore[no-untyped-call]
+        connection = super().get_connection(*args, **kwargs)
+        address = self.master_address
+        if address is not None and (connection.host, connection.port) != tuple(address):
+            connection.disconnect()  # type: ignore[no-untyped-call]  # reconnects at next use
+        return connection
 
 
 def deployment_of(url: str) -> Deployment:
@@ -295,6 +332,14 @@ def storage_errors(what: str, url: str | None) -> Iterator[None]:
     """
     try:
         yield
+    except _CROSS_SLOT as exc:
+        where = redact(url) if url else "Redis"
+        raise StorageUnavailable(
+            f"{what}: the Redis Cluster {where} refused keys of two hash slots in one command "
+            f"({type(exc).__name__}); the event will be retried. Until op-celery keeps these "
+            "keys in one slot, set OP_CELERY_KEY_PREFIX to a hash tag such as '{op-celery}' "
+            "(all keys then live on one node)"
+        ) from exc
     except (redis.RedisError, RedisClusterException) as exc:
         where = redact(url) if url else "Redis"
         raise StorageUnavailable(

@@ -4,13 +4,26 @@ here on free ports (never the shared Redis)."""
 
 from __future__ import annotations
 
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import TypeVar, cast
+
 import pytest
+import redis
 from redis.crc import key_slot
 
-from op_celery import ConfigurationError
+import op_celery
+from op_celery import ConfigurationError, _redis
 from op_celery._ledger import Ledger
-from op_celery._redis import deployment_of, redact
-from op_celery._settings import load_settings
+from op_celery._limiter import RateLimiter
+from op_celery._rates import parse_rate
+from op_celery._redis import deployment_of, redact, redis_for, storage_errors
+from op_celery._settings import Settings, load_settings
+from op_celery.dead_letters import DeadLetter, DeadLetterStore
+
+from ._deployments import Cluster, SentinelGroup
+from ._support import dead_letter, wait_until
 
 
 def test_standalone_urls_are_one_server() -> None:
@@ -87,3 +100,215 @@ def test_a_prefix_that_tears_an_events_keys_apart_is_refused() -> None:
     env = {"OP_CELERY_REDIS_URL": "redis://127.0.0.1:1/0", "OP_CELERY_KEY_PREFIX": "a{}b"}
     with pytest.raises(ConfigurationError, match="two Redis Cluster slots"):
         Ledger(load_settings(env=env))
+
+
+# -- real deployments ------------------------------------------------------------------------
+
+#: Seconds a test retries a call that raises StorageUnavailable while a master fails over.
+FAILOVER_TIMEOUT_S = 30.0
+
+
+def settings_for(url: str, **env: str) -> Settings:
+    return load_settings(env={"OP_CELERY_REDIS_URL": url, "OP_CELERY_KEY_PREFIX": PREFIX, **env})
+
+
+def fresh(settings: Settings) -> Settings:
+    """Settings that get a client of their own (``redis_for`` keeps one per deployment)."""
+    _redis._clients.clear()
+    return settings
+
+
+def until_answered(call: Callable[[], T], timeout: float = FAILOVER_TIMEOUT_S) -> tuple[T, int]:
+    """Call until it answers; (its answer, how many StorageUnavailable came first). Any other
+    error fails the test: during a failover the package's Redis means "retry", nothing else."""
+    refusals = 0
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call(), refusals
+        except op_celery.StorageUnavailable:
+            refusals += 1
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def exercise_ledger(ledger: Ledger, event_ids: list[str]) -> None:
+    """Claim, release, claim again and mark each event; a second claim sees the mark."""
+    for event_id in event_ids:
+        first = ledger.claim(event_id, ttl_s=10)
+        assert first.token is not None
+        assert not ledger.claim(event_id, ttl_s=10).claimed
+        ledger.release(event_id, first.token)
+        assert ledger.claim(event_id, ttl_s=10).claimed
+        ledger.record(event_id, outbox_keys=("records", "due"))
+        assert ledger.delivered(event_id)
+        assert ledger.claim(event_id, ttl_s=10).delivered
+
+
+PREFIX = f"opc-deploy-{uuid.uuid4().hex[:6]}"
+T = TypeVar("T")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    with Cluster() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def sentinels() -> Iterator[SentinelGroup]:
+    with SentinelGroup(master_name="op-master", password="pw-" + uuid.uuid4().hex[:8]) as group:
+        yield group
+
+
+def test_the_ledger_claims_releases_and_marks_events_on_every_master_of_a_cluster(
+    cluster: Cluster,
+) -> None:
+    ledger = Ledger(fresh(settings_for(cluster.url)))
+    event_ids = [f"cluster-{i}" for i in range(30)]
+    owners = {cluster.owner(key_slot(ledger.keys(e)[0].encode())) for e in event_ids}
+    assert owners == set(cluster.masters)  # the events' slots are spread over all three
+    exercise_ledger(ledger, event_ids)
+
+
+def test_dead_letters_work_on_a_cluster_under_a_hash_tagged_prefix(cluster: Cluster) -> None:
+    store = DeadLetterStore(fresh(settings_for(cluster.url, OP_CELERY_KEY_PREFIX="{opc-dl}")))
+    letters = [cast(DeadLetter, dead_letter()) for _ in range(3)]
+    for one in letters:
+        store.add(one)
+    assert {x.id for x in store.list()} == {x.id for x in letters}
+    assert store.replay(publish=lambda _: None) == 3
+    assert len(store) == 0
+
+
+def test_a_command_across_two_slots_is_told_as_such_with_the_hash_tag_way_out(
+    cluster: Cluster,
+) -> None:
+    client = redis_for(fresh(settings_for(cluster.url)))
+    refused = pytest.raises(op_celery.StorageUnavailable)
+    with refused as caught, storage_errors("probe", cluster.url):
+        client.pipeline(transaction=True).set("a", 1).set("b", 1).execute()
+    assert "two hash slots" in str(caught.value) and "'{op-celery}'" in str(caught.value)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=op_celery.StorageUnavailable,
+    reason="dead_letters.py (H5) keeps its hash <prefix>:dead-letters and its index "
+    "<prefix>:dead-letters:by-time in two slots and writes both in one MULTI: a cluster "
+    "refuses that (CROSSSLOT); the keys must share a tag, e.g. <prefix>:{dead-letters} and "
+    "<prefix>:{dead-letters}:by-time",
+)
+def test_dead_letters_work_on_a_cluster_under_the_default_prefix(cluster: Cluster) -> None:
+    store = DeadLetterStore(fresh(settings_for(cluster.url)))
+    store.add(cast(DeadLetter, dead_letter()))
+    assert len(store) == 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AttributeError,
+    reason="_limiter.py (H3) reads client.connection_pool (to describe the server, encode keys "
+    "and pack acquire's EVALSHA on a pooled connection), which a RedisCluster has not; it must "
+    "use the ordinary Script call and the client's own encoder when the client has no "
+    "connection_pool (op_celery._redis.is_cluster)",
+)
+def test_the_limiter_admits_and_paces_on_a_cluster(cluster: Cluster) -> None:
+    limiter = RateLimiter(redis_for(fresh(settings_for(cluster.url))), prefix=PREFIX)
+    assert limiter.acquire("cluster-client", parse_rate("10/s")).granted
+    assert not limiter.acquire("cluster-client", parse_rate("10/s")).granted
+
+
+def test_a_cluster_replica_taking_over_by_cluster_failover_keeps_the_ledger() -> None:
+    with Cluster() as running:
+        ledger = Ledger(fresh(settings_for(running.url)))
+        event_id = "moved-event"
+        master = running.owner(key_slot(ledger.keys(event_id)[0].encode()))
+        replica = running.add_replica(master)
+        exercise_ledger(ledger, [event_id])
+        assert wait_until(lambda: _replica_has(running, replica, ledger.keys(event_id)[0]), 10)
+        running.node(replica).execute_command("CLUSTER FAILOVER")
+        assert wait_until(lambda: running.is_master(replica), FAILOVER_TIMEOUT_S)
+        assert until_answered(lambda: ledger.delivered(event_id))[0]
+        exercise_ledger(ledger, ["after-failover-1", "after-failover-2"])
+
+
+def _replica_has(cluster: Cluster, port: int, key: str) -> bool:
+    node = cluster.node(port)
+    node.execute_command("READONLY")
+    return bool(node.exists(key))
+
+
+def test_a_killed_cluster_master_means_retry_until_its_replica_serves_the_slot() -> None:
+    with Cluster() as running:
+        ledger = Ledger(fresh(settings_for(running.url)))
+        event_id = "survivor"
+        master = running.owner(key_slot(ledger.keys(event_id)[0].encode()))
+        replica = running.add_replica(master)
+        ledger.record(event_id)
+        assert wait_until(lambda: _replica_has(running, replica, ledger.keys(event_id)[0]), 10)
+        running.kill(master)
+        delivered, _ = until_answered(lambda: ledger.delivered(event_id))
+        assert delivered  # replicated before the crash, so not lost with the master
+        assert running.is_master(replica)
+        exercise_ledger(ledger, [event_id + "-after"])
+
+
+def test_the_ledger_dead_letters_and_limiter_work_through_sentinel_with_a_password(
+    sentinels: SentinelGroup,
+) -> None:
+    settings = fresh(settings_for(sentinels.url, OP_CELERY_REDIS_SENTINEL_MASTER="op-master"))
+    exercise_ledger(Ledger(settings), ["s-1", "s-2"])
+    store = DeadLetterStore(settings)
+    kept = cast(DeadLetter, dead_letter())
+    store.add(kept)
+    assert store.get(kept.id) == kept
+    assert store.take(kept.id) == kept
+    limiter = RateLimiter(redis_for(settings), prefix=PREFIX)
+    assert limiter.acquire("sentinel-client", parse_rate("10/s")).granted
+    assert not limiter.acquire("sentinel-client", parse_rate("10/s")).granted
+
+
+def test_an_unknown_sentinel_master_name_is_storage_unavailable_naming_no_password(
+    sentinels: SentinelGroup,
+) -> None:
+    settings = fresh(settings_for(sentinels.url, OP_CELERY_REDIS_SENTINEL_MASTER="nobody"))
+    with pytest.raises(op_celery.StorageUnavailable) as caught:
+        Ledger(settings).claim("e1", ttl_s=1)
+    assert "MasterNotFoundError" in str(caught.value)
+    assert sentinels.password is not None and sentinels.password not in str(caught.value)
+
+
+@pytest.mark.parametrize("how", ["SENTINEL FAILOVER", "SIGKILL the master"])
+def test_the_ledger_dead_letters_and_limiter_follow_a_sentinel_failover(how: str) -> None:
+    with SentinelGroup() as group:
+        settings = fresh(settings_for(group.url))
+        ledger, store = Ledger(settings), DeadLetterStore(settings)
+        limiter = RateLimiter(redis_for(settings), prefix=PREFIX)
+        exercise_ledger(ledger, ["before"])
+        kept = cast(DeadLetter, dead_letter())
+        store.add(kept)
+        old = group.master_port()
+        replica = next(port for port in group.data_ports if port != old)
+        assert wait_until(lambda: redis.Redis(port=replica).exists(ledger.keys("before")[0]), 10)
+        if how == "SENTINEL FAILOVER":
+            group.failover()
+        else:
+            group.kill(old)
+        assert group.wait_for_new_master(old) == replica
+        assert until_answered(lambda: ledger.delivered("before"))[0]
+        assert until_answered(lambda: store.get(kept.id))[0] == kept
+        granted, _ = until_answered(lambda: limiter.acquire("failover", parse_rate("10/s")))
+        assert granted.granted
+        # Writes move to the new master even while the old one still runs (SENTINEL FAILOVER
+        # leaves it up until the sentinels demote it, and what it takes meanwhile is dropped).
+        new_master = redis.Redis(port=replica)
+
+        def lands_on_the_new_master() -> bool:
+            until_answered(lambda: ledger.record("probe"))
+            return bool(new_master.exists(ledger.keys("probe")[0]))
+
+        assert wait_until(lands_on_the_new_master, 10)
+        exercise_ledger(ledger, ["after"])
+        assert new_master.exists(ledger.keys("after")[0])
