@@ -618,6 +618,32 @@ def test_delay_on_a_users_app_gives_up_within_the_publish_timeout_whatever_the_b
     assert elapsed < BOUND_S + MARGIN_S
 
 
+def test_the_users_own_tasks_and_consumers_keep_the_apps_broker_settings(
+    producer: Celery, redis_client: redis.Redis, env: dict[str, str]
+) -> None:
+    # op-celery's timeouts are on its own pool; the app's connections are as the app says.
+    producer.conf.broker_transport_options = {
+        **producer.conf.broker_transport_options,
+        "socket_timeout": 30.0,
+    }
+
+    @producer.task(name="proj.own_task")
+    def own_task() -> None:
+        pass
+
+    op_celery.track.delay("ours")
+    op_celery.track.apply_async(("ours-via-celery",), countdown=30)
+    own_task.apply_async(queue=env["OP_CELERY_QUEUE"])
+    with producer.connection_for_read() as consumer:
+        assert consumer.transport_options["socket_timeout"] == 30.0
+    assert producer.pool.connection.transport_options["socket_timeout"] == 30.0
+    assert "errback" not in producer.pool.connection.transport_options
+    ours = _publish.publish_pools(producer).connections.connection.transport_options
+    attempt_s = _app.settings_for(producer).publish_timeout_s * _publish.ATTEMPT_SHARE
+    assert ours["socket_timeout"] == ours["socket_connect_timeout"] == attempt_s
+    assert len(redis_client.lrange(queue_key(env), 0, -1)) == 3
+
+
 #: Run in a fresh interpreter: the package's own app, configured from the environment only.
 PACKAGE_APP_SCRIPT = """
 import json, time

@@ -3,6 +3,7 @@ what the package's broker settings change on that app: real ``celery worker`` pr
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -20,6 +21,7 @@ from celery import Celery
 
 from op_celery import _app
 from op_celery._app import adopt
+from op_celery._startup import problems
 
 from ._support import WORKER_START_TIMEOUT_S
 
@@ -206,3 +208,33 @@ def test_an_app_with_its_own_late_acked_tasks_keeps_kombus_visibility_timeout(
     [note] = adopt(app)
     assert "acks 'proj.long_report' late" in note
     assert "visibility_timeout" not in (app.conf.broker_transport_options or {})
+
+
+# --- problems: the checks themselves, in-process. ----------------------------------------------
+
+
+def test_op_celerys_tasks_annotated_not_to_ack_late_are_reported(
+    user_app: Callable[..., Celery], env: dict[str, str]
+) -> None:
+    app = user_app(
+        task_annotations={"op_celery.track": {"acks_late": False}},
+        op_celery_queue=env["OP_CELERY_QUEUE"],
+    )
+    found = problems(app, _app.settings_for(app), [env["OP_CELERY_QUEUE"]])
+    assert found == [
+        (
+            logging.ERROR,
+            "op_celery: op_celery.track are not acked late on this worker (task_annotations?): "
+            "a worker killed mid-task loses the events it holds; leave acks_late to op_celery",
+        )
+    ]
+
+
+def test_a_route_elsewhere_for_some_operations_names_them(
+    user_app: Callable[..., Celery], env: dict[str, str]
+) -> None:
+    queue = env["OP_CELERY_QUEUE"]
+    app = user_app(task_routes={"op_celery.identify": {"queue": "profiles"}}, op_celery_queue=queue)
+    [(level, line)] = problems(app, _app.settings_for(app), [queue])
+    assert level == logging.WARNING
+    assert "'profiles', where op_celery's identify events go" in line
