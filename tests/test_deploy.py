@@ -144,9 +144,11 @@ def names_in(expr: str) -> Names:
 
     text = GROUPING.sub(grouping, text)
     for word in WORD.finditer(text):
+        if word[1] in PROMQL_KEYWORDS:
+            continue  # "or (", "unless (" are operators, not calls
         if word[2]:
             names.functions.add(word[1])
-        elif word[1] not in PROMQL_KEYWORDS:
+        else:
             names.selectors.append((word[1], {}))
     return names
 
