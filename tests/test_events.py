@@ -77,7 +77,6 @@ def test_every_operation_builds_its_api_payload() -> None:
         ("track", {"name": "${jndi:x}"}, "name"),
         ("track", {"name": "revenue", "properties": {"__revenue": -1}}, "properties['__revenue']"),
         ("track", {"name": "revenue", "properties": {"__revenue": 1.5}}, "properties['__revenue']"),
-        ("track", {"name": "revenue"}, "properties['__revenue']"),
         ("track", {"name": "x", "properties": {"when": datetime.now()}}, "properties['when']"),
         ("track", {"name": "x", "properties": {"n": float("nan")}}, "properties['n']"),
         ("track", {"name": "x", "properties": {1: "a"}}, "properties"),
@@ -94,16 +93,40 @@ def test_every_operation_builds_its_api_payload() -> None:
         ("track", {"name": "x", "project": None}, "project"),
         ("identify", {"profile_id": None}, "profile_id"),
         ("identify", {"profile_id": "u", "email": "not-an-email"}, "email"),
-        ("identify", {"profile_id": "u", "avatar": "ftp://x/y"}, "avatar"),
-        ("identify", {"profile_id": "u", "first_name": ""}, "first_name"),
         ("increment", {"profile_id": "u", "property": ""}, "property"),
         ("increment", {"profile_id": "u", "property": "v", "value": 0}, "value"),
         ("increment", {"profile_id": "u", "property": "v", "value": -2}, "value"),
         ("increment", {"profile_id": "u", "property": "v", "value": "2"}, "value"),
+        ("increment", {"profile_id": "u", "property": "v", "value": 10**400}, "value"),
+        ("increment", {"profile_id": "u", "property": "v", "value": 2**60}, "value"),
+        ("track", {"name": "x", "properties": {"n": 10**5000}}, "properties['n']"),
+        ("track", {"name": "x", "properties": {"n": [2**53]}}, "properties['n'][0]"),
+        ("track", {"name": "x", "profile_id": 10**5000}, "profile_id"),
+        (
+            "track",
+            {"name": "x", "timestamp": datetime.min.replace(tzinfo=timezone(timedelta(hours=1)))},
+            "timestamp",
+        ),
+        (
+            "track",
+            {"name": "x", "timestamp": datetime.max.replace(tzinfo=timezone(timedelta(hours=-1)))},
+            "timestamp",
+        ),
+        ("track", {"name": "x", "timestamp": "0001-01-01T00:00:00+01:00"}, "timestamp"),
+        ("track", {"name": "x", "project": "a\n"}, "project"),
+        ("track", {"name": "x", "properties": {"__proto__": {}}}, "properties['__proto__']"),
+        ("track", {"name": "😀" * 41}, "name"),
+        ("track", {"name": "x WAITFOR DELAY y"}, "name"),
+        ("track", {"name": "toast.message_shown"}, "name"),
+        ("track", {"name": "x", "event_id": "abcdefgh\r\nX-Evil: 1"}, "event_id"),
+        ("identify", {"profile_id": "u", "avatar": "http://[::1"}, "avatar"),
+        ("identify", {"profile_id": "u", "avatar": "x.io/a.png"}, "avatar"),
+        ("identify", {"profile_id": "u", "email": "josé@example.com"}, "email"),
+        ("identify", {"profile_id": "u", "email": "a@[1.2.3.4]"}, "email"),
+        ("identify", {"profile_id": "u", "email": "a..b@example.com"}, "email"),
         ("decrement", {"profile_id": "u", "property": "v", "value": None}, "value"),
         ("alias", {"profile_id": "u", "alias": ""}, "alias"),
         ("group", {"id": "g", "type": "", "name": "n"}, "type"),
-        ("assign_group", {"group_ids": []}, "group_ids"),
         ("assign_group", {"group_ids": ["a", 3]}, "group_ids[1]"),
     ],
 )
@@ -115,6 +138,124 @@ def test_invalid_input_raises_invalid_event_naming_the_argument(
     assert caught.value.field == field
     assert isinstance(caught.value, ValueError)
     assert str(caught.value).startswith(f"{operation}: {field} ")
+
+
+def test_what_the_server_accepts_is_accepted() -> None:
+    """The rows of issue 15 that op-celery used to refuse and OpenPanel accepts."""
+    assert payload("track", name="😀" * 40)["name"] == "😀" * 40
+    assert payload("track", name=" ", profile_id=" ")["profileId"] == " "
+    assert payload("track", name="revenue", properties={"__revenue": 1.0})["properties"]
+    assert payload("track", name="revenue")["name"] == "revenue"
+    assert payload("track", name="x", groups=[" "])["groups"] == [" "]
+    assert payload("group", id="g", type="t", name=" ")["name"] == " "
+    assert payload("assign_group", group_ids=[], profile_id="u1")["groupIds"] == []
+    assert payload("identify", profile_id="u1", first_name="", last_name="") == {
+        "profileId": "u1", "firstName": "", "lastName": "",
+    }  # fmt: skip
+    for avatar in ("ftp://x/y", "mailto:a@b.c", "data:image/png;base64,iVBORw0KGgo=", "https:x.io"):
+        assert payload("identify", profile_id="u1", avatar=avatar)["avatar"] == avatar
+    for email in ("o'brien@example.com", "a+b@example.com", "a@b.co"):
+        assert payload("identify", profile_id="u1", email=email)["email"] == email
+
+
+def test_a_profile_id_beyond_2_53_is_sent_as_its_exact_decimal_string() -> None:
+    assert payload("track", name="x", profile_id=2**60)["profileId"] == "1152921504606846976"
+    assert payload("identify", profile_id=-(2**53))["profileId"] == "-9007199254740992"
+    assert payload("identify", profile_id=2**53 - 1)["profileId"] == 2**53 - 1
+    message = normalize_call("identify", (2**60,), {})
+    assert message["profile_id"] == "1152921504606846976"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"name": "😀" * 41}, "track: name is 82 UTF-16 code units; OpenPanel allows 80"),
+        ({"name": "x WAITFOR DELAY y"}, "track: name contains 'waitfor delay', one of OpenPanel's"),
+        ({"name": "interact.share"}, "track: name contains 'interact.sh'"),
+        ({"name": "/x.php"}, "track: name matches OpenPanel's path-scan pattern"),
+        ({"name": "session_end"}, "track: name is 'session_end', which OpenPanel reserves"),
+        (
+            {"name": "x", "properties": {"n": float("inf")}},
+            "track: properties['n'] must be a finite",
+        ),
+        ({"name": "x", "properties": {1: "a"}}, "track: properties has the key 1 (int): op-celery"),
+        (
+            {"name": "x", "properties": {"n": 2**60}},
+            "track: properties['n'] is 1152921504606846976, beyond 2**53 - 1",
+        ),
+        (
+            {"name": "x", "user_agent": "Mozilla/5.0 😀"},
+            "track: user_agent 'Mozilla/5.0 😀' holds '😀' (U+1F600)",
+        ),
+        ({"name": "x", "client_ip": "fe80::1%😀"}, "track: client_ip 'fe80::1%😀' holds '😀'"),
+        (
+            {"name": "x", "properties": {"a": "x" * 1_100_000}},
+            "track: properties makes the event 1,100,",
+        ),
+    ],
+)
+def test_refusals_name_the_argument_the_rule_and_the_reason(
+    kwargs: dict[str, object], expected: str
+) -> None:
+    with pytest.raises(InvalidEvent) as caught:
+        build_event("track", kwargs)
+    assert str(caught.value).startswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("user_agent", "Mozilla/5.0 😀"),
+        ("user_agent", "Mozilla/5.0 中文"),
+        ("user_agent", "Mozilla/5.0 \ud800"),
+        ("user_agent", " Mozilla/5.0"),
+        ("user_agent", "Mozilla/5.0 "),
+        ("user_agent", "\xa0Mozilla/5.0"),
+        ("user_agent", "Mozilla/5.0\r\nX-Evil: 1"),
+        ("user_agent", "Mozilla\n/5.0"),
+        ("user_agent", "Mozilla\x00/5.0"),
+        ("user_agent", "Mozilla\x7f/5.0"),
+        ("client_ip", "fe80::1%😀"),
+        ("client_ip", "fe80::1%a\r\nb"),
+        ("event_id", "abcdefgh\r\nX"),
+        ("event_id", " abcdefgh"),
+        ("event_id", "abcdefgh\x01"),
+    ],
+)
+def test_values_that_cannot_be_http_headers_are_invalid_events(field: str, value: str) -> None:
+    with pytest.raises(InvalidEvent) as caught:
+        normalize_call("track", ("x",), {field: value})
+    assert caught.value.field == field
+
+
+def test_header_values_latin_1_allows_are_accepted_as_requests_sends_them() -> None:
+    for user_agent in ("Mozilla/5.0 (X11; Linux) é\tü", "a", "x" * 1024, "curl/8.0 \x80\xff"):
+        assert (
+            build_event("track", {"name": "x", "user_agent": user_agent}).user_agent == user_agent
+        )
+    assert (
+        build_event("track", {"name": "x", "client_ip": "fe80::1%eth0"}).client_ip == "fe80::1%eth0"
+    )
+    assert build_event("track", {"name": "x", "client_ip": "::ffff:1.2.3.4"}).client_ip == "1.2.3.4"
+
+
+def test_an_event_over_one_mib_is_refused_and_one_just_under_is_not() -> None:
+    from op_celery._events import MAX_BODY_BYTES
+
+    base = len(
+        json.dumps(
+            build_event("track", {"name": "x", "properties": {"a": ""}}).body, separators=(",", ":")
+        )
+    )
+    fits = {"a": "x" * (MAX_BODY_BYTES - base)}
+    event = build_event("track", {"name": "x", "properties": fits})
+    assert len(json.dumps(event.body, separators=(",", ":"))) == MAX_BODY_BYTES
+    with pytest.raises(InvalidEvent, match="properties makes the event 1,048,577 bytes"):
+        build_event("track", {"name": "x", "properties": {"a": "x" * (MAX_BODY_BYTES - base + 1)}})
+    with pytest.raises(InvalidEvent) as caught:
+        normalize_call("track", ("x",), {"properties": {"blob": "x" * 10_000_000}})
+    assert caught.value.field == "properties"
+    assert len(str(caught.value)) < 300
 
 
 def test_names_that_only_look_like_files_are_accepted_as_the_server_does() -> None:

@@ -1,0 +1,80 @@
+"""`build_event` gives OpenPanel's own verdict on every body of the differential table.
+
+``tests/data/openpanel_verdicts.json`` holds request bodies and the answer OpenPanel's
+``POST /track`` body pipeline gave them (its zod schema and fastify's JSON parser, run under
+Node at the commit named in the file). Each body is turned back into the task arguments that
+would send it; op-celery must refuse exactly the bodies the server refuses, except the rows
+marked ``"op_celery": "refuses"`` (deliberately stricter, with the reason in ``why``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from op_celery import InvalidEvent, build_event
+
+TABLE = json.loads((Path(__file__).parent / "data" / "openpanel_verdicts.json").read_text())
+CASES: list[dict[str, Any]] = TABLE["cases"]
+
+#: API field -> task argument, per operation (the inverse of the builders' mapping).
+_ARGUMENTS = {
+    "profileId": "profile_id",
+    "firstName": "first_name",
+    "lastName": "last_name",
+    "groupIds": "group_ids",
+}
+
+
+def _call(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    payload = body["payload"]
+    kwargs = {_ARGUMENTS.get(key, key): value for key, value in payload.items()}
+    if body["type"] == "track" and kwargs.get("groups", 0) is None:
+        del kwargs["groups"]  # op-celery leaves a None out; the server takes null too
+    return body["type"], kwargs
+
+
+def _verdict(body: dict[str, Any]) -> tuple[bool, str]:
+    operation, kwargs = _call(body)
+    try:
+        build_event(operation, kwargs)
+    except InvalidEvent as exc:
+        return False, str(exc)
+    return True, ""
+
+
+def test_the_table_is_large_names_its_source_and_holds_both_verdicts() -> None:
+    assert TABLE["source"]["commit"] == "ed7bdddbadbe556719ac4b08963905a2de717ddd"
+    assert len(CASES) >= 300
+    statuses = Counter(case["status"] for case in CASES)
+    assert set(statuses) == {200, 400} and min(statuses.values()) > 100
+    assert all(case["body"].isascii() for case in CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case["id"] for case in CASES])
+def test_build_event_agrees_with_openpanel(case: dict[str, Any]) -> None:
+    accepted, message = _verdict(json.loads(case["body"]))
+    server_accepts = case["status"] == 200
+    if case.get("op_celery") == "refuses":
+        assert server_accepts and not accepted, case["why"]
+        return
+    assert accepted == server_accepts, (
+        f"{case['note']}: OpenPanel {case['status']} {case['message']!r}, op-celery {message!r}"
+    )
+
+
+def test_every_refusal_names_the_argument_the_server_names() -> None:
+    """Where the server points at one payload field, op-celery's error names that argument."""
+    for case in CASES:
+        message = case["message"]
+        if case["status"] != 400 or not message.startswith("body/payload/"):
+            continue
+        field = message.split(" ", 1)[0].split("/")[2]
+        accepted, ours = _verdict(json.loads(case["body"]))
+        assert not accepted
+        argument = _ARGUMENTS.get(field, field)
+        assert f": {argument}" in ours, (case["note"], message, ours)
