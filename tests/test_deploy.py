@@ -15,26 +15,30 @@ import re
 import shutil
 import subprocess
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from celery import Celery
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 
+import op_celery
 from op_celery import metrics, signals
 from op_celery._settings import DEFAULT_VISIBILITY_TIMEOUT_S
+from op_celery.testing import StandInServer
 
-from ._support import free_port
+from ._support import WorkerProcess, answer_429_once, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "op-celery.json"
 RULES = ROOT / "deploy" / "prometheus" / "op-celery-rules.yml"
 RULES_TESTS = ROOT / "deploy" / "prometheus" / "op-celery-rules.test.yml"
+BODY_400 = '{"status":400,"error":"Error","message":"body/payload/profileId Invalid input"}'
 #: Labels Prometheus adds to every scraped series.
 TARGET_LABELS = frozenset({"job", "instance"})
 #: Grafana's variables, replaced by what Grafana would put there before promtool parses.
@@ -75,19 +79,75 @@ def exported() -> Iterator[Exported]:
     port = free_port()
     server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
-            text = answer.read().decode()
+        text = scrape(port)
     finally:
         server.shutdown()
         server.server_close()
         thread.join(5)
-    found = Exported(families={family.name for family in registry.collect()})
+    yield read_exposition(text, families={family.name for family in registry.collect()})
+
+
+def read_exposition(text: str, families: set[str] | None = None) -> Exported:
+    found = Exported(families=families or set())
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             found.labels.setdefault(sample.name, set()).update(sample.labels)
             if sample.name.endswith("_bucket"):
                 found.buckets.setdefault(sample.name, set()).add(sample.labels["le"])
-    yield found
+    return found
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+        text: str = answer.read().decode()
+        return text
+
+
+def sample(text: str, name: str) -> float:
+    """The sum of the samples called ``name`` in an exposition; 0 when there is none."""
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name
+    )
+
+
+def test_a_real_worker_serves_the_names_and_labels_the_checks_read(
+    exported: Exported,
+    producer: Celery,
+    stand_in: StandInServer,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    """The package's worker with OP_CELERY_METRICS_PORT, after a retry, a 429, deliveries and
+    a dead letter, exposes exactly what the in-process scrape gave the checks below."""
+    port = free_port()
+    worker = start_worker(OP_CELERY_METRICS_PORT=port)
+
+    def served(name: str, at_least: float) -> bool:
+        try:
+            return sample(scrape(port), name) >= at_least
+        except OSError:
+            return False
+
+    assert wait_until(lambda: served("op_celery_events_throttled_total", 0)), worker.log
+    stand_in.fail_next(1, status=503, body="unavailable")
+    op_celery.track.delay("deploy_retried")
+    assert wait_until(lambda: served("op_celery_events_delivered_total", 1)), worker.log
+    answer_429_once(stand_in, retry_after="0.2")
+    op_celery.track.delay("deploy_throttled")
+    assert wait_until(lambda: served("op_celery_events_delivered_total", 2)), worker.log
+    stand_in.fail_next(1, status=400, body=BODY_400, headers={"content-type": "application/json"})
+    op_celery.track.delay("deploy_refused")
+    assert wait_until(lambda: served("op_celery_events_dead_lettered_total", 1)), worker.log
+    text = scrape(port)
+    assert sample(text, "op_celery_events_retried_total") >= 1
+    assert sample(text, "op_celery_events_throttled_total") >= 1
+    from_worker = read_exposition(text)
+    # The worker serves prometheus-client's global registry: process_* and python_* too.
+    ours = {name: labels for name, labels in from_worker.labels.items() if "op_celery" in name}
+    assert ours == exported.labels
+    assert from_worker.buckets == exported.buckets
 
 
 # --- PromQL, read as far as these checks need. ----------------------------------------------
