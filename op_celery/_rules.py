@@ -87,11 +87,10 @@ _EMAIL: Final = re.compile(
     r"(?!\.)(?!" + _ANY + r"*\.\.)[A-Za-z0-9_'+\-.]*[A-Za-z0-9_+-]"
     r"@(?:[A-Za-z0-9][A-Za-z0-9\-]*\.)+[A-Za-z]{2,}"
 )
-#: An RFC 9110 field value: field-vchar (VCHAR, obs-text) with SP/HTAB only inside, and as
-#: ``requests`` wants it, no leading character Python calls whitespace (``\x85``, ``\xa0``).
-_FIELD_VALUE: Final = re.compile(
-    r"[\x21-\x7e\x80-\x84\x86-\x9f\xa1-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?"
-)
+#: An RFC 9110 field value as ``requests`` and Node both take it: VCHAR, obs-text, SP, HTAB,
+#: starting with a visible character (``requests`` refuses a leading one Python calls space,
+#: ``\x85`` and ``\xa0`` included). Trailing SP/HTAB is allowed: Node strips it, as RFC 9110 says.
+_FIELD_VALUE: Final = re.compile(r"[\x21-\x7e\x80-\x84\x86-\x9f\xa1-\xff][\t\x20-\x7e\x80-\xff]*")
 _NOT_LATIN_1: Final = re.compile(r"[^\x00-\xff]")
 _CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
@@ -153,7 +152,7 @@ def header_failure(text: str) -> str | None:
         return f"holds the control character {bad.group()!r}, which an HTTP header cannot carry"
     if not text:
         return "is empty"
-    return "starts or ends with whitespace, which HTTP strips from a header (RFC 9110)"
+    return "starts with whitespace, which requests refuses to send in a header"
 
 
 def poisoned_key(key: str, value: object) -> bool:
