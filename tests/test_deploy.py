@@ -440,3 +440,45 @@ def test_promtool_parses_every_dashboard_query(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": records}]}))
     result = promtool("check", "rules", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_promtool
+def test_the_dead_letter_queries_count_the_first_letters_of_a_new_error_type(
+    tmp_path: Path,
+) -> None:
+    """3 dead letters of a new error type (its series appears at 3) and 2 later of an old one:
+    the dashboard's queries count 5, where increase() alone would count 2."""
+    by_title = {panel["title"]: panel for panel in panels()}
+    stat = by_title["Dead letters (time range)"]["targets"][0]["expr"]
+    by_type = by_title["Dead letters by error type"]["targets"][0]["expr"]
+    variables = {**GRAFANA_VARIABLES, "$__range": "15m", "$__rate_interval": "15m"}
+    for variable, value in variables.items():
+        stat, by_type = stat.replace(variable, value), by_type.replace(variable, value)
+    series = "op_celery_events_dead_lettered_total"
+    worker = 'job="op-celery", instance="w1:9808"'
+    test = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [
+                {"series": f'{series}{{{worker}, error_type="InvalidPayload"}}',
+                 "values": "_x10 3x10"},
+                {"series": f'{series}{{{worker}, error_type="AuthenticationError"}}',
+                 "values": "1x10 3x10"},
+            ],
+            "promql_expr_test": [
+                {"expr": stat, "eval_time": "15m", "exp_samples": [{"labels": "{}", "value": 5}]},
+                {"expr": by_type, "eval_time": "15m", "exp_samples": [
+                    {"labels": '{error_type="AuthenticationError"}', "value": 2},
+                    {"labels": '{error_type="InvalidPayload"}', "value": 3},
+                ]},
+                {"expr": f"sum(increase({series}[15m]))", "eval_time": "15m",
+                 "exp_samples": [{"labels": "{}", "value": 2}]},
+            ],
+        }],
+    }  # fmt: skip
+    path = tmp_path / "dead-letters.test.yml"
+    path.write_text(yaml.safe_dump(test))
+    result = promtool("test", "rules", path.name, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
