@@ -78,3 +78,13 @@ def test_every_refusal_names_the_argument_the_server_names() -> None:
         assert not accepted
         argument = _ARGUMENTS.get(field, field)
         assert f": {argument}" in ours, (case["note"], message, ours)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case["id"] for case in CASES])
+def test_the_stand_in_gives_openpanels_verdict(case: dict[str, Any]) -> None:
+    """The stand-in server's body rules, on the same table, agree with OpenPanel on every row."""
+    from op_celery.testing._validation import parse_body, validation_issues
+
+    body, answer = parse_body({"content-type": "application/json"}, case["body"].encode())
+    issues = ["(parse)"] if answer is not None else validation_issues(body)
+    assert (not issues) == (case["status"] == 200), (case["note"], case["message"], issues)

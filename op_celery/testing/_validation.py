@@ -5,8 +5,9 @@ or a 415/400 answer). `validation_issues` returns the paths (fastify's ``instanc
 ``/payload/name``) a body fails at; an empty list means the body is valid. Each field rule
 returns the sub-paths under its field that fail: ``[]`` valid, ``[""]`` the field itself.
 
-Approximations, stated plainly: the attack blocklist is a representative subset of OpenPanel's,
-and the e-mail and URL checks approximate zod's.
+The field rules are op-celery's own (`op_celery._rules`, `op_celery._url`), the ones ``.delay()``
+applies, checked against OpenPanel's schema run under Node (``tests/data/openpanel_verdicts.json``):
+the full blocklist and path-scan patterns, zod 4's e-mail pattern, WHATWG URL parsing.
 """
 
 from __future__ import annotations
@@ -16,8 +17,16 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, Final
-from urllib.parse import urlsplit
 
+from op_celery._rules import (
+    MAX_EVENT_NAME_UNITS,
+    RESERVED_EVENT_NAMES,
+    blocked_name,
+    email_failure,
+    js_length,
+    poisoned_key,
+)
+from op_celery._url import url_failure
 from op_celery.testing._answers import Answer, error_400, json_answer
 
 __all__ = [
@@ -29,45 +38,11 @@ __all__ = [
 ]
 
 #: Longest track event name, in UTF-16 code units as JavaScript counts them.
-MAX_EVENT_NAME_LENGTH: Final = 80
+MAX_EVENT_NAME_LENGTH: Final = MAX_EVENT_NAME_UNITS
 #: Event names OpenPanel reserves for itself.
-_RESERVED_EVENT_NAMES: Final = frozenset({"session_start", "session_end"})
-#: Lower-case substrings OpenPanel's event-name blocklist treats as attack payloads; a
-#: representative subset of the server's list, enough to test that a client surfaces the 400.
-_BLOCKED_SUBSTRINGS: Final = (
-    "../",
-    "..\\",
-    "%2e%2e",
-    "${",
-    "%{",
-    "' or '",
-    "' and '",
-    "union select",
-    "pg_sleep",
-    "/etc/passwd",
-    "/bin/bash",
-    "cmd.exe",
-    "<!doctype",
-    "/cgi-bin/",
-    ".git/config",
-    ".env.bak",
-)
-#: Event names that are really URL paths from a vulnerability scanner (``/x.php``, ``/.env``).
-_PATH_SCAN_PATTERNS: Final = (
-    re.compile(r"^/.+\.php$", re.IGNORECASE),
-    re.compile(r"^/\.[a-z]", re.IGNORECASE),
-    re.compile(r"^/[a-z_-]+\.(php|env|yml|yaml|json|xml|config|ini|bak|sql|log)", re.IGNORECASE),
-    re.compile(r"^/(wp-|wordpress|phpmyadmin)", re.IGNORECASE),
-)
+_RESERVED_EVENT_NAMES: Final = frozenset(RESERVED_EVENT_NAMES)
 #: The server's client-id check: a lower-case hyphenated UUID.
 CLIENT_ID_RE: Final = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-#: zod's e-mail pattern (no leading dot, no "..", a dotted domain with a 2+ letter TLD).
-_EMAIL_RE: Final = re.compile(
-    r"^(?!\.)(?!.*\.\.)[A-Za-z0-9_'+\-.]*[A-Za-z0-9_+\-]@([A-Za-z0-9][A-Za-z0-9\-]*\.)+[A-Za-z]{2,}$"
-)
-_URL_SCHEME_RE: Final = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
-#: Schemes for which a WHATWG URL parser (zod's ``url()``) requires a host.
-_HOST_SCHEMES: Final = frozenset({"http", "https", "ws", "wss", "ftp"})
 #: zod's default ``datetime()``: UTC with a ``Z``, optional fractional seconds.
 _DATETIME_RE: Final = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d+)?)?Z$")
 
@@ -79,9 +54,7 @@ def _ok(valid: bool) -> list[str]:
     return [] if valid else [""]
 
 
-def _js_length(text: str) -> int:
-    """Length in UTF-16 code units, as JavaScript (and so zod's ``min``/``max``) counts it."""
-    return len(text.encode("utf-16-le", "surrogatepass")) // 2
+_js_length = js_length  # UTF-16 code units, as zod's min/max count
 
 
 def _is_number(value: object) -> bool:
@@ -110,19 +83,11 @@ def _positive_number(value: object) -> list[str]:
 
 
 def _email(value: object) -> list[str]:
-    return _ok(isinstance(value, str) and _EMAIL_RE.match(value) is not None)
+    return _ok(isinstance(value, str) and email_failure(value) is None)
 
 
 def _url(value: object) -> list[str]:
-    if not isinstance(value, str) or not _URL_SCHEME_RE.match(value):
-        return [""]
-    scheme = value.split(":", 1)[0].lower()
-    if scheme in _HOST_SCHEMES:
-        try:
-            return _ok(bool(urlsplit(value).hostname))
-        except ValueError:
-            return [""]
-    return []
+    return _ok(isinstance(value, str) and url_failure(value) is None)
 
 
 def _non_empty_string_list(value: object) -> list[str]:
@@ -138,6 +103,22 @@ def _int_between(low: int, high: int | None) -> _Rule:
         return _ok(value >= low and (high is None or value <= high))  # type: ignore[operator]
 
     return rule
+
+
+def _nullish(rule: _Rule) -> _Rule:
+    def nullable(value: object) -> list[str]:
+        return [] if value is None else rule(value)
+
+    return nullable
+
+
+def _poisoned(value: object) -> bool:
+    """A ``__proto__`` key or ``constructor.prototype`` anywhere, as secure-json-parse finds."""
+    if isinstance(value, dict):
+        return any(poisoned_key(k, v) or _poisoned(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_poisoned(item) for item in value)
+    return False
 
 
 def _boolean(value: object) -> list[str]:
@@ -167,7 +148,7 @@ _SCHEMAS: Final[dict[str, dict[str, tuple[_Rule, bool]]]] = {
         "name": (_non_empty_string, True),
         "properties": (_record, False),
         "profileId": (_profile_id, False),
-        "groups": (_non_empty_string_list, False),
+        "groups": (_nullish(_non_empty_string_list), False),
     },
     "identify": {
         "profileId": (_profile_id, True),
@@ -205,12 +186,7 @@ _SCHEMAS: Final[dict[str, dict[str, tuple[_Rule, bool]]]] = {
 
 
 def _is_blocked_event_name(name: str) -> bool:
-    if _js_length(name) > MAX_EVENT_NAME_LENGTH or "\n" in name or "\r" in name:
-        return True
-    lower = name.lower()
-    if any(blocked in lower for blocked in _BLOCKED_SUBSTRINGS):
-        return True
-    return any(pattern.search(name) for pattern in _PATH_SCAN_PATTERNS)
+    return blocked_name(name) is not None
 
 
 def _track_refinements(payload: dict[str, Any]) -> list[str]:
@@ -271,9 +247,18 @@ def parse_body(headers: Mapping[str, str], raw: bytes) -> tuple[object, Answer |
         message = "Body cannot be empty when content-type is set to 'application/json'"
         return None, error_400(message)
     try:
-        return json.loads(raw, parse_constant=_reject_constant), None
+        body = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
         return None, error_400(f"Body is not valid JSON: {exc}")
+    try:
+        poisoned = _poisoned(body)
+    except RecursionError as exc:
+        return None, error_400(f"Body is not valid JSON: {exc}")
+    if poisoned:  # fastify refuses prototype poisoning with this message
+        return None, error_400(
+            "Body is not valid JSON but content-type is set to 'application/json'"
+        )
+    return body, None
 
 
 def profile_key(profile_id: object) -> str:
