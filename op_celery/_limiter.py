@@ -31,11 +31,13 @@ any) is the one used:
   a window carries all of it), slowed by the headroom. Kept :data:`LEARNED_TTL_S` after the
   last refresh; a changed limit is taken at once.
 - **From 429s** (:meth:`RateLimiter.backoff`, ``lua/backoff.lua``), when no headers came: each
-  429 outside a pause lowers the rate to ``1 - BACKOFF_BETA`` of the rate in use, and the rate
-  climbs back along CUBIC's curve (RFC 9438), back at the 429's rate after
-  :data:`BACKOFF_PERIOD_S`, then probing upwards. Growth costs no write: acquire computes the
-  curve from the last 429's rate and time. The very first 429 takes the rate that was being
-  sent (acquire counts admissions while nothing paces) over the time it took plus the pause.
+  429 outside a pause lowers the rate to ``1 - BACKOFF_BETA`` of the rate in use (of half of it
+  when a 429 without retry-after came back within twice the pause after it ended), and the
+  rate climbs back along
+  CUBIC's curve (RFC 9438), back at the 429's rate after :data:`BACKOFF_PERIOD_S`, then probing
+  upwards (:data:`BACKOFF_GAIN`). Growth costs no write: acquire computes the curve from the
+  last 429's rate and time. The very first 429 starts the curve at what was sent (acquire
+  counts admissions while nothing paces) over the time it took plus the pause.
 
 Every 429 also pauses the whole pool, for ``retry-after`` or, without one,
 :data:`DEFAULT_PAUSE_S` doubled while 429s come back right after a pause (up to
@@ -74,6 +76,8 @@ from ._settings import DEFAULT_KEY_PREFIX
 
 __all__ = [
     "BACKOFF_BETA",
+    "BACKOFF_GAIN",
+    "BACKOFF_MARGIN",
     "BACKOFF_PERIOD_S",
     "BACKOFF_TTL_S",
     "DEFAULT_PAUSE_S",
@@ -89,11 +93,16 @@ __all__ = [
 
 #: Client ids whose keys a limiter keeps ready; beyond this the cache starts afresh.
 MAX_CACHED_CLIENT_IDS = 1024
-#: Share of the rate taken off at a 429 (CUBIC's 1 - beta_cubic is 0.3; 0.2 keeps more of the
-#: rate, as the pool's pause already stops the overshoot).
-BACKOFF_BETA = 0.2
+#: Share of the rate taken off at a 429 (CUBIC's 1 - beta_cubic is 0.3; 0.1 keeps more of the
+#: rate, as the pool's pause already stops the overshoot; measured in benchmarks/RESULTS.md).
+BACKOFF_BETA = 0.1
+#: How fast the rate learned from 429s grows once past the last 429's rate: ``1 + gain *
+#: (t / K - 1) ** 3`` times that rate (after 1.5 K: +5 %; after 2 K: +40 %).
+BACKOFF_GAIN = 0.4
 #: Seconds after a 429 until the rate learned from 429s is back at the rate of that 429 (K).
-BACKOFF_PERIOD_S = 10.0
+BACKOFF_PERIOD_S = 12.0
+#: Share below the rate of a 429 where the curve levels off: that rate was too fast.
+BACKOFF_MARGIN = 0.01
 #: Seconds the rate learned from 429s is kept after the last 429.
 BACKOFF_TTL_S = 900.0
 #: Seconds the pool pauses after a 429 that named no retry-after.
@@ -140,11 +149,12 @@ class Learned:
 @dataclass(frozen=True, slots=True)
 class Backoff:
     """What :meth:`RateLimiter.backoff` did: the pool is paused ``pause_s``; when ``lowered``,
-    the rate learned from 429s restarts at ``(1 - BACKOFF_BETA) * at_429_per_s``."""
+    the rate learned from 429s restarts at ``(1 - BACKOFF_BETA) * level_per_s`` and is back at
+    ``level_per_s`` (just below the rate of the 429) after ``BACKOFF_PERIOD_S``."""
 
     pause_s: float
     lowered: bool
-    at_429_per_s: float | None
+    level_per_s: float | None
 
 
 class LimiterState(TypedDict):
@@ -176,8 +186,9 @@ class RateStatus(TypedDict):
     learned_limit: str | None
     #: Seconds until the learned rate is forgotten without a refresh (or another 429).
     learned_expires_s: float | None
-    #: From 429s: the rate at the last 429 and the seconds since; None otherwise.
-    last_429_per_second: float | None
+    #: From 429s: the rate the pace levels off at (just below the last 429's) and the seconds
+    #: since that 429; None otherwise.
+    level_per_second: float | None
     since_last_429_s: float | None
     #: The pace of every worker's acquire: the lower of configured and learned; None = unpaced.
     in_use_per_second: float | None
@@ -332,6 +343,8 @@ class RateLimiter:
             _ms(BACKOFF_TTL_S),
             0 if rate is None else _interval_us(rate),
             _us(now_s),
+            repr(BACKOFF_GAIN),
+            repr(BACKOFF_MARGIN),
         )
         keys = self._cached_keys(client_id)
         try:
@@ -452,7 +465,7 @@ class RateLimiter:
             learned_per_second=learned_per_s,
             learned_limit=learned_limit,
             learned_expires_s=expires,
-            last_429_per_second=last_429,
+            level_per_second=last_429,
             since_last_429_s=since_429,
             in_use_per_second=in_use,
             in_use_source=in_use_source,
@@ -495,14 +508,15 @@ class RateLimiter:
         )
 
 
-def _backoff_rate(at_429_per_s: float, since_s: float) -> float:
+def _backoff_rate(level_per_s: float, since_s: float) -> float:
     """The rate learned from 429s ``since_s`` after the last one: acquire.lua's curve."""
     x = max(0.0, since_s) / BACKOFF_PERIOD_S
-    return at_429_per_s * (1 + BACKOFF_BETA * (x - 1) ** 3)
+    gain = BACKOFF_BETA if x <= 1 else BACKOFF_GAIN
+    return level_per_s * (1 + gain * (x - 1) ** 3)
 
 
-def _backoff_args() -> tuple[str, int]:
-    return repr(BACKOFF_BETA), _us(BACKOFF_PERIOD_S)
+def _backoff_args() -> tuple[str, str, int]:
+    return repr(BACKOFF_BETA), repr(BACKOFF_GAIN), _us(BACKOFF_PERIOD_S)
 
 
 def _interval_us(rate: Rate) -> int:

@@ -21,6 +21,8 @@ import redis
 from op_celery._exceptions import ConfigurationError, LimiterUnavailable
 from op_celery._limiter import (
     BACKOFF_BETA,
+    BACKOFF_GAIN,
+    BACKOFF_MARGIN,
     BACKOFF_PERIOD_S,
     DEFAULT_PAUSE_S,
     LEARNED_TTL_S,
@@ -459,26 +461,29 @@ def test_a_first_429_paces_at_what_was_sent_over_the_time_it_took_plus_the_pause
         assert limiter.acquire("c", None, now_s=T0 + n / 100).granted
     backoff = limiter.backoff("c", 0.5, now_s=T0 + 0.5)
     assert (backoff.pause_s, backoff.lowered) == (0.5, True)
-    assert backoff.at_429_per_s == pytest.approx(50, rel=0.02)
+    # The curve starts at that measure (it is an underestimate when retry-after is rounded up).
+    assert backoff.level_per_s == pytest.approx(50 / (1 - BACKOFF_BETA), rel=0.02)
     refused = limiter.acquire("c", None, now_s=T0 + 0.6)
     assert not refused.granted and refused.wait_s == pytest.approx(0.4)  # the pause
     # After the pause, paced one slot after another, starting at (1 - beta) of the 429's rate.
     assert limiter.acquire("c", None, now_s=T0 + 1.0).granted
     second = limiter.acquire("c", None, max_wait_s=1, now_s=T0 + 1.0)
-    assert 1 / second.wait_s == pytest.approx(_curve(50, 0.5), rel=0.03)
-    assert _curve(50, 0.0) == pytest.approx(50 * (1 - BACKOFF_BETA))
+    assert 1 / second.wait_s == pytest.approx(_curve(50 / (1 - BACKOFF_BETA), 0.5), rel=0.03)
+    assert _curve(50 / (1 - BACKOFF_BETA), 0.0) == pytest.approx(50)
 
 
-def _curve(at_429_per_s: float, since_s: float) -> float:
-    """The pace ``since_s`` after a 429 at ``at_429_per_s``: CUBIC's curve, as documented."""
-    return at_429_per_s * (1 + BACKOFF_BETA * (since_s / BACKOFF_PERIOD_S - 1) ** 3)
+def _curve(level_per_s: float, since_s: float) -> float:
+    """The pace ``since_s`` after a 429 at ``level_per_s``: CUBIC's curve, as documented."""
+    x = since_s / BACKOFF_PERIOD_S
+    return level_per_s * (1 + (BACKOFF_BETA if x <= 1 else BACKOFF_GAIN) * (x - 1) ** 3)
 
 
 def test_the_rate_learned_from_429s_climbs_back_to_the_429s_rate_after_the_period(
     limiter: RateLimiter,
 ) -> None:
     limiter.acquire("c", parse_rate("40/s"), now_s=T0)
-    assert limiter.backoff("c", None, parse_rate("40/s"), now_s=T0).at_429_per_s == 40
+    level = limiter.backoff("c", None, parse_rate("40/s"), now_s=T0).level_per_s
+    assert level == pytest.approx(40 * (1 - BACKOFF_MARGIN))  # the configured pace got the 429
 
     # Without a configured rate, the intervals acquire hands out follow the curve: below the
     # 429's rate at first, back at it after the period, then above it (probing).
@@ -486,23 +491,31 @@ def test_the_rate_learned_from_429s_climbs_back_to_the_429s_rate_after_the_perio
         now = T0 + since_s
         assert limiter.acquire("c", None, now_s=now).granted
         booked = limiter.acquire("c", None, max_wait_s=1, now_s=now)
-        assert 1 / booked.wait_s == pytest.approx(_curve(40, since_s), rel=0.01)
-    assert _curve(40, 1.0) < 40 * 0.9
-    assert _curve(40, BACKOFF_PERIOD_S) == 40
-    assert _curve(40, 1.5 * BACKOFF_PERIOD_S) > 40
+        assert 1 / booked.wait_s == pytest.approx(_curve(level, since_s), rel=0.01)
+    assert _curve(level, 1.0) < level * (1 - BACKOFF_BETA / 2)
+    assert _curve(level, BACKOFF_PERIOD_S) == level
+    assert _curve(level, 1.5 * BACKOFF_PERIOD_S) > level
 
 
-def test_a_429_during_a_pause_changes_nothing_and_one_after_it_lowers_again(
+def test_a_429_during_a_pause_changes_nothing_and_one_after_it_lowers_the_rate(
     limiter: RateLimiter,
 ) -> None:
     first = limiter.backoff("c", 2.0, parse_rate("100/s"), now_s=T0)
-    assert first.lowered and first.at_429_per_s == 100
+    assert first.lowered and first.level_per_s == pytest.approx(100 * (1 - BACKOFF_MARGIN))
     during = limiter.backoff("c", 1.0, now_s=T0 + 0.5)  # sent before the pause began
     assert (during.lowered, during.pause_s) == (False, 1.5)
     assert limiter.backoff("c", 3.0, now_s=T0 + 0.5).pause_s == 3.0  # a longer retry-after
+    # After the pause: lowered from the pace the curve had reached, to level off just below.
     after = limiter.backoff("c", 1.0, now_s=T0 + 3.6)
-    assert after.lowered  # from the pace it had climbed to since the first 429
-    assert after.at_429_per_s == pytest.approx(_curve(100, 3.6), rel=1e-3)
+    assert after.lowered
+    assert after.level_per_s == pytest.approx(
+        _curve(first.level_per_s, 3.6) * (1 - BACKOFF_MARGIN), rel=1e-3
+    )
+    # Long after: lowered from the pace it had climbed to since, by beta only.
+    later = limiter.backoff("c", 1.0, now_s=T0 + 30)
+    assert later.level_per_s == pytest.approx(
+        _curve(after.level_per_s, 26.4) * (1 - BACKOFF_MARGIN), rel=1e-3
+    )
 
 
 def test_without_retry_after_a_429_right_after_a_pause_doubles_the_pause(
@@ -527,7 +540,8 @@ def test_with_headers_learned_a_429_only_pauses(limiter: RateLimiter) -> None:
 def test_the_configured_rate_caps_what_a_first_429_teaches(limiter: RateLimiter) -> None:
     for n in range(100):
         limiter.acquire("c", None, now_s=T0 + n / 1000)  # 100 in 0.1 s: 1000/s sent
-    assert limiter.backoff("c", 0.1, parse_rate("20/s"), now_s=T0 + 0.1).at_429_per_s == 20
+    level = limiter.backoff("c", 0.1, parse_rate("20/s"), now_s=T0 + 0.1).level_per_s
+    assert level == pytest.approx(20 / (1 - BACKOFF_BETA), rel=1e-4)  # the curve starts at 20/s
 
 
 def test_headers_learned_later_replace_the_rate_learned_from_429s(limiter: RateLimiter) -> None:

@@ -16,12 +16,14 @@
 -- ARGV[3]  longest reservation in microseconds, an integer >= 0: when the next slot is at most
 --          this far ahead, it is booked for the caller, who sends then.
 -- ARGV[4]  backoff reduction, 0 < beta < 1: right after a 429 the rate is wmax * (1 - beta).
--- ARGV[5]  backoff period K in microseconds: the rate is back at wmax K after the 429.
--- ARGV[6]  the time in microseconds, for tests that drive time; 0 = Redis TIME (always in use).
+-- ARGV[5]  probing gain, gamma > 0: how fast the rate grows past wmax (see below).
+-- ARGV[6]  backoff period K in microseconds: the rate is back at wmax K after the 429.
+-- ARGV[7]  the time in microseconds, for tests that drive time; 0 = Redis TIME (always in use).
 --
 -- The rate learned from 429s follows CUBIC's curve (RFC 9438), scaled to wmax so that K is a
--- time: rate(t) = wmax * (1 + beta * ((t - t0) / K - 1)^3): concave up to wmax, flat around it,
--- then probing upwards ever faster. A learned header rate replaces it.
+-- time: with x = (t - t0) / K, rate = wmax * (1 + beta * (x - 1)^3) up to K (concave: quickly
+-- near wmax, then flat around it) and wmax * (1 + gamma * (x - 1)^3) after (probing upwards
+-- ever faster). A learned header rate replaces it.
 --
 -- Returns one integer (an array reply would cost the caller more to parse than the script costs
 -- Redis to run):
@@ -39,8 +41,9 @@ local configured_us = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local max_reserve_us = tonumber(ARGV[3])
 local beta = tonumber(ARGV[4])
-local k_us = tonumber(ARGV[5])
-local now_us = tonumber(ARGV[6])
+local gamma = tonumber(ARGV[5])
+local k_us = tonumber(ARGV[6])
+local now_us = tonumber(ARGV[7])
 if now_us <= 0 then
   local time = redis.call('TIME')
   now_us = tonumber(time[1]) * 1000000 + tonumber(time[2])
@@ -67,7 +70,9 @@ else
   if wmax then
     local x = (now_us - tonumber(backoff[2])) / k_us
     if x < 0 then x = 0 end
-    local rate = wmax * (1 + beta * (x - 1) ^ 3)
+    local gain = beta
+    if x > 1 then gain = gamma end
+    local rate = wmax * (1 + gain * (x - 1) ^ 3)
     local backoff_us = math.ceil(1000000 / rate)
     if backoff_us > interval_us then interval_us = backoff_us end
   end

@@ -17,16 +17,21 @@
 -- ARGV[6]  milliseconds the backoff key lives after the last 429.
 -- ARGV[7]  configured emission interval in microseconds; 0 = none (caps the rate at a 429).
 -- ARGV[8]  the time in microseconds, for tests that drive time; 0 = Redis TIME.
+-- ARGV[9]  probing gain gamma (see acquire.lua).
+-- ARGV[10] margin, 0 <= m < 1: the curve levels off at (1 - m) of the rate of the 429.
 --
 -- The rules:
 -- * A 429 during a pause (its request was admitted before the pause began) changes nothing
 --   but extends the pause to a longer retry-after.
 -- * Without retry-after, a 429 that comes back within twice the last pause after it ended
 --   doubles the pause (the server's window has not reset yet); otherwise the pause is ARGV[2].
--- * The rate is lowered at most once per pause, to (1 - beta) of the rate in use at the 429:
---   the CUBIC rate of acquire.lua; the configured rate, when only it paced the project; or,
---   when nothing paced it, what acquire.lua counted divided by the time it took plus the pause
---   (a fixed window spent, then waited out).
+-- * The rate is lowered at most once per pause, to (1 - beta) of the rate in use at the 429,
+--   to climb back to (1 - margin) of it
+--   (without retry-after, that rate halved first when the 429 came back within twice the pause
+--   after it ended): the CUBIC rate of acquire.lua, or the configured rate when only it paced
+--   the project. When nothing paced it, the rate starts at what acquire.lua counted divided by
+--   the time it took plus the pause (a fixed window spent, then waited out; a retry-after
+--   rounded up to whole seconds makes that an underestimate, which the probing makes up).
 
 local retry_after_ms = tonumber(ARGV[1])
 local default_ms = tonumber(ARGV[2])
@@ -36,6 +41,8 @@ local k_us = tonumber(ARGV[5])
 local ttl_ms = tonumber(ARGV[6])
 local configured_us = tonumber(ARGV[7])
 local now_us = tonumber(ARGV[8])
+local gamma = tonumber(ARGV[9])
+local margin = tonumber(ARGV[10])
 if now_us <= 0 then
   local time = redis.call('TIME')
   now_us = tonumber(time[1]) * 1000000 + tonumber(time[2])
@@ -84,22 +91,34 @@ pause_ms = math.max(1, pause_ms)
 local lowered = 0
 if redis.call('EXISTS', KEYS[3]) == 0 then
   local rate
+  local first = false
   if wmax then
     local x = (now_us - tonumber(state[2])) / k_us
     if x < 0 then x = 0 end
-    rate = wmax * (1 + beta * (x - 1) ^ 3)
+    local gain = beta
+    if x > 1 then gain = gamma end
+    rate = wmax * (1 + gain * (x - 1) ^ 3)
   else
     local tally = redis.call('HMGET', KEYS[5], 'n', 'ts', 'p', 'ps')
     if tally[1] or configured_us <= 0 then
       local sent = (tonumber(tally[1]) or 0) + (tonumber(tally[3]) or 0)
       local span_us = (tonumber(tally[4]) or 0) + now_us - (tonumber(tally[2]) or now_us)
       rate = math.max(1, sent) / ((span_us + pause_ms * 1000) / 1000000)
+      first = true
     else
       rate = 1000000 / configured_us  -- the configured rate was the pace
     end
   end
   if configured_us > 0 and rate > 1000000 / configured_us then
     rate = 1000000 / configured_us
+  end
+  if too_soon and wmax and retry_after_ms < 0 then
+    rate = rate / 2  -- the last lowering did not stop the 429s: halve, as TCP after a timeout
+  end
+  if first then
+    rate = rate / (1 - beta)  -- a conservative measure: start the curve at it, not below
+  else
+    rate = rate * (1 - margin)  -- the rate of a 429 is too fast: level off a little below it
   end
   wmax = rate
   lowered = 1
