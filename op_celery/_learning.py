@@ -124,7 +124,7 @@ class RateLearner:
     ) -> Backoff:
         """After a 429: pause every worker; without headers, lower the rate learned from 429s."""
         backoff = self.limiter.backoff(client_id, retry_after_s, configured)
-        if backoff.lowered and backoff.at_429_per_s is not None:
+        if backoff.lowered and backoff.level_per_s is not None:
             now = time.monotonic()
             last = self._logged_backoff.get(client_id)
             if last is None or now - last >= BACKOFF_LOG_INTERVAL_S:
@@ -133,8 +133,8 @@ class RateLearner:
                     "op_celery: client %s: 429 at %.4g/s with no x-ratelimit headers; every "
                     "worker paused %.3g s, then paced from %.4g/s back up (learned from 429s)",
                     client_id,
-                    backoff.at_429_per_s,
+                    backoff.level_per_s,
                     backoff.pause_s,
-                    backoff.at_429_per_s * (1 - BACKOFF_BETA),
+                    backoff.level_per_s * (1 - BACKOFF_BETA),
                 )
         return backoff
