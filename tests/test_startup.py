@@ -19,11 +19,13 @@ from typing import Any
 import pytest
 from celery import Celery
 
+import op_celery
 from op_celery import _app
 from op_celery._app import adopt
 from op_celery._startup import problems
+from op_celery.testing import StandInServer
 
-from ._support import WORKER_START_TIMEOUT_S
+from ._support import WORKER_START_TIMEOUT_S, wait_until
 
 RABBITMQ_URL = os.environ.get("OP_CELERY_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
@@ -37,39 +39,66 @@ app.conf.update({config!r})
 """
 
 
-def run_user_worker(tmp_path: Path, env: dict[str, str], config: dict[str, Any], *args: str) -> str:
-    """Start ``celery -A <user module> worker`` with ``args``, wait until it is ready, stop it;
-    return its log."""
-    name = f"userproj_{uuid.uuid4().hex[:8]}"
-    (tmp_path / f"{name}.py").write_text(MODULE.format(name=name, config=config))
-    log_path = tmp_path / f"{name}.log"
-    process_env = {k: v for k, v in env.items() if k != "OP_CELERY_BROKER_URL"}
-    process_env.update(PYTHONPATH=str(tmp_path), C_FORCE_ROOT="1")  # accept_content=["pickle"]
-    command = [
-        sys.executable, "-m", "celery", "-A", name, "worker", "--pool", "threads",
-        "--concurrency", "2", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
-        "--without-heartbeat", "--hostname", f"{name}@%h", *args,
-    ]  # fmt: skip
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            command, env=process_env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-    try:
+class UserWorker:
+    """``celery -A <user module> worker`` for a user's app configured with ``config``."""
+
+    def __init__(
+        self, tmp_path: Path, env: dict[str, str], config: dict[str, Any], *args: str
+    ) -> None:
+        name = f"userproj_{uuid.uuid4().hex[:8]}"
+        (tmp_path / f"{name}.py").write_text(MODULE.format(name=name, config=config))
+        self.log_path = tmp_path / f"{name}.log"
+        self.env = {k: v for k, v in env.items() if k != "OP_CELERY_BROKER_URL"}
+        self.env.update(PYTHONPATH=str(tmp_path), C_FORCE_ROOT="1")  # accept_content=["pickle"]
+        self.cwd = tmp_path
+        self.command = [
+            sys.executable, "-m", "celery", "-A", name, "worker", "--pool", "threads",
+            "--concurrency", "2", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+            "--without-heartbeat", "--hostname", f"{name}@%h", *args,
+        ]  # fmt: skip
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def start(self) -> UserWorker:
+        with self.log_path.open("wb") as log:
+            self.process = process = subprocess.Popen(
+                self.command, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
         deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-        while " ready." not in log_path.read_text(errors="replace"):
+        while " ready." not in self.log:
             if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"worker not ready:\n{log_path.read_text(errors='replace')}")
+                self.kill()
+                raise AssertionError(f"worker not ready:\n{self.log}")
             time.sleep(0.1)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
             try:
-                process.wait(15)
+                self.process.wait(15)
             except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(10)
-    return log_path.read_text(errors="replace")
+                self.kill()
+
+
+def run_user_worker(tmp_path: Path, env: dict[str, str], config: dict[str, Any], *args: str) -> str:
+    """Start a `UserWorker`, wait until it is ready, stop it; return its log."""
+    worker = UserWorker(tmp_path, env, config, *args)
+    try:
+        worker.start()
+    finally:
+        worker.stop()
+    return worker.log
 
 
 def op_celery_lines(log: str, level: str) -> list[str]:
@@ -154,6 +183,32 @@ def test_a_users_own_visibility_timeout_is_kept_and_what_it_changes_is_said(
     [note] = [line for line in op_celery_lines(log, "WARNING") if "visibility" in line]
     assert "3,600 s" in note and "kept" in note
     assert "come back after an hour, not 5 minutes" in note
+
+
+def test_a_crashed_users_worker_hands_its_event_on_after_the_packages_visibility_timeout(
+    tmp_path: Path,
+    env: dict[str, str],
+    redis_config: dict[str, Any],
+    producer: Celery,
+    stand_in: StandInServer,
+) -> None:
+    # The app sets no visibility timeout: with kombu's, the event would wait an hour.
+    queue = env["OP_CELERY_QUEUE"]
+    worker_env = {**env, "OP_CELERY_VISIBILITY_TIMEOUT": "10"}
+    first = UserWorker(tmp_path, worker_env, redis_config, "-Q", queue).start()
+    second = UserWorker(tmp_path, worker_env, redis_config, "-Q", queue)
+    try:
+        # Held unacked by the first worker until its countdown ends, when it is long dead.
+        op_celery.track.apply_async(("survives-a-crash",), countdown=12)
+        assert wait_until(lambda: " received" in first.log), first.log
+        first.kill()
+        second.start()
+        assert stand_in.wait_for(1, timeout=60), second.log
+    finally:
+        first.kill()
+        second.stop()
+    assert [r.payload["name"] for r in stand_in.received] == ["survives-a-crash"]
+    assert "visibility timeout 10 s set on app" in second.log
 
 
 # --- adopt: what the package sets on a user's app, in-process. ---------------------------------
