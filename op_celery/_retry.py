@@ -25,6 +25,11 @@ RETRY_AFTER_JITTER_S = 0.25
 #: minute; a value of years is a misconfigured proxy, and obeying it would pause the pool for
 #: good (every pause and countdown derived from it is bounded by this too).
 MAX_RETRY_AFTER_S = 600.0
+#: OpenPanel's server makes a profile visible to increment/decrement only when its profile
+#: buffer is flushed, every 10 s: a 404 "Profile not found" right after an identify is
+#: retried at this fixed interval (not a backoff from milliseconds), so that the default five
+#: retries span 30 s, three flushes, whatever the jitter draws.
+PROFILE_RETRY_INTERVAL_S = 6.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +71,9 @@ def decide(
     if error.retry_after is not None:
         countdown = error.retry_after + (rng or random).uniform(0, RETRY_AFTER_JITTER_S)
         reason = f"server asked to wait {error.retry_after:g} s"
+    elif isinstance(error, ProfileNotFound):
+        countdown = PROFILE_RETRY_INTERVAL_S + (rng or random).uniform(0, 1.0)
+        reason = "profile not visible yet (the server flushes profiles every 10 s)"
     else:
         countdown = backoff_s(retries, settings, rng)
         reason = "backoff"

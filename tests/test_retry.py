@@ -81,3 +81,16 @@ def test_a_server_given_wait_is_bounded_whatever_it_says(value: str) -> None:
 @pytest.mark.parametrize("value", ["nan", "-inf", "", "   ", "Mon, 99 Foo 99999 GMT", "1e400e"])
 def test_a_wait_that_is_no_number_or_date_is_no_wait(value: str) -> None:
     assert parse_retry_after(value) in (None, 0.0)
+
+
+def test_profile_not_found_retries_span_the_servers_profile_flushes_whatever_the_jitter() -> None:
+    from op_celery._retry import PROFILE_RETRY_INTERVAL_S
+
+    for seed in range(200):
+        rng = random.Random(seed)
+        waits = [
+            decide(ProfileNotFound("x", status=404), n, SETTINGS, rng).countdown_s
+            for n in range(SETTINGS.profile_not_found_retries)
+        ]
+        assert sum(waits) >= 30  # three flushes of the 10 s profile buffer
+    assert PROFILE_RETRY_INTERVAL_S * SETTINGS.profile_not_found_retries >= 30
