@@ -301,9 +301,10 @@ class Delivery:
         ``op-celery status`` and the metrics. Raises ConfigurationError for a project without
         credentials, LimiterUnavailable when Redis does not answer."""
         limit = self.limit(project)
-        return self.limiter.status(
-            self.settings.project(project).client_id, None if limit is None else limit[0]
-        )
+        config = self.settings.project(project)
+        status = self.limiter.status(config.client_id, None if limit is None else limit[0])
+        status["configured"] = config.rate_limit or None  # as written; the pace has the headroom
+        return status
 
     def _after(self, error: TransientError, attempt: Attempt) -> Retry | GiveUp:
         decision = decide(error, attempt.retries, self.settings)

@@ -25,6 +25,14 @@ The metrics:
     Events given up and stored as dead letters.
 ``op_celery_send_latency_seconds`` (histogram)
     The HTTP call to the API, for delivered events.
+``op_celery_rate_limit_per_second{project, source}`` (gauge)
+    The pace every worker's acquire uses for the project right now: the lower of the configured
+    ``OPENPANEL_RATE_LIMIT`` (``source="configured"``) and the rate learned from the server
+    (``source="headers"``: its x-ratelimit headers; ``"429s"``: backing off from 429s). Read
+    from the limiter's Redis at each scrape, for the projects this process has delivered for;
+    a project the pool sends at full speed (nothing configured or learned) has no sample.
+``op_celery_rate_limit_paused_seconds{project}`` (gauge)
+    Seconds until the project's pause after a 429 ends (0 when not paused); read likewise.
 ``op_celery_event_age_seconds`` (histogram)
     At delivery, the time since the event's timestamp: since ``.delay()`` unless the caller gave
     ``timestamp=``. Only ``track`` carries a timestamp, so only ``track`` events are observed; a
@@ -60,11 +68,13 @@ from typing import Any
 from celery import signals as celery_signals
 
 from . import signals
+from ._delivery import rate_statuses
 from ._exceptions import ConfigurationError
 
 try:
     import prometheus_client
     from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+    from prometheus_client.core import GaugeMetricFamily
 except ImportError as exc:
     raise ImportError(
         "op_celery.metrics needs prometheus-client: pip install 'op-celery[prometheus]'"
@@ -79,6 +89,7 @@ __all__ = [
     "EVENT_AGE_BUCKETS_S",
     "METRICS",
     "METRICS_PORT_ENV",
+    "RATE_LIMIT",
     "SEND_LATENCY",
     "SEND_LATENCY_BUCKETS_S",
     "THROTTLE_WAIT",
@@ -145,6 +156,41 @@ EVENT_AGE = Histogram(
     buckets=EVENT_AGE_BUCKETS_S,
     registry=None,
 )
+
+
+class _RateLimitCollector:
+    """The pace in use and the pause, per project, read from the limiter's Redis at a scrape."""
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return list(self._families())
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        rate, paused = self._families()
+        for project, status in rate_statuses():
+            if status["in_use_per_second"] is not None and status["in_use_source"] is not None:
+                rate.add_metric([project, status["in_use_source"]], status["in_use_per_second"])
+            paused.add_metric([project], status["paused_s"])
+        return [rate, paused]
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "op_celery_rate_limit_per_second",
+                "The pace of the workers' shared rate limit: configured, or learned from the "
+                "server's headers or its 429s, whichever is lower.",
+                labels=["project", "source"],
+            ),
+            GaugeMetricFamily(
+                "op_celery_rate_limit_paused_seconds",
+                "Seconds until the project's pause after a 429 ends.",
+                labels=["project"],
+            ),
+        )
+
+
+#: The rate-limit gauges (a collector: they are read from Redis when scraped).
+RATE_LIMIT = _RateLimitCollector()
 #: Every metric of this module, in the order they are registered.
 METRICS = (
     EVENTS_DELIVERED,
@@ -154,6 +200,7 @@ METRICS = (
     EVENTS_DEAD_LETTERED,
     SEND_LATENCY,
     EVENT_AGE,
+    RATE_LIMIT,
 )
 
 _lock = threading.Lock()

@@ -1,0 +1,171 @@
+"""The delivery pipeline with no Celery at all: every outcome from real answers of the stand-in
+server and a real Redis (issue 17 item 7), and the 429 rules of issue 10."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from op_celery._delivery import (
+    MAX_THROTTLED_AGE_S,
+    AlreadyDelivered,
+    Attempt,
+    Busy,
+    Delivered,
+    Delivery,
+    GiveUp,
+    Retry,
+    Throttled,
+)
+from op_celery._events import Event, build_event, normalize_call
+from op_celery._exceptions import InvalidPayload, RateLimited, ServerError
+from op_celery._settings import load_settings
+from op_celery.testing import StandInServer
+
+from ._support import CLIENT_ID, CLIENT_SECRET
+
+MakeDelivery = Callable[..., Delivery]
+
+
+@pytest.fixture
+def make_delivery(stand_in: StandInServer, redis_url: str, key_prefix: str) -> MakeDelivery:
+    """A pipeline on the stand-in and the shared Redis (private prefix), settings overridable."""
+
+    def make(**env: str) -> Delivery:
+        settings = load_settings(
+            env={
+                "OPENPANEL_CLIENT_ID": CLIENT_ID,
+                "OPENPANEL_CLIENT_SECRET": CLIENT_SECRET,
+                "OPENPANEL_API_URL": stand_in.url,
+                "OP_CELERY_REDIS_URL": redis_url,
+                "OP_CELERY_KEY_PREFIX": key_prefix + "op-celery",
+                **env,
+            }
+        )
+        return Delivery(settings)
+
+    return make
+
+
+def _event(name: str = "signup") -> Event:
+    return build_event("track", normalize_call("track", (name,), {}))
+
+
+def test_an_accepted_event_is_delivered_and_recorded(
+    make_delivery: MakeDelivery, stand_in: StandInServer
+) -> None:
+    delivery = make_delivery()
+    event = _event()
+    outcome = delivery.deliver(event, Attempt())
+    assert isinstance(outcome, Delivered) and outcome.status == 200
+    assert [r.payload["name"] for r in stand_in.received] == ["signup"]
+    assert delivery.ledger.claim(event.event_id, 5).delivered
+
+
+def test_an_event_delivered_before_is_not_sent_again(
+    make_delivery: MakeDelivery, stand_in: StandInServer
+) -> None:
+    delivery = make_delivery()
+    event = _event()
+    assert isinstance(delivery.deliver(event, Attempt()), Delivered)
+    assert isinstance(delivery.deliver(event, Attempt()), AlreadyDelivered)
+    assert len(stand_in.requests) == 1
+
+
+def test_an_event_another_attempt_holds_is_busy_and_not_sent(
+    make_delivery: MakeDelivery, stand_in: StandInServer
+) -> None:
+    delivery = make_delivery()
+    event = _event()
+    assert delivery.ledger.claim(event.event_id, 30).token is not None  # a copy, elsewhere
+    outcome = delivery.deliver(event, Attempt())
+    assert isinstance(outcome, Busy) and 0 < outcome.wait_s <= 30
+    assert stand_in.requests == []
+
+
+def test_no_slot_within_the_inline_wait_is_throttled_without_sending(
+    make_delivery: MakeDelivery, stand_in: StandInServer
+) -> None:
+    delivery = make_delivery(OPENPANEL_RATE_LIMIT="1/m")
+    assert isinstance(delivery.deliver(_event("first"), Attempt()), Delivered)
+    outcome = delivery.deliver(_event("second"), Attempt())
+    assert isinstance(outcome, Throttled) and 50 < outcome.wait_s <= 61  # 1 % headroom
+    assert len(stand_in.requests) == 1
+
+
+def test_a_server_error_is_a_counted_retry(
+    make_delivery: MakeDelivery, stand_in: StandInServer
+) -> None:
+    stand_in.fail_next(1, 503)
+    outcome = make_delivery().deliver(_event(), Attempt())
+    assert isinstance(outcome, Retry) and isinstance(outcome.error, ServerError)
+
+
+def test_a_refusal_and_retries_used_up_give_up(
+    make_delivery: MakeDelivery, stand_in: StandInServer
+) -> None:
+    delivery = make_delivery(OP_CELERY_MAX_RETRIES="3")
+    stand_in.fail_next(1, 400)
+    refused = delivery.deliver(_event(), Attempt())
+    assert isinstance(refused, GiveUp) and isinstance(refused.error, InvalidPayload)
+    stand_in.fail_next(1, 503)
+    used_up = delivery.deliver(_event(), Attempt(retries=3))
+    assert isinstance(used_up, GiveUp) and "gave up after 3 retries" in used_up.reason
+
+
+@pytest.mark.parametrize("mode", ["all", "retry-after", "none"])
+def test_a_429_is_throttled_and_never_uses_up_retries(
+    make_delivery: MakeDelivery, stand_in: StandInServer, mode: str
+) -> None:
+    stand_in.set_rate_limit(1, 60, headers=mode)  # type: ignore[arg-type]
+    delivery = make_delivery(OP_CELERY_MAX_RETRIES="0")
+    assert isinstance(delivery.deliver(_event("first"), Attempt()), Delivered)
+    outcome = delivery.deliver(_event("second"), Attempt(retries=50, age_s=60))
+    assert isinstance(outcome, Throttled)
+    # retry-after (60 s) when the server gave one, else the default pause; the pool waits it.
+    assert outcome.wait_s == (1.0 if mode == "none" else 60.0)
+    assert stand_in.counts() == {200: 1, 429: 1}
+    assert delivery.limiter.paused_for(CLIENT_ID) > 0
+
+
+@pytest.mark.parametrize("retries", [0, 2])
+def test_an_event_older_than_the_age_bound_counts_its_429s_as_retries(
+    make_delivery: MakeDelivery, stand_in: StandInServer, retries: int
+) -> None:
+    stand_in.set_rate_limit(1, 60)
+    delivery = make_delivery(OP_CELERY_MAX_RETRIES="2")
+    assert isinstance(delivery.deliver(_event("first"), Attempt()), Delivered)
+    outcome = delivery.deliver(_event("old"), Attempt(retries, age_s=MAX_THROTTLED_AGE_S + 1))
+    if retries < 2:
+        assert isinstance(outcome, Retry) and isinstance(outcome.error, RateLimited)
+    else:
+        assert isinstance(outcome, GiveUp) and "gave up after 2 retries" in outcome.reason
+    assert stand_in.counts() == {200: 1, 429: 1}
+
+
+def test_with_no_limit_set_the_rate_is_learned_from_the_headers_of_an_answer(
+    make_delivery: MakeDelivery, stand_in: StandInServer
+) -> None:
+    stand_in.set_rate_limit(100, 10)
+    delivery = make_delivery()
+    assert isinstance(delivery.deliver(_event(), Attempt()), Delivered)
+    status = delivery.rate_status("default")
+    assert status["configured"] is None
+    assert (status["learned_source"], status["learned_limit"]) == ("headers", "100/10s")
+    assert status["in_use_per_second"] == pytest.approx(9.9, rel=1e-4)  # 1 % headroom
+    # From now on the events are paced: the second one after it waits for its slot.
+    first, second = (delivery.deliver(_event(f"next-{i}"), Attempt()) for i in range(2))
+    assert isinstance(first, Delivered) and isinstance(second, Delivered)
+    assert second.waited_s == pytest.approx(1 / 9.9, abs=0.02)
+
+
+def test_a_configured_limit_stays_the_upper_bound_of_a_learned_one(
+    make_delivery: MakeDelivery, stand_in: StandInServer
+) -> None:
+    stand_in.set_rate_limit(1000, 1)
+    delivery = make_delivery(OPENPANEL_RATE_LIMIT="5/s")
+    assert isinstance(delivery.deliver(_event(), Attempt()), Delivered)
+    status = delivery.rate_status("default")
+    assert status["learned_source"] == "headers"
+    assert (status["in_use_source"], status["configured"]) == ("configured", "5/s")
