@@ -70,6 +70,8 @@ _CANONICAL_IPV4 = re.compile(
     r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
 )
 _PROJECT = re.compile(r"[A-Za-z0-9_.-]+")
+#: The client's JSON (compact, ASCII, so characters are bytes); no cycle survives `_json_value`.
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), check_circular=False)
 _SHOW = reprlib.Repr()
 _SHOW.maxstring = _SHOW.maxother = 60
 _API_TO_ARGUMENT = {"profileId": "profile_id", "firstName": "first_name",
@@ -181,6 +183,14 @@ def _json_value(op: str, path: str, value: object, depth: int = 0) -> Any:
     # Items that are plain scalars are taken as they are, without a recursive call or the text
     # of their path, which is only needed for an error.
     if isinstance(value, Mapping):
+        for key in ("__proto__", "constructor"):  # one lookup per dict, not a test per key
+            if key in value and poisoned_key(key, value[key]):
+                raise _fail(
+                    op,
+                    f"{path}[{key!r}]",
+                    "is a key OpenPanel's JSON parser refuses (prototype poisoning: the "
+                    "server answers 400 'Body is not valid JSON'); rename it",
+                )
         out: dict[str, Any] = {}
         for key, item in value.items():
             if not isinstance(key, str):
@@ -189,13 +199,6 @@ def _json_value(op: str, path: str, value: object, depth: int = 0) -> Any:
                     path,
                     f"has the key {_show(key)} ({type(key).__name__}): op-celery wants string "
                     "keys, as JSON has, rather than letting json.dumps change it; convert it",
-                )
-            if (key == "__proto__" or key == "constructor") and poisoned_key(key, item):
-                raise _fail(
-                    op,
-                    f"{path}[{key!r}]",
-                    "is a key OpenPanel's JSON parser refuses (prototype poisoning: the "
-                    "server answers 400 'Body is not valid JSON'); rename it",
                 )
             if type(item) in _PLAIN_SCALARS:
                 out[key] = item
@@ -381,8 +384,7 @@ def _event_id(op: str, value: object) -> str:
 
 
 def _body_size(op: str, body: dict[str, Any]) -> None:
-    # ASCII (ensure_ascii), so characters are bytes; no cycles survive `_json_value`.
-    size = len(json.dumps(body, separators=(",", ":"), check_circular=False))
+    size = len(_COMPACT_JSON.encode(body))
     if size <= MAX_BODY_BYTES:
         return
     payload = body["payload"]

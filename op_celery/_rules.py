@@ -116,7 +116,7 @@ def blocked_name(name: str) -> str | None:
             f"contains {found.group()!r}, one of OpenPanel's blocked name fragments "
             "(attack probes are dropped with 400 'Event name contains blocked content'); rename it"
         )
-    for pattern in PATH_SCAN_PATTERNS:
+    for pattern in PATH_SCAN_PATTERNS if name.startswith("/") else ():  # each starts ^/
         if pattern.search(name):
             return (
                 f"matches OpenPanel's path-scan pattern {pattern.pattern!r} (a scanner's URL "
