@@ -32,21 +32,28 @@ RABBITMQ_URL = os.environ.get("OP_CELERY_TEST_RABBITMQ_URL", "amqp://guest:guest
 #: A user's Celery module: its app, configured with CONFIG, and op_celery imported.
 MODULE = """
 from celery import Celery
-import op_celery  # noqa: F401  (the tasks, and their start-up checks)
+{import_line}
 
 app = Celery({name!r})
 app.conf.update({config!r})
 """
+IMPORT_OP_CELERY = "import op_celery  # noqa: F401  (the tasks, and their start-up checks)"
 
 
 class UserWorker:
     """``celery -A <user module> worker`` for a user's app configured with ``config``."""
 
     def __init__(
-        self, tmp_path: Path, env: dict[str, str], config: dict[str, Any], *args: str
+        self,
+        tmp_path: Path,
+        env: dict[str, str],
+        config: dict[str, Any],
+        *args: str,
+        import_line: str = IMPORT_OP_CELERY,
     ) -> None:
         name = f"userproj_{uuid.uuid4().hex[:8]}"
-        (tmp_path / f"{name}.py").write_text(MODULE.format(name=name, config=config))
+        module = MODULE.format(name=name, config=config, import_line=import_line)
+        (tmp_path / f"{name}.py").write_text(module)
         self.log_path = tmp_path / f"{name}.log"
         self.env = {k: v for k, v in env.items() if k != "OP_CELERY_BROKER_URL"}
         self.env.update(PYTHONPATH=str(tmp_path), C_FORCE_ROOT="1")  # accept_content=["pickle"]
@@ -91,9 +98,15 @@ class UserWorker:
                 self.kill()
 
 
-def run_user_worker(tmp_path: Path, env: dict[str, str], config: dict[str, Any], *args: str) -> str:
+def run_user_worker(
+    tmp_path: Path,
+    env: dict[str, str],
+    config: dict[str, Any],
+    *args: str,
+    import_line: str = IMPORT_OP_CELERY,
+) -> str:
     """Start a `UserWorker`, wait until it is ready, stop it; return its log."""
-    worker = UserWorker(tmp_path, env, config, *args)
+    worker = UserWorker(tmp_path, env, config, *args, import_line=import_line)
     try:
         worker.start()
     finally:
@@ -139,6 +152,28 @@ def test_a_worker_of_the_events_queue_that_refuses_json_says_it_refuses_them_all
         "op_celery: this worker does not accept JSON (accept_content=['pickle']), and every "
         "op_celery event is JSON: it refuses them all; add 'json' to accept_content"
     ]
+
+
+def test_a_worker_of_the_events_queue_that_never_imports_op_celery_says_so(
+    tmp_path: Path, env: dict[str, str], redis_config: dict[str, Any]
+) -> None:
+    # The celery command loads op_celery_check (entry point), which imports no op_celery.
+    queue = env["OP_CELERY_QUEUE"]
+    log = run_user_worker(tmp_path, env, redis_config, "-Q", queue, import_line="")
+    [error] = op_celery_lines(log, "ERROR")
+    assert error.startswith(
+        f"op_celery: this worker consumes the queue {queue!r}, where op_celery's events go, but "
+        "never imports op_celery: it drops every event as an unregistered task; add "
+        "`import op_celery` to the module that creates your Celery app ('userproj_"
+    )
+    assert "op_celery.track" not in log  # the check registered no task
+
+
+def test_a_worker_of_other_queues_that_never_imports_op_celery_says_nothing(
+    tmp_path: Path, env: dict[str, str], redis_config: dict[str, Any]
+) -> None:
+    log = run_user_worker(tmp_path, env, redis_config, "-Q", "someone-elses", import_line="")
+    assert "op_celery" not in log
 
 
 def _rabbitmq_answers() -> bool:
