@@ -18,7 +18,7 @@ import redis
 from celery import Celery
 
 import op_celery
-from op_celery._outbox import outbox_keys
+from op_celery._outbox import CLOCK_MARGIN_S, broker_keys, losses, outbox_keys
 from op_celery._settings import load_settings
 from op_celery.dead_letters import DeadLetterStore
 from op_celery.testing import StandInServer
@@ -222,3 +222,29 @@ def test_an_event_the_users_code_rejects_is_an_end_never_published_again(
     time.sleep(QUIET_S)
     assert republished(worker) == 0
     assert stand_in.received == []
+
+
+def test_a_worker_says_it_is_alive_and_stopped_cleanly_it_leaves_no_possible_loss(
+    producer: Celery, start_worker: Callable[..., WorkerProcess], env: dict[str, str],
+    redis_client: redis.Redis,
+) -> None:  # fmt: skip
+    consumers, _, _ = broker_keys(env["OP_CELERY_BROKER_KEY_PREFIX"])
+    worker = start_worker()
+    assert redis_client.zcard(consumers) == 1
+    worker.stop()
+    assert redis_client.zcard(consumers) == 0
+    assert losses(redis_client, env["OP_CELERY_BROKER_KEY_PREFIX"]).latest is None
+
+
+def test_a_sigkilled_worker_is_taken_for_a_possible_loss_once_it_stops_saying_it_is_alive(
+    producer: Celery, start_worker: Callable[..., WorkerProcess], env: dict[str, str],
+    redis_client: redis.Redis,
+) -> None:  # fmt: skip
+    prefix = env["OP_CELERY_BROKER_KEY_PREFIX"]
+    worker = start_worker()
+    killed_at = time.time()
+    worker.kill()
+    assert losses(redis_client, prefix).latest is None  # not yet: it may only be slow
+    assert wait_until(lambda: losses(redis_client, prefix).latest is not None, timeout=60)
+    latest = losses(redis_client, prefix).latest
+    assert latest is not None and latest > killed_at - CLOCK_MARGIN_S

@@ -443,3 +443,21 @@ def test_the_sweeper_thread_keeps_going_when_the_broker_is_away(
         assert wait_until(lambda: len(attempts) >= 2, timeout=10)
     finally:
         swept.stop()
+
+
+def test_a_consumer_not_heard_from_is_taken_for_a_possible_loss_and_one_that_stopped_is_not(
+    producer: Celery, redis_client: redis.Redis, env: dict[str, str]
+) -> None:
+    prefix = env["OP_CELERY_BROKER_KEY_PREFIX"]
+    consumers, _, _ = broker_keys(prefix)
+    with producer.connection_for_write() as connection:
+        stopped = Liveness(producer.connection_for_write, "stopped-cleanly")
+        stopped.say("beat", connection)
+        stopped.say("stopped", connection)
+        assert _outbox.losses(redis_client, prefix).latest is None
+        # A ttl already over: as if it had not been heard from for ALIVE_TTL_S.
+        silent = Liveness(producer.connection_for_write, "went-silent", ttl_s=-1)
+        silent.say("beat", connection)
+    found = _outbox.losses(redis_client, prefix)
+    assert found.latest is not None and found.latest <= found.now
+    assert redis_client.zcard(consumers) == 0
