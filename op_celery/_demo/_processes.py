@@ -4,7 +4,6 @@ the environment, and SIGTERM handled as Ctrl-C is."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +18,6 @@ from types import FrameType
 import redis
 
 from .. import _embedded
-from .._process import pid_alive
 from .._settings import EMBEDDED_URL, Settings, _redis_url_of
 from ._result import DemoError
 
@@ -36,8 +34,6 @@ __all__ = [
 
 #: Seconds a stopped worker gets to finish before its process group is killed.
 WORKER_STOP_TIMEOUT_S = 10.0
-#: Seconds the embedded Redis gets to exit after SHUTDOWN before it is killed.
-EMBEDDED_STOP_TIMEOUT_S = 5.0
 #: Seconds between two looks at the counters while events are delivered.
 POLL_INTERVAL_S = 0.1
 #: Lines of a worker's log shown when it fails.
@@ -119,26 +115,13 @@ def _tail(path: Path) -> str:
 
 
 def embedded_pid(db_path: Path) -> int | None:
-    server = _embedded._servers.get(str(db_path))
-    pid = getattr(server, "pid", 0) if server is not None else 0
-    return int(pid) or None
+    return _embedded.server_pid(db_path)
 
 
 def shut_down_embedded(db_path: Path) -> None:
-    """Stop the demo's embedded Redis (it would outlive its clients) and remove its files."""
-    server = _embedded._servers.pop(str(db_path), None)
-    if server is None:
-        return
-    pid = int(server.pid or 0)
-    socket_dir = os.path.dirname(str(server.socket_file))
-    with suppress(redis.RedisError):  # it went down as asked, or was down already
-        server.shutdown(nosave=True)
-    deadline = time.monotonic() + EMBEDDED_STOP_TIMEOUT_S
-    while pid and pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if pid and pid_alive(pid):
-        os.kill(pid, signal.SIGKILL)
-    shutil.rmtree(socket_dir, ignore_errors=True)
+    """Stop the demo's embedded Redis now, unsaved (its database is the demo's own), and its
+    watchdog; the demo's directory, removed afterwards, holds the rest of its files."""
+    _embedded.shut_down(db_path, save=False)
 
 
 def delete_keys(client: redis.Redis, prefix: str) -> None:
