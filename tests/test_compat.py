@@ -235,6 +235,22 @@ def test_callback_publish_retry_reads_celerys_context_variable_where_it_has_one(
     assert _compat.callback_publish_retry() is False
 
 
+def test_a_celery_from_5_7_without_the_callback_mode_turns_the_fast_path_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_compat, "CALLBACK_PUBLISH_RETRY", GONE)
+    monkeypatch.setattr(_compat, "CELERY_VERSION", (*_compat.CALLBACK_PUBLISH_RETRY_SINCE, 0))
+    _compat.fast_publish_support.cache_clear()
+    try:
+        support = _compat.fast_publish_support()
+        assert not support.ok
+        assert GONE in support.reason
+        assert _compat.callback_publish_retry() is False
+    finally:
+        monkeypatch.undo()
+        _compat.fast_publish_support.cache_clear()
+
+
 def test_amqp_is_celerys_tells_celerys_sender_from_an_override(app: Celery) -> None:
     for name in _compat.AMQP_SENDER_METHODS:
         assert _compat._has(celery_amqp.AMQP, name), name
