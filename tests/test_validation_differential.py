@@ -88,3 +88,20 @@ def test_the_stand_in_gives_openpanels_verdict(case: dict[str, Any]) -> None:
     body, answer = parse_body({"content-type": "application/json"}, case["body"].encode())
     issues = ["(parse)"] if answer is not None else validation_issues(body)
     assert (not issues) == (case["status"] == 200), (case["note"], case["message"], issues)
+
+
+def test_the_table_covers_every_blocked_fragment_and_path_scan_pattern() -> None:
+    """Each entry of OpenPanel's lists has a refused row, so an edit to a list meets the table."""
+    from op_celery._rules import BLOCKED_NAME_FRAGMENTS, PATH_SCAN_PATTERNS
+
+    refused = [
+        json.loads(case["body"])["payload"]["name"]
+        for case in CASES
+        if case["status"] == 400 and "blocked content" in case["message"]
+    ]
+    lowered = [name.lower() for name in refused]
+    assert len(BLOCKED_NAME_FRAGMENTS) == 57
+    for fragment in BLOCKED_NAME_FRAGMENTS:
+        assert any(fragment in name for name in lowered), fragment
+    for pattern in PATH_SCAN_PATTERNS:
+        assert any(pattern.search(name) for name in refused), pattern.pattern
