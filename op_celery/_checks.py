@@ -101,7 +101,7 @@ def show(value: object) -> str:
         return f"an integer of {value.bit_length()} bits"
     try:
         return _SHOW.repr(value)
-    except ValueError:  # an int too long for str() inside a container
+    except Exception:  # an int too long for str() in a container, a repr that raises
         return f"a {type(value).__name__}"
 
 
