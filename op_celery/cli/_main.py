@@ -111,18 +111,38 @@ def command_settings() -> Settings:
 
 
 def _check_broker_scheme(loaded: Settings) -> None:
+    """Refuse, in one line, a broker URL no kombu transport takes or that does not parse."""
+    from urllib.parse import urlsplit
+
     from kombu.transport import TRANSPORT_ALIASES
 
     url = broker_url(loaded)
-    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if url == EMBEDDED_URL:
+        return
+    where = loaded.broker_url_source
+    where = "the app's broker_url" if where in ("BROKER_URL", "default") else where
+    shown = redact_url(url)
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     known = {*TRANSPORT_ALIASES, "redis+socket", "sentinel+ssl"}
-    if url != EMBEDDED_URL and scheme.split("+", 1)[0] not in known and scheme not in known:
-        where = loaded.broker_url_source
-        where = "the app's broker_url" if where in ("BROKER_URL", "default") else where
+    if scheme not in known and scheme.split("+", 1)[0] not in known:
         raise click.ClickException(
-            f"{where} {redact_url(url)!r} names no broker Celery knows ({scheme or 'no'} "
-            "scheme): use redis://host:6379/0, rediss://..., amqp://user:password@host:5672//, "
-            "or another kombu transport"
+            f"{where} {shown!r} names no broker Celery knows ({scheme or 'no'} scheme): use "
+            "redis://host:6379/0, rediss://..., redis+socket:///path/redis.sock, "
+            "amqp://user:password@host:5672//, or another kombu transport"
+        )
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise click.ClickException(
+            f"{where} {shown!r} is not a URL that parses ({exc}): write it as "
+            "scheme://[user:password@]host[:port]/..., e.g. redis://127.0.0.1:6379/0"
+        ) from None
+    database = parts.path.strip("/")
+    if scheme in ("redis", "rediss") and database and not database.isdigit():
+        raise click.ClickException(
+            f"{where} {shown!r} names database {database!r}, not a number: end the URL with "
+            "the database's number, e.g. /0"
         )
 
 

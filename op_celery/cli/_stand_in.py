@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import click
 
+from ..testing._model import RATE_LIMIT_HEADER_MODES
 from ._main import main
 
 __all__ = ["stand_in"]
@@ -39,7 +40,13 @@ def _check_rate(ctx: click.Context, param: click.Parameter, value: str | None) -
     return value
 
 
-@main.command("stand-in")
+def _epilog() -> str:
+    from ..testing.__main__ import control_endpoints_help
+
+    return "\b\n" + control_endpoints_help()
+
+
+@main.command("stand-in", epilog=_epilog())
 @click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True,
               help="Port on 127.0.0.1; 0 picks a free one.")  # fmt: skip
 @click.option(
@@ -49,14 +56,31 @@ def _check_rate(ctx: click.Context, param: click.Parameter, value: str | None) -
 )  # fmt: skip
 @click.option(
     "--rate-limit", metavar="LIMIT/WINDOW", callback=_check_rate,
-    help="Fixed window per client id, e.g. 50/1s or 100/10s. Default: none.",
+    help="Fixed window per client id, e.g. 50/s or 100/10s (as OPENPANEL_RATE_LIMIT). "
+    "Default: none.",
 )  # fmt: skip
-def stand_in(port: int, clients: list[str], rate_limit: str | None) -> None:
+@click.option(
+    "--rate-limit-headers", type=click.Choice(RATE_LIMIT_HEADER_MODES), default="all",
+    show_default=True,
+    help="With --rate-limit: all (x-ratelimit-* on every answer, retry-after on 429s), "
+    "retry-after (only that, on 429s) or none (a bare 429).",
+)  # fmt: skip
+@click.option("-q", "--quiet", is_flag=True, help="Print no line per request.")
+@click.option(
+    "--log-requests", is_flag=True,
+    help="Print a line per request even when standard output is not a terminal.",
+)  # fmt: skip
+def stand_in(
+    port: int, clients: list[str], rate_limit: str | None, rate_limit_headers: str,
+    quiet: bool, log_requests: bool,
+) -> None:  # fmt: skip
     """Run a stand-in OpenPanel server in the foreground.
 
     It serves until Ctrl-C or SIGTERM, answers POST /track as OpenPanel does (validation, 401s,
     404 for unknown profiles, optional rate limit), and prints OPENPANEL_API_URL=... once it
-    listens. Point workers at it with that URL and a client's id and secret.
+    listens, then one line per request (time, method, path, status, client id, event type
+    and name; never the secret) when standard output is a terminal, or with --log-requests.
+    Point workers at it with that URL and a client's id and secret.
     """
     from ..testing import StandInServer
     from ..testing.__main__ import main as serve
@@ -75,7 +99,10 @@ def stand_in(port: int, clients: list[str], rate_limit: str | None) -> None:
     for client in clients:
         argv += ["--client", client]
     if rate_limit is not None:
-        argv += ["--rate-limit", rate_limit]
+        argv += ["--rate-limit", rate_limit, "--rate-limit-headers", rate_limit_headers]
+    if quiet and log_requests:
+        raise click.UsageError("--quiet and --log-requests contradict each other: give one")
+    argv += ["--quiet"] if quiet else ["--log-requests"] if log_requests else []
     sys.stdout.flush()
     try:
         code = serve(argv)

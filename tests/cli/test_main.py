@@ -117,3 +117,36 @@ def test_a_broker_url_with_an_unknown_scheme_is_one_line_for_every_command(
         error = one_line_error(run(*command))
         assert "OP_CELERY_BROKER_URL 'foo://user:***@host/0' names no broker" in error, command
         assert "hunter2" not in error and "amqp://" in error
+
+
+def test_a_broker_url_that_does_not_parse_is_one_line_that_shows_the_form(
+    cli_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OP_CELERY_BROKER_URL", "redis://127.0.0.1:abc/0")
+    port = one_line_error(run("status"))
+    assert "is not a URL that parses (Port could not be cast" in port
+    assert "redis://127.0.0.1:6379/0" in port
+
+    monkeypatch.setenv("OP_CELERY_BROKER_URL", "redis://127.0.0.1:6379/zero")
+    database = one_line_error(run("dead-letters", "list"))
+    assert "names database 'zero', not a number" in database
+
+
+def test_every_command_names_the_broker_and_redis_it_looks_at_without_passwords(
+    cli_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, redis_url: str
+) -> None:
+    with_password = redis_url.replace("redis://", "redis://:hunter2@", 1)
+    monkeypatch.setenv("OP_CELERY_REDIS_URL", with_password)
+    shown = with_password.replace("hunter2", "***")
+    broker = cli_env["OP_CELERY_BROKER_URL"]
+
+    status = run("status")
+    assert f"broker        {broker} (OP_CELERY_BROKER_URL)" in status.output
+    assert f"redis         {shown} (OP_CELERY_REDIS_URL)" in status.output
+    for command in (["dead-letters", "list"], ["dead-letters", "purge", "--yes"]):
+        result = run(*command)
+        assert result.stderr.startswith(f"op-celery: Redis {shown} (OP_CELERY_REDIS_URL)"), command
+    replay = run("dead-letters", "replay", "--yes")
+    assert f"op-celery: broker {broker} (OP_CELERY_BROKER_URL); Redis {shown}" in replay.stderr
+    assert f"op-celery: broker {broker}" in run("spool", "flush").stderr
+    assert all("hunter2" not in r.output for r in (status, replay))

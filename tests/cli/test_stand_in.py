@@ -25,3 +25,26 @@ def test_stand_in_serves_until_sigterm(tmp_path: Path) -> None:
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(10) == 0
+
+
+def test_stand_in_prints_a_line_per_request_and_lists_its_control_endpoints() -> None:
+    command = [sys.executable, "-m", "op_celery.cli", "stand-in", "--log-requests", "--client",
+               f"{CLIENT_ID}:{CLIENT_SECRET}"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        url = process.stdout.readline().strip().split("=", 1)[1]
+        client = OpenPanelClient(CLIENT_ID, CLIENT_SECRET, url)
+        client.send(build_event("track", {"name": "seen"}))
+        line = process.stdout.readline()
+        assert "POST /track 200" in line and "seen" in line and CLIENT_SECRET not in line
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+
+    help_text = subprocess.run(
+        [sys.executable, "-m", "op_celery.cli", "stand-in", "--help"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "control endpoints under /__stand-in/" in help_text
+    assert "POST fail" in help_text and "--rate-limit-headers" in help_text
