@@ -63,6 +63,10 @@ def _conf_view(app: Celery, broker_visibility: bool = True) -> dict[str, Any]:
     return view
 
 
+#: Seconds the package's app waits for a broker's TCP connection, and for each of its replies,
+#: outside a publish (a publish has its own bound, ``OP_CELERY_PUBLISH_TIMEOUT``).
+CONSUMER_CONNECT_TIMEOUT_S = 5.0
+CONSUMER_SOCKET_TIMEOUT_S = 10.0
 #: kombu's visibility timeout when an app's Redis broker sets none, in seconds.
 KOMBU_VISIBILITY_TIMEOUT_S = 3600.0
 #: URL schemes of the brokers that have a visibility timeout (kombu's Redis transport).
@@ -160,10 +164,11 @@ def configure_app(app: Celery, settings: Settings) -> None:
     """Apply the settings the package's tasks rely on to an app the package owns."""
     transport_options: dict[str, Any] = {
         "visibility_timeout": settings.visibility_timeout_s,
-        # Bounded, so .delay() against an unreachable broker gives up within the publish bound
-        # instead of hanging in connect().
-        "socket_connect_timeout": max(0.1, settings.publish_timeout_s / 2),
-        "socket_timeout": 10.0,
+        # The app's own connections (its workers' consumers): a broker gone silent is noticed.
+        # Publishing goes through op-celery's own pool with the publish bound's timeouts
+        # (``_publish.publish_pools``), on this app as on a user's.
+        "socket_connect_timeout": CONSUMER_CONNECT_TIMEOUT_S,
+        "socket_timeout": CONSUMER_SOCKET_TIMEOUT_S,
         "unacked_restore_interval": _restore_interval_s(settings.visibility_timeout_s),
         "unacked_restore_throttle": 1,
     }
