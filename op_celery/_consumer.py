@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import socket
+import time
 from typing import Any
 
 from celery import Celery, bootsteps, signals
@@ -42,6 +43,7 @@ from celery import states as celery_states
 
 from . import _compat
 from ._app import settings_for
+from ._events import OPERATIONS
 from ._exceptions import OpenPanelError
 from ._outbox import BROKER_ERRORS as OUTBOX_ERRORS
 from ._outbox import Liveness, Writer
@@ -93,41 +95,67 @@ def _forget_purged(settings: Settings, letters: list[DeadLetter]) -> None:
 purge_listeners.append(_forget_purged)
 
 
-def _event_id_of(message: Any) -> str | None:
-    """The event id in a message's body, read as the JSON ``[args, kwargs, options]`` the
-    package's tasks send, whatever the consumer made of it; None if it is not that."""
+def _event_of(message: Any) -> tuple[str, dict[str, Any]] | None:
+    """The operation and keyword arguments of a message of one of the package's tasks, read
+    from its body as the JSON ``[args, kwargs, options]`` they send, whatever the consumer made
+    of it (refused its content type, say); None if it is not that."""
+    headers = getattr(message, "headers", None) or {}
+    name = headers.get("task") if isinstance(headers, dict) else None
+    if not isinstance(name, str) or not name.startswith("op_celery."):
+        return None
+    operation = name.removeprefix("op_celery.")
     body = getattr(message, "body", None)
     try:
         payload = json.loads(body) if isinstance(body, (bytes, str)) else None
     except ValueError:
         return None
-    if isinstance(payload, list) and len(payload) == 3 and isinstance(payload[1], dict):
-        event_id = payload[1].get("event_id")
-        return event_id if isinstance(event_id, str) else None
-    return None
+    if not (isinstance(payload, list) and len(payload) == 3 and isinstance(payload[1], dict)):
+        return None
+    kwargs: dict[str, Any] = payload[1]
+    if operation not in OPERATIONS or not isinstance(kwargs.get("event_id"), str):
+        return None
+    return operation, kwargs
 
 
-def _store(app: Celery, message: Any, reason: str) -> None:
+def _store(app: Celery, message: Any, reason: str, error_type: str = "PoisonMessage") -> None:
+    """Keep a message the worker refused as a dead letter: a replayable one when it is an event
+    of the package's tasks (the worker's configuration is at fault: fix it, then replay), else
+    the raw message (``PoisonMessage``, not replayable). Either way the event's outbox record
+    goes: a refusal is not an event to bring back each grace period."""
     settings = settings_for(app)
     delivery = getattr(message, "delivery_info", None) or {}
     queue = delivery.get("routing_key")
     if queue is not None and queue != settings.queue:
         return  # someone else's queue, someone else's business
-    event_id = _event_id_of(message)
-    extra: dict[str, Any] = {"queue": queue}
-    if event_id is not None:
-        extra["event_id"] = event_id
+    event = _event_of(message)
+    store = DeadLetterStore(settings)
     try:
-        letter = DeadLetterStore(settings).add_raw(getattr(message, "body", b""), reason,
-                                                   extra=extra)  # fmt: skip
+        if event is None:
+            letter = store.add_raw(getattr(message, "body", b""), reason, extra={"queue": queue})
+        else:
+            operation, kwargs = event
+            now = time.time()
+            letter = DeadLetter(
+                id=kwargs["event_id"], operation=operation,
+                project=str(kwargs.get("project", "default")), kwargs=kwargs,
+                error=f"refused by the worker: {reason}", error_type=error_type, status=None,
+                attempts=1, failed_at=now, first_failed_at=now, extra={"queue": queue},
+            )  # fmt: skip
+            store.add(letter)
     except OpenPanelError as exc:
-        log.error("op_celery: poison message not stored (%s): %s", exc, reason)
+        log.error("op_celery: refused message not stored (%s): %s", exc, reason)
     else:
-        log.warning("op_celery: poison message stored as dead letter %s: %s", letter.id, reason)
-    if event_id is not None:
-        # Refused by this worker: a configuration error, not an event to bring back each grace
-        # period (and one more dead letter each time).
-        forget_record(app, queue or settings.queue, event_id, "was refused by the worker")
+        if event is None:
+            log.warning("op_celery: poison message stored as dead letter %s: %s", letter.id,
+                        reason)  # fmt: skip
+        else:
+            log.warning(
+                "op_celery: %s event %s refused by this worker (%s); kept as a dead letter: fix "
+                "the worker, then run op-celery dead-letters replay", event[0], letter.id, reason,
+            )  # fmt: skip
+    if event is not None:
+        forget_record(app, queue or settings.queue, event[1]["event_id"],
+                      "was refused by the worker")  # fmt: skip
 
 
 class PoisonGuard(bootsteps.StartStopStep):
@@ -144,7 +172,8 @@ class PoisonGuard(bootsteps.StartStopStep):
         # when the Tasks step starts, which is before any step of ours could start.
 
         def on_decode_error(message: Any, exc: Exception) -> None:
-            _store(app, message, f"undecodable message ({type(exc).__name__}: {exc})")
+            _store(app, message, f"undecodable message ({type(exc).__name__}: {exc})",
+                   type(exc).__name__)  # fmt: skip
 
         _compat.wrap_decode_error_handler(consumer, on_decode_error)
 
@@ -154,7 +183,7 @@ class PoisonGuard(bootsteps.StartStopStep):
 
         def on_unknown(sender: Any = None, message: Any = None, name: Any = None, **_: Any) -> None:
             if sender is consumer:
-                _store(app, message, f"unknown task name {name!r}")
+                _store(app, message, f"unknown task name {name!r}", "NotRegistered")
 
         signals.task_rejected.connect(on_rejected, weak=False)
         signals.task_unknown.connect(on_unknown, weak=False)
@@ -246,7 +275,7 @@ def _guard(app: Celery, name: str, strategy: Any) -> Any:
         # (decoded already, a dict) is Celery's to check.
         if body is None and _malformed(message.payload):
             _store(app, message, f"malformed {name} message (the body is not "
-                   "[args, kwargs, options])")  # fmt: skip
+                   "[args, kwargs, options])", "MalformedMessage")  # fmt: skip
             message.ack()
             return None
         return strategy(message, body, ack, *args, **kwargs)

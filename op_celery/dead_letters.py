@@ -62,9 +62,9 @@ class DeadLetter:
 
     @property
     def event_id(self) -> str | None:
-        """The event's id: the dead letter's, or for a message that was no valid event, the
-        one its body carried (if any)."""
-        if self.error_type != "PoisonMessage":
+        """The event's id: the dead letter's, or for a message that was no valid event
+        (``add_raw``), the one its body carried (if any)."""
+        if self.operation != "unknown":
             return self.id
         event_id = self.extra.get("event_id")
         return event_id if isinstance(event_id, str) else None

@@ -174,7 +174,7 @@ def test_a_worker_without_the_tasks_drops_events_the_outbox_does_not_bring_back(
     assert stand_in.received == []
 
 
-def test_a_worker_refusing_json_keeps_one_dead_letter_per_event_and_no_record(
+def test_a_worker_refusing_json_keeps_one_replayable_dead_letter_per_event_and_no_record(
     producer: Celery,
     start_app_worker: Callable[..., AppWorker],
     stand_in: StandInServer,
@@ -194,6 +194,7 @@ def test_a_worker_refusing_json_keeps_one_dead_letter_per_event_and_no_record(
     assert wait_until(lambda: records(redis_client, env) == {}, timeout=10)
     time.sleep(QUIET_S)
     assert len(store) == sent
+    assert all(letter.replayable and letter.operation == "track" for letter in store)
     assert republished(worker) == 0
     # The package's own purge of those dead letters is not undone either.
     purge = subprocess.run(
@@ -248,3 +249,29 @@ def test_a_sigkilled_worker_is_taken_for_a_possible_loss_once_it_stops_saying_it
     assert wait_until(lambda: losses(redis_client, prefix).latest is not None, timeout=60)
     latest = losses(redis_client, prefix).latest
     assert latest is not None and latest > killed_at - CLOCK_MARGIN_S
+
+
+def test_events_a_misconfigured_worker_refused_are_delivered_by_replay_once_it_is_fixed(
+    producer: Celery,
+    start_worker: Callable[..., WorkerProcess],
+    start_app_worker: Callable[..., AppWorker],
+    stand_in: StandInServer,
+    env: dict[str, str],
+) -> None:
+    store = DeadLetterStore(load_settings(env=env))
+    refusing = start_app_worker("tests.pickle_worker_app", C_FORCE_ROOT="1")
+    for i in range(3):
+        op_celery.track.delay(f"refused, then replayed-{i}")
+    assert wait_until(lambda: len(store) == 3, timeout=30), refusing.log
+    refusing.stop()
+    start_worker()  # the fixed worker
+    replay = subprocess.run(
+        [str(Path(sys.executable).with_name("op-celery")), "dead-letters", "replay", "--yes"],
+        env=env, capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert "Re-enqueued 3 dead letters" in replay.stdout, replay.stdout + replay.stderr
+    assert stand_in.wait_for(3, timeout=30)
+    assert sorted(r.payload["name"] for r in stand_in.received) == [
+        f"refused, then replayed-{i}" for i in range(3)
+    ]
+    assert len(store) == 0
