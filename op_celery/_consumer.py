@@ -23,7 +23,8 @@ The step also keeps the outbox (``_outbox``) true to what happened to each messa
   (``task_revoked``), rejected by the task without requeue (``Reject``, ``task_postrun`` in
   state ``REJECTED``), refused by the consumer (``task_rejected``, ``task_unknown``, a body it
   cannot decode or does not accept). A sweeper never publishes again what Celery chose not to
-  run. Refusals are configuration errors, kept as one dead letter each, not every grace period.
+  run. A refusal of an event is a configuration error of that worker: the event is kept as one
+  replayable dead letter (replay it once the worker is fixed), not published every grace period.
 
 The step reaches into Celery's consumer (its strategies and decode-error handler) and kombu's
 Redis QoS through ``_compat``; on a Celery without them it does less, and Celery does the rest.
