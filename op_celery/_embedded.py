@@ -294,8 +294,12 @@ def watchdog(path: str, socket_file: str, pid: int) -> None:
     lock.truncate(0)
     lock.write(str(pid))
     lock.flush()
+    idle = 0
     while _alive(pid):
-        if not _live_users(path):
+        # Two looks in a row with no user: a process registers before it joins the server, so
+        # one that is joining during the first look is seen by the second.
+        idle = 0 if _live_users(path) else idle + 1
+        if idle >= 2:
             _stop(socket_file, pid, save=True)
             return
         time.sleep(WATCH_INTERVAL_S)

@@ -42,7 +42,7 @@ from ._result import (
     DemoResult,
     plan_events,
 )
-from ._run import run_demo
+from ._run import remote_api, run_demo
 
 __all__ = [
     "COUNTERS_ENV",
@@ -56,6 +56,7 @@ __all__ = [
     "DemoResult",
     "install_counters",
     "plan_events",
+    "remote_api",
     "run_demo",
 ]
 

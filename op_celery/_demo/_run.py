@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import shutil
@@ -13,6 +14,7 @@ from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from typing import cast
+from urllib.parse import urlsplit
 
 import click
 import redis
@@ -23,7 +25,7 @@ from .._events import OPERATIONS
 from .._exceptions import ConfigurationError
 from .._rates import parse_rate
 from .._redis import redact_url, redis_for
-from .._settings import EMBEDDED_URL, load_settings
+from .._settings import DEFAULT_API_URL, EMBEDDED_URL, load_settings
 from .._tasks import OpenPanelTask
 from ..dead_letters import DeadLetterStore
 from ..testing import StandInServer
@@ -40,7 +42,7 @@ from ._processes import (
 )
 from ._result import DemoError, DemoOptions, DemoResult, plan_events
 
-__all__ = ["INJECTED_429_RETRY_AFTER_S", "INJECTED_503S", "run_demo"]
+__all__ = ["INJECTED_429_RETRY_AFTER_S", "INJECTED_503S", "remote_api", "run_demo"]
 
 #: Periods of the window in which the held rate is measured, when the run lasts that long.
 BUSIEST_WINDOW_PERIODS = 5
@@ -48,6 +50,20 @@ BUSIEST_WINDOW_PERIODS = 5
 #: Faults injected into the stand-in: two 503s, then one 429 asking to wait 1 s.
 INJECTED_503S = 2
 INJECTED_429_RETRY_AFTER_S = 1
+
+
+def remote_api(env: Mapping[str, str]) -> str | None:
+    """The API URL the demo would send to when it is a real project's: credentials are set and
+    the API (``OPENPANEL_API_URL``, default the cloud) is not on this machine; else None."""
+    if not (env.get("OPENPANEL_CLIENT_ID") and env.get("OPENPANEL_CLIENT_SECRET")):
+        return None
+    url = env.get("OPENPANEL_API_URL") or DEFAULT_API_URL
+    host = urlsplit(url).hostname or ""
+    try:
+        local = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = False
+    return None if local else url
 
 
 def _real_api(env: Mapping[str, str]) -> bool:
@@ -96,11 +112,12 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = click.echo) -> 
         stand_in: StandInServer | None = None
         if real_api:
             api = base.project("default")
+            where = "the REAL OpenPanel API" if remote_api(os.environ) else "the OpenPanel API"
             echo(
-                f"OPENPANEL_CLIENT_ID is set: the demo sends {options.events} events to the REAL "
-                f"OpenPanel API at {api.api_url} (client {api.client_id}); they will appear in "
-                "that project. Unset OPENPANEL_CLIENT_ID and OPENPANEL_CLIENT_SECRET to use the "
-                "stand-in server instead."
+                f"OPENPANEL_CLIENT_ID is set: the demo sends {options.events} events to {where} "
+                f"at {api.api_url} (client {api.client_id}); they will appear in that project. "
+                "Unset OPENPANEL_CLIENT_ID and OPENPANEL_CLIENT_SECRET to use the stand-in "
+                "server instead."
             )
         else:
             client_id, secret = str(uuid.uuid4()), "sec_demo_" + uuid.uuid4().hex

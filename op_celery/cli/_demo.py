@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Mapping
-from urllib.parse import urlsplit
 
 import click
 
-from .._settings import DEFAULT_API_URL
 from ._main import main, requested_app
 
 __all__ = ["demo"]
@@ -86,19 +83,6 @@ def demo(
         ctx.exit(1)
 
 
-def _remote_api(env: Mapping[str, str]) -> str | None:
-    """The API URL the demo would send to when it is a real project's, not this machine's."""
-    if not (env.get("OPENPANEL_CLIENT_ID") and env.get("OPENPANEL_CLIENT_SECRET")):
-        return None
-    url = env.get("OPENPANEL_API_URL") or DEFAULT_API_URL
-    host = urlsplit(url).hostname or ""
-    try:
-        local = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        local = False
-    return None if local else url
-
-
 def _confirm_real_project(env: Mapping[str, str], events: int, real: bool) -> None:
     """Ask before demo events go to a real project (credentials set, an API not on this
     machine), unless ``--real``; no answer (a script, a pipe) is a no."""
@@ -107,7 +91,9 @@ def _confirm_real_project(env: Mapping[str, str], events: int, real: bool) -> No
             "--real sends to the project of OPENPANEL_CLIENT_ID and OPENPANEL_CLIENT_SECRET: "
             "set both, or leave --real out to use the stand-in server"
         )
-    url = _remote_api(env)
+    from .._demo import remote_api
+
+    url = remote_api(env)
     if url is None or real:
         return
     question = (

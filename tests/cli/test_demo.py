@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from op_celery.cli._demo import _remote_api
+from op_celery._demo import remote_api
 
 from ._support import one_line_error, run
 
@@ -49,10 +49,10 @@ def test_demo_real_flag_without_credentials_and_dash_a_are_usage_errors(
 
 def test_only_an_api_off_this_machine_counts_as_a_real_project() -> None:
     credentials = {"OPENPANEL_CLIENT_ID": "id", "OPENPANEL_CLIENT_SECRET": "secret"}
-    assert _remote_api(credentials) == "https://api.openpanel.dev"
+    assert remote_api(credentials) == "https://api.openpanel.dev"
     for local in ("http://127.0.0.1:8080", "http://localhost:3000", "http://[::1]:9"):
-        assert _remote_api({**credentials, "OPENPANEL_API_URL": local}) is None
-    assert _remote_api({"OPENPANEL_API_URL": "https://op.example.com"}) is None
+        assert remote_api({**credentials, "OPENPANEL_API_URL": local}) is None
+    assert remote_api({"OPENPANEL_API_URL": "https://op.example.com"}) is None
 
 
 def _alive(pid: int) -> bool:
