@@ -32,8 +32,8 @@ Configurations:
 
 Measured from the stand-in's own record of every request (status and arrival time): accepted
 requests per second in steady state (from ``max(2 s, W)`` after the first request to 2 s before
-the end of the run), as a share of ``L / W`` (in a change scenario, each half against its own
-limit); the same per phase (2 workers, 3 workers, 2 workers again); 429s; dead letters (the
+the end of the run, or to the end of the last whole window when ``W`` is longer), as a share
+of ``L / W`` (in a change scenario, each half against its own limit); the same per phase (2 workers, 3 workers, 2 workers again); 429s; dead letters (the
 configuration's Redis namespace); whether every event arrived exactly once; and convergence:
 the seconds from the first request (and from the limit change) until the first span of
 ``max(3 s, W)`` with no 429 and at least 90 % of the limit. The accepted requests per second are
@@ -459,15 +459,20 @@ def analyse(run: Run, scenario: Scenario) -> Figures:
     first, end = run.first_at, run.end_at
     edge = max(EDGE_S, scenario.window_s)
     span = max(3.0, scenario.window_s)
+    # Whole windows only, when they are longer than the edge: a run ends with its last request.
+    if scenario.window_s > EDGE_S:
+        stop = first + scenario.window_s * math.floor((end - first) / scenario.window_s)
+    else:
+        stop = end - EDGE_S
     if scenario.then is None:
-        steady = per_s(accepted_at, first + edge, end - EDGE_S)
+        steady = per_s(accepted_at, first + edge, stop)
         share = steady / scenario.per_s
         reconverged = math.nan
     else:  # each half against its own limit, weighted by its length
         then_per_s = scenario.then / scenario.window_s
         before = per_s(accepted_at, first + edge, run.change_at) / scenario.per_s
-        after = per_s(accepted_at, run.change_at + edge, end - EDGE_S) / then_per_s
-        weights = (run.change_at - first - edge, end - EDGE_S - run.change_at - edge)
+        after = per_s(accepted_at, run.change_at + edge, stop) / then_per_s
+        weights = (run.change_at - first - edge, stop - run.change_at - edge)
         share = (before * weights[0] + after * weights[1]) / sum(weights)
         steady = math.nan
         reconverged = converged_after(
@@ -476,7 +481,7 @@ def analyse(run: Run, scenario: Scenario) -> Figures:
     phases = (
         per_s(accepted_at, first + edge, run.join_at),
         per_s(accepted_at, run.join_at + SETTLE_S, run.leave_at),
-        per_s(accepted_at, run.leave_at + SETTLE_S, end - EDGE_S),
+        per_s(accepted_at, run.leave_at + SETTLE_S, stop),
     )
     seconds = max(0, math.ceil(end - first))
     accepted_series = [0] * seconds

@@ -36,8 +36,9 @@ any) is the one used:
   rate climbs back along
   CUBIC's curve (RFC 9438), back at the 429's rate after :data:`BACKOFF_PERIOD_S`, then probing
   upwards (:data:`BACKOFF_GAIN`). Growth costs no write: acquire computes the curve from the
-  last 429's rate and time. The very first 429 starts the curve at what was sent (acquire
-  counts admissions while nothing paces) over the time it took plus the pause.
+  last 429's rate and time. For the very first 429 the rate in use is what was sent (acquire
+  counts admissions while nothing paces) over the server's window, estimated as the time it
+  took plus the pause (down to whole seconds when that pause is a retry-after).
 
 Every 429 also pauses the whole pool, for ``retry-after`` or, without one,
 :data:`DEFAULT_PAUSE_S` doubled while 429s come back right after a pause (up to
@@ -97,12 +98,12 @@ MAX_CACHED_CLIENT_IDS = 1024
 #: rate, as the pool's pause already stops the overshoot; measured in benchmarks/RESULTS.md).
 BACKOFF_BETA = 0.1
 #: How fast the rate learned from 429s grows once past the last 429's rate: ``1 + gain *
-#: (t / K - 1) ** 3`` times that rate (after 1.5 K: +5 %; after 2 K: +40 %).
-BACKOFF_GAIN = 0.4
+#: (t / K - 1) ** 3`` times that rate (after 1.5 K: +12.5 %; after 2 K: twice it).
+BACKOFF_GAIN = 1.0
 #: Seconds after a 429 until the rate learned from 429s is back at the rate of that 429 (K).
-BACKOFF_PERIOD_S = 12.0
+BACKOFF_PERIOD_S = 16.0
 #: Share below the rate of a 429 where the curve levels off: that rate was too fast.
-BACKOFF_MARGIN = 0.01
+BACKOFF_MARGIN = 0.02
 #: Seconds the rate learned from 429s is kept after the last 429.
 BACKOFF_TTL_S = 900.0
 #: Seconds the pool pauses after a 429 that named no retry-after.

@@ -454,22 +454,25 @@ def test_a_learned_rate_expires_and_the_pool_is_unpaced_again(
     assert limiter.acquire("c", None, now_s=T0 + 2).granted
 
 
-def test_a_first_429_paces_at_what_was_sent_over_the_time_it_took_plus_the_pause(
+def test_a_first_429_paces_at_what_was_sent_over_the_time_it_took_and_the_pause(
     limiter: RateLimiter,
 ) -> None:
     for n in range(50):  # 50 sent unpaced in the first half second of a 1 s window
         assert limiter.acquire("c", None, now_s=T0 + n / 100).granted
-    backoff = limiter.backoff("c", 0.5, now_s=T0 + 0.5)
-    assert (backoff.pause_s, backoff.lowered) == (0.5, True)
-    # The curve starts at that measure (it is an underestimate when retry-after is rounded up).
-    assert backoff.level_per_s == pytest.approx(50 / (1 - BACKOFF_BETA), rel=0.02)
+    backoff = limiter.backoff("c", 1.0, now_s=T0 + 0.5)
+    assert (backoff.pause_s, backoff.lowered) == (1.0, True)
+    # 50 sent over 0.5 s, then a retry-after of 1 s (rounded up): a window of 1 s, so 50/s.
+    assert backoff.level_per_s == pytest.approx(50, rel=0.02)
+    for n in range(50):  # without retry-after the pause is all it knows: 50 / 1.5 s
+        assert limiter.acquire("d", None, now_s=T0 + n / 100).granted
+    assert limiter.backoff("d", None, now_s=T0 + 0.5).level_per_s == pytest.approx(50 / 1.5, 0.02)
     refused = limiter.acquire("c", None, now_s=T0 + 0.6)
-    assert not refused.granted and refused.wait_s == pytest.approx(0.4)  # the pause
+    assert not refused.granted and refused.wait_s == pytest.approx(0.9)  # the pause
     # After the pause, paced one slot after another, starting at (1 - beta) of the 429's rate.
-    assert limiter.acquire("c", None, now_s=T0 + 1.0).granted
-    second = limiter.acquire("c", None, max_wait_s=1, now_s=T0 + 1.0)
-    assert 1 / second.wait_s == pytest.approx(_curve(50 / (1 - BACKOFF_BETA), 0.5), rel=0.03)
-    assert _curve(50 / (1 - BACKOFF_BETA), 0.0) == pytest.approx(50)
+    assert limiter.acquire("c", None, now_s=T0 + 1.5).granted
+    second = limiter.acquire("c", None, max_wait_s=1, now_s=T0 + 1.5)
+    assert 1 / second.wait_s == pytest.approx(_curve(backoff.level_per_s, 1.0), rel=0.03)
+    assert _curve(50, 0.0) == pytest.approx(50 * (1 - BACKOFF_BETA))
 
 
 def _curve(level_per_s: float, since_s: float) -> float:
@@ -541,7 +544,7 @@ def test_the_configured_rate_caps_what_a_first_429_teaches(limiter: RateLimiter)
     for n in range(100):
         limiter.acquire("c", None, now_s=T0 + n / 1000)  # 100 in 0.1 s: 1000/s sent
     level = limiter.backoff("c", 0.1, parse_rate("20/s"), now_s=T0 + 0.1).level_per_s
-    assert level == pytest.approx(20 / (1 - BACKOFF_BETA), rel=1e-4)  # the curve starts at 20/s
+    assert level == pytest.approx(20, rel=1e-4)
 
 
 def test_headers_learned_later_replace_the_rate_learned_from_429s(limiter: RateLimiter) -> None:
@@ -584,3 +587,50 @@ def test_acquire_works_with_the_connection_pool_of_redis_py_before_5_3(prefix: s
     assert limiter.acquire("c", parse_rate("1/m")).granted
     assert not limiter.acquire("c", parse_rate("1/m")).granted
     client.close()
+
+
+# -- converging on a server's rate from its 429s, on the stand-in's clock ----------------------
+
+
+@pytest.mark.parametrize("mode", ["retry-after", "none"])
+def test_the_rate_learned_from_429s_converges_on_the_servers_limit(
+    limiter: RateLimiter, mode: str
+) -> None:
+    """One sender that sends whenever the limiter lets it, against a stand-in that allows 20 per
+    1 s window and says nothing but 429 (and maybe retry-after); the stand-in and the limiter
+    share a driven clock, so two simulated minutes take a few seconds and no sleep."""
+    from op_celery._client import OpenPanelClient
+    from op_celery._events import build_event, normalize_call
+    from op_celery._exceptions import RateLimited
+    from op_celery.testing import StandInServer
+
+    from ._support import CLIENT_ID, CLIENT_SECRET
+
+    now = [T0]
+    accepted: list[float] = []
+    limited: list[float] = []
+    with StandInServer(
+        clients={CLIENT_ID: CLIENT_SECRET},
+        rate_limit=(20, 1.0),
+        rate_limit_headers=mode,  # type: ignore[arg-type]
+        clock=lambda: now[0],
+    ) as server:
+        client = OpenPanelClient(CLIENT_ID, CLIENT_SECRET, server.url, allow_insecure_http=True)
+        event = build_event("track", normalize_call("track", ("converge",), {}))
+        while now[0] < T0 + 120:
+            acquisition = limiter.acquire(CLIENT_ID, None, max_wait_s=1.0, now_s=now[0])
+            now[0] += acquisition.wait_s
+            if not acquisition.granted:
+                continue
+            try:
+                client.send(event)
+                accepted.append(now[0])
+            except RateLimited as exc:
+                limited.append(now[0])
+                limiter.backoff(CLIENT_ID, exc.retry_after, now_s=now[0])
+            now[0] += 0.002  # the answer's latency
+    last_minute = [t for t in accepted if t >= T0 + 60]
+    too_many = [t for t in limited if t >= T0 + 60]
+    assert len(last_minute) >= 0.9 * 20 * 60
+    assert len(too_many) < 0.03 * (len(last_minute) + len(too_many))
+    assert limited, "the server never refused: nothing was learned"

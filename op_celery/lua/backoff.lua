@@ -29,9 +29,11 @@
 --   to climb back to (1 - margin) of it
 --   (without retry-after, that rate halved first when the 429 came back within twice the pause
 --   after it ended): the CUBIC rate of acquire.lua, or the configured rate when only it paced
---   the project. When nothing paced it, the rate starts at what acquire.lua counted divided by
---   the time it took plus the pause (a fixed window spent, then waited out; a retry-after
---   rounded up to whole seconds makes that an underestimate, which the probing makes up).
+--   the project. When nothing paced it, the rate of the 429 is what acquire.lua counted divided
+--   by the server's window: a fixed window spent, then waited out, so the time it took plus
+--   the pause, taken down to whole seconds when the server gave a retry-after (it rounds that
+--   up; windows are whole seconds as a rule). A window of 1.5 s would be taken for 1 s, and
+--   cost a few 429s, each lowering the rate, until the rate came down.
 
 local retry_after_ms = tonumber(ARGV[1])
 local default_ms = tonumber(ARGV[2])
@@ -103,7 +105,13 @@ if redis.call('EXISTS', KEYS[3]) == 0 then
     if tally[1] or configured_us <= 0 then
       local sent = (tonumber(tally[1]) or 0) + (tonumber(tally[3]) or 0)
       local span_us = (tonumber(tally[4]) or 0) + now_us - (tonumber(tally[2]) or now_us)
-      rate = math.max(1, sent) / ((span_us + pause_ms * 1000) / 1000000)
+      local window_s = (span_us + pause_ms * 1000) / 1000000
+      if retry_after_ms >= 0 and window_s >= 1 then
+        -- The window ends within the retry-after, which servers round up to whole seconds:
+        -- for a window of whole seconds that is the whole second below span + retry-after.
+        window_s = math.max(span_us / 1000000, math.floor(window_s))
+      end
+      rate = math.max(1, sent) / window_s
       first = true
     else
       rate = 1000000 / configured_us  -- the configured rate was the pace
@@ -115,9 +123,7 @@ if redis.call('EXISTS', KEYS[3]) == 0 then
   if too_soon and wmax and retry_after_ms < 0 then
     rate = rate / 2  -- the last lowering did not stop the 429s: halve, as TCP after a timeout
   end
-  if first then
-    rate = rate / (1 - beta)  -- a conservative measure: start the curve at it, not below
-  else
+  if not first then
     rate = rate * (1 - margin)  -- the rate of a 429 is too fast: level off a little below it
   end
   wmax = rate
