@@ -32,15 +32,16 @@ Configurations:
 
 Measured from the stand-in's own record of every request (status and arrival time): accepted
 requests per second in steady state (from ``max(2 s, W)`` after the first request to 2 s before
-the end of the run, or to the end of the last whole window when ``W`` is longer), as a share
-of ``L / W`` (in a change scenario, each half against its own limit); the same per phase (2 workers, 3 workers, 2 workers again); 429s; dead letters (the
-configuration's Redis namespace); whether every event arrived exactly once; and convergence:
-the seconds from the first request (and from the limit change) until the first span of
-``max(3 s, W)`` with no 429 and at least 90 % of the limit. The accepted requests per second are
-drawn as a text plot (one character per second, ``█`` = the limit; ``!`` under a second with
-429s). The machine's cores are shared by the workers, the stand-in, Redis, this script and
-whatever else runs there. Every process started is stopped by its PID and every Redis key
-written (under a private prefix) is deleted, also on errors and Ctrl-C.
+the end of the run, or to the end of the last whole window when ``W`` is longer), as a share of
+``L / W`` (in a change scenario, each half against its own limit); the same per phase (2
+workers, 3 workers, 2 workers again); 429s; dead letters (the configuration's Redis namespace);
+whether every event arrived exactly once; and convergence: the seconds from the first request
+(and from the limit change) until the first span of ``max(3 s, W)`` with no 429 and at least 90
+% of the limit. The accepted requests per second are drawn as a text plot (one character per
+second, ``█`` = the limit; ``!`` under a second with 429s). The machine's cores are shared by
+the workers, the stand-in, Redis, this script and whatever else runs there. Every process
+started is stopped by its PID and every Redis key written (under a private prefix) is deleted,
+also on errors and Ctrl-C.
 
     python benchmarks/rate_fidelity.py [--seconds 30] [--pool threads] [--concurrency 8]
         [--scenarios 50/1s:all,100/10s:all,...] [--configs op-celery:none,op-celery:exact,...]
