@@ -11,6 +11,7 @@ from typing import TypeVar, cast
 
 import pytest
 import redis
+from celery import Celery
 from redis.crc import key_slot
 
 import op_celery
@@ -21,9 +22,10 @@ from op_celery._rates import parse_rate
 from op_celery._redis import deployment_of, redact, redis_for, storage_errors
 from op_celery._settings import Settings, load_settings
 from op_celery.dead_letters import DeadLetter, DeadLetterStore
+from op_celery.testing import StandInServer
 
 from ._deployments import Cluster, SentinelGroup
-from ._support import dead_letter, wait_until
+from ._support import WorkerProcess, dead_letter, wait_until
 
 
 def test_standalone_urls_are_one_server() -> None:
@@ -312,3 +314,35 @@ def test_the_ledger_dead_letters_and_limiter_follow_a_sentinel_failover(how: str
         assert wait_until(lands_on_the_new_master, 10)
         exercise_ledger(ledger, ["after"])
         assert new_master.exists(ledger.keys("after")[0])
+
+
+def test_workers_ride_a_sigkilled_sentinel_master_losing_no_event_and_dead_lettering_none(
+    producer: Celery,
+    start_worker: Callable[..., WorkerProcess],
+    stand_in: StandInServer,
+    env: dict[str, str],
+) -> None:
+    count = 150
+    with SentinelGroup() as group:
+        workers = [
+            start_worker(OP_CELERY_REDIS_URL=group.url, OPENPANEL_RATE_LIMIT="50/s")
+            for _ in range(2)
+        ]
+        for i in range(count):
+            op_celery.track.delay(f"failover-{i}")
+        assert wait_until(lambda: len(stand_in.received) >= count // 4, 60)
+        old = group.master_port()
+        group.kill(old)
+        group.wait_for_new_master(old)
+        expected = {f"failover-{i}" for i in range(count)}
+        assert wait_until(
+            lambda: {r.payload["name"] for r in stand_in.received} >= expected, 120
+        ), workers[0].log
+        logs = "".join(worker.log for worker in workers)
+        assert "StorageUnavailable" in logs or "LimiterUnavailable" in logs  # it was away
+        assert "given up" not in logs
+        _redis._clients.clear()
+        prefix = env["OP_CELERY_KEY_PREFIX"]
+        store = DeadLetterStore(load_settings(env={"OP_CELERY_REDIS_URL": group.url,
+                                                   "OP_CELERY_KEY_PREFIX": prefix}))  # fmt: skip
+        assert len(store) == 0
