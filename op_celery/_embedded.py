@@ -153,11 +153,18 @@ def embedded_redis(db_path: Path | None = None) -> str:
             _check_destination(server, path)
             _servers[path] = server
             where = destination()
+            apart = (
+                " (a process with OPENPANEL_CLIENT_ID set uses another database: give producer "
+                "and workers the same OPENPANEL_* settings to meet)"
+                if where == NO_DESTINATION and not os.environ.get("OP_CELERY_EMBEDDED_DB")
+                else ""
+            )
             log.warning(
                 "op_celery: no broker configured; using an embedded Redis (%s) for events to "
-                "%s. Fine for a try-out; set OP_CELERY_BROKER_URL in production",
+                "%s%s. Fine for a try-out; set OP_CELERY_BROKER_URL in production",
                 path,
                 _describe(where),
+                apart,
             )
         socket_file: str = server.socket_file
         return socket_file
