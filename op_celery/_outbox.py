@@ -84,7 +84,7 @@ import redis
 from kombu.exceptions import OperationalError
 
 from . import _compat
-from ._lua import lua
+from ._lua import Script, lua
 
 __all__ = [
     "Liveness",
@@ -275,8 +275,8 @@ def losses(client: redis.Redis, prefix: str = "") -> Losses:
         run_id = str(client.info("server").get("run_id", ""))
     except redis.ResponseError:  # INFO refused (a managed Redis): restarts go unseen here
         run_id = ""
-    script = client.register_script(lua("outbox_losses.lua"))
-    now, latest = script(keys=list(broker_keys(prefix)), args=[run_id, LOSSES_KEPT_S])
+    now, latest = Script(client, "outbox_losses.lua")(list(broker_keys(prefix)),
+                                                      [run_id, LOSSES_KEPT_S])  # fmt: skip
     return Losses(float(now), float(latest) if latest else None)
 
 
@@ -313,8 +313,7 @@ class Liveness:
         prefix = _compat.redis_key_prefix(channel)
         client = _compat.redis_client(channel)
         consumers, lost, _ = broker_keys(prefix)
-        script = client.register_script(lua("outbox_alive.lua"))
-        script(keys=[consumers, lost], args=[self.consumer_id, self.ttl_s, what])
+        Script(client, "outbox_alive.lua")([consumers, lost], [self.consumer_id, self.ttl_s, what])
 
     def started(self, reconnected: bool = False) -> None:
         """The consumer (re)started: say so now, and keep saying it is alive."""
@@ -468,10 +467,9 @@ class Sweeper:
         lists, unacked = _compat.redis_message_keys(channel, queue)
         records_key, due_key = outbox_keys(queue, prefix)
         missing_key = prefix + MISSING_KEY.format(queue=queue)
-        script = client.register_script(lua("outbox_sweep.lua"))
-        answer = script(
-            keys=[records_key, due_key, missing_key, unacked, *lists],
-            args=[self.grace_s, MAX_RECORDS_PER_SWEEP, MAX_SCAN_MESSAGES],
+        answer = Script(client, "outbox_sweep.lua")(
+            [records_key, due_key, missing_key, unacked, *lists],
+            [MAX_RECORDS_PER_SWEEP, MAX_SCAN_MESSAGES],
         )
         status = int(answer[0])
         if status == 0:

@@ -6,12 +6,11 @@
 --             for a record whose message was found nowhere and is not judged yet.
 -- KEYS[4]     kombu's unacked hash of the broker (only its size is read here).
 -- KEYS[5...]  the queue's lists, one per priority step (only their lengths are read here).
--- ARGV[1]     unused (the grace period; the sweeper makes the records it saw due again).
--- ARGV[2]     records to pick, at most.
--- ARGV[3]     messages to read, at most: with more on the lists and in unacked, pick none now.
+-- ARGV[1]     records to pick, at most.
+-- ARGV[2]     messages to read, at most: with more on the lists and in unacked, pick none now.
 --
 -- Returns {0} when no record is due; {-1, messages} when the lists and unacked hold more than
--- ARGV[3] messages (the records stay due); else {1, messages, now, then per record picked:
+-- ARGV[2] messages (the records stay due); else {1, messages, now, then per record picked:
 -- record, its due time, its missing entry or ''}: the records due (due and missing entries
 -- without a record are dropped). Nothing else changes here: the sweeper makes a record due
 -- again a grace period after it saw its message, so a record's message was last seen a grace
@@ -22,7 +21,7 @@
 local now = redis.call('TIME')
 local now_s = tonumber(now[1]) + tonumber(now[2]) / 1000000
 local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now_s, 'WITHSCORES', 'LIMIT', 0,
-  tonumber(ARGV[2]))
+  tonumber(ARGV[1]))
 if #due == 0 then
   return {0}
 end
@@ -30,7 +29,7 @@ local total = redis.call('HLEN', KEYS[4])
 for i = 5, #KEYS do
   total = total + redis.call('LLEN', KEYS[i])
 end
-if total > tonumber(ARGV[3]) then
+if total > tonumber(ARGV[2]) then
   return {-1, total}
 end
 local picked = {1, total, string.format('%.6f', now_s)}
