@@ -53,6 +53,7 @@ __all__ = [
     "event_id",
     "event_name",
     "fail",
+    "json_bound",
     "non_empty_str",
     "optional_str",
     "positive_number",
@@ -156,6 +157,14 @@ def profile_id(op: str, value: object, *, required: bool) -> str | int | float |
 _PLAIN_SCALARS = (str, bool, type(None))
 
 
+def _plain_number(item: object) -> bool:
+    """An exact int within 2**53 or a finite float: sent as it is, no recursive call."""
+    kind = type(item)
+    if kind is int:
+        return -MAX_SAFE_INTEGER <= item <= MAX_SAFE_INTEGER  # type: ignore[operator]
+    return kind is float and math.isfinite(item)  # type: ignore[arg-type]
+
+
 def _json_value(op: str, path: str, value: object, depth: int = 0) -> Any:
     """Check that ``value`` is plain JSON; return it with tuples turned into lists."""
     if value is None or isinstance(value, (str, bool)):
@@ -197,7 +206,7 @@ def _json_value(op: str, path: str, value: object, depth: int = 0) -> Any:
                     f"has the key {show(key)} ({type(key).__name__}): op-celery wants string "
                     "keys, as JSON has, rather than letting json.dumps change it; convert it",
                 )
-            if type(item) in _PLAIN_SCALARS:
+            if type(item) in _PLAIN_SCALARS or _plain_number(item):
                 out[key] = item
             else:
                 out[key] = _json_value(op, f"{path}[{key!r}]", item, depth + 1)
@@ -205,7 +214,7 @@ def _json_value(op: str, path: str, value: object, depth: int = 0) -> Any:
     if isinstance(value, (list, tuple)):
         return [
             item
-            if type(item) in _PLAIN_SCALARS
+            if type(item) in _PLAIN_SCALARS or _plain_number(item)
             else _json_value(op, f"{path}[{i}]", item, depth + 1)
             for i, item in enumerate(value)
         ]
@@ -376,7 +385,40 @@ def event_id(op: str, value: object) -> str:
     return _header(op, "event_id", "request-id", value)
 
 
+#: Most bytes a scalar of each exact type takes in compact JSON, its comma included (a safe int
+#: has at most 17 characters, a float's repr at most 24).
+_SCALAR_BYTES = {int: 18, float: 25, bool: 6, type(None): 5}
+
+
+def json_bound(value: object) -> int:
+    """An upper bound of ``len(json.dumps(value, separators=(",", ":")))``, without encoding.
+
+    With ``ensure_ascii`` a character takes at most 12 bytes (an astral one, as two ``\\u``
+    escapes); an unknown type gives a huge bound, so the caller encodes exactly.
+    """
+    if isinstance(value, dict):
+        pairs: Any = value.items()
+    elif isinstance(value, list):
+        pairs = ((None, item) for item in value)
+    elif type(value) is str:
+        return 12 * len(value) + 3
+    else:
+        return 1 << 62
+    total = 2
+    for key, item in pairs:
+        if key is not None:
+            total += 12 * len(key) + 3
+        kind = type(item)
+        if kind is str:
+            total += 12 * len(item) + 3
+        else:
+            total += _SCALAR_BYTES.get(kind) or json_bound(item) + 1
+    return total
+
+
 def body_size(op: str, body: dict[str, Any]) -> None:
+    if json_bound(body) <= MAX_BODY_BYTES:
+        return  # the usual case, at about half the cost of encoding
     size = len(_COMPACT_JSON.encode(body))
     if size <= MAX_BODY_BYTES:
         return

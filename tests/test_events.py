@@ -287,3 +287,32 @@ def test_building_the_normalized_message_again_gives_the_same_body() -> None:
     assert again == message
     assert build_event("track", message).body == build_event("track", again).body
     assert build_event("track", message).client_ip == "::1"
+
+
+def test_the_size_bound_is_never_below_the_encoded_size() -> None:
+    """The check skips encoding when the bound fits, so the bound must hold for any JSON."""
+    import random
+    from pathlib import Path
+
+    from op_celery._checks import json_bound
+
+    table = json.loads((Path(__file__).parent / "data" / "openpanel_verdicts.json").read_text())
+    bodies = [json.loads(case["body"]) for case in table["cases"]]
+    rng = random.Random(7)
+    scalars = [
+        "", "\U0001f600" * 3, "\x00\"\\\n", "\ud800", "é中", 2**53 - 1, -(2**53 - 1), 0,
+        -1.2345678901234567e-308, 1e300, 5e-324, True, False, None,
+    ]  # fmt: skip
+
+    def value(depth: int) -> object:
+        roll = rng.random()
+        if depth > 3 or roll < 0.5:
+            return rng.choice(scalars)
+        if roll < 0.75:
+            return [value(depth + 1) for _ in range(rng.randint(0, 4))]
+        return {rng.choice(["", "k", "\U0001f600", "é"]) * rng.randint(0, 3): value(depth + 1)
+                for _ in range(rng.randint(0, 4))}  # fmt: skip
+
+    bodies += [value(0) for _ in range(2000)]
+    for body in bodies:
+        assert json_bound(body) >= len(json.dumps(body, separators=(",", ":"))), body
