@@ -545,8 +545,8 @@ class Sweeper:
             log.info(
                 "op_celery: %d events of queue %r left the broker unfinished, and no worker "
                 "crash, reconnection or Redis restart could have lost them: they were removed "
-                "on purpose (purged, expired, revoked, or refused by a worker); the outbox "
-                "forgets them (first: %s)",
+                "on purpose (purged, or ended by a worker without a delivery: expired, "
+                "revoked, refused, failed); the outbox forgets them (first: %s)",
                 len(removed),
                 queue,
                 ", ".join(removed[:3]),
