@@ -1,9 +1,10 @@
 """What operators import (``deploy/``): the Grafana dashboard and the Prometheus alerting rules.
 
-Every PromQL expression in them may name only what the package exports: the names and labels
-come from a real scrape of ``op_celery.metrics`` served in this process by prometheus-client's
-HTTP server, after one event of each signal, so the ``_total``, ``_bucket``, ``_count`` and
-``_sum`` samples are the ones Prometheus stores. ``promtool`` (Debian's ``prometheus``
+Every PromQL expression in them may name only what the package exports: the names, labels and
+buckets come from a real scrape of the package's worker (``OP_CELERY_METRICS_PORT``) after a
+retry, a 429, deliveries and a dead letter, so the ``_total``, ``_bucket``, ``_count`` and
+``_sum`` samples are the ones Prometheus stores; a test checks that they are exactly what
+``op_celery.metrics`` defines. ``promtool`` (Debian's ``prometheus``
 package) checks and unit-tests the rules when it is installed; the YAML structure is checked
 either way.
 """
@@ -15,12 +16,14 @@ import re
 import shutil
 import subprocess
 import urllib.request
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import yaml
 from celery import Celery
 from prometheus_client import CollectorRegistry, start_http_server
@@ -28,11 +31,20 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 
 import op_celery
-from op_celery import metrics, signals
+from op_celery import _app, metrics, signals
 from op_celery._settings import DEFAULT_VISIBILITY_TIMEOUT_S
 from op_celery.testing import StandInServer
 
-from ._support import WorkerProcess, answer_429_once, free_port, wait_until
+from ._support import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    REDIS_URL,
+    WorkerProcess,
+    answer_429_once,
+    free_port,
+    wait_until,
+    worker_env,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "op-celery.json"
@@ -48,7 +60,7 @@ GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__range": "1h", "$job": ".*", "
 PROMQL_FUNCTIONS = frozenset({
     "sum", "avg", "min", "max", "count", "rate", "irate", "increase", "deriv", "delta",
     "histogram_quantile", "absent", "absent_over_time", "clamp_min", "time", "vector", "scalar",
-    "label_values", "topk",
+    "label_values", "topk", "max_over_time", "min_over_time",
 })  # fmt: skip
 PROMQL_KEYWORDS = frozenset({
     "by", "without", "on", "ignoring", "group_left", "group_right", "offset", "bool", "and", "or",
@@ -67,33 +79,79 @@ class Exported:
 
 
 @pytest.fixture(scope="module")
-def exported() -> Iterator[Exported]:
+def worker_metrics() -> Iterator[str]:
+    """What ``celery -A op_celery.worker worker`` serves on ``OP_CELERY_METRICS_PORT`` after a
+    retry (503), a pause (429), deliveries and a dead letter (400): every metric with a sample.
+    """
+    key_prefix = f"opc-test-{uuid.uuid4().hex[:10]}:"
+    port = free_port()
+    with StandInServer(clients={CLIENT_ID: CLIENT_SECRET}) as stand_in:
+        env = worker_env(stand_in.url, REDIS_URL, key_prefix)
+        # A configured pace, so that the rate gauge has a sample whatever is learned.
+        env.update(OP_CELERY_METRICS_PORT=str(port), OPENPANEL_RATE_LIMIT="40/s")
+        _app.reset_settings()
+        app = Celery("deploy-test", set_as_current=True)
+        app.conf.update(
+            broker_url=env["OP_CELERY_BROKER_URL"],
+            broker_transport_options={"global_keyprefix": env["OP_CELERY_BROKER_KEY_PREFIX"]},
+            op_celery_queue=env["OP_CELERY_QUEUE"],
+            task_ignore_result=True,
+        )
+        worker = WorkerProcess(env)
+        try:
+            worker.start()
+
+            def served(name: str, at_least: float) -> bool:
+                try:
+                    return sample(scrape(port), name) >= at_least
+                except OSError:
+                    return False
+
+            assert wait_until(lambda: served("op_celery_events_throttled_total", 0)), worker.log
+            stand_in.fail_next(1, status=503, body="unavailable")
+            op_celery.track.delay("deploy_retried")
+            assert wait_until(lambda: served("op_celery_events_delivered_total", 1)), worker.log
+            answer_429_once(stand_in, retry_after="0.2")
+            op_celery.track.delay("deploy_throttled")
+            assert wait_until(lambda: served("op_celery_events_delivered_total", 2)), worker.log
+            stand_in.fail_next(
+                1, status=400, body=BODY_400, headers={"content-type": "application/json"}
+            )
+            op_celery.track.delay("deploy_refused")
+            assert wait_until(lambda: served("op_celery_events_dead_lettered_total", 1)), worker.log
+            yield scrape(port)
+        finally:
+            worker.stop()
+            app.close()
+            _app.reset_settings()
+            client = redis.Redis.from_url(REDIS_URL)
+            keys = list(client.scan_iter(match=f"{key_prefix}*", count=1000))
+            if keys:
+                client.delete(*keys)
+            client.close()
+
+
+@pytest.fixture(scope="module")
+def exported(worker_metrics: str) -> Exported:
+    """The package's samples in the worker's scrape (not prometheus-client's process_* and
+    python_*), and the names of the metrics op_celery.metrics defines."""
     registry = CollectorRegistry()
     metrics.install(registry)
-    # One of each signal, as the tasks send them, so that labelled metrics have samples.
-    event = {"operation": "track", "project": "default", "event_id": "deploy-test"}
-    signals.event_delivered.send(sender=None, **event, status=200, latency_s=0.02, age_s=1.0)
-    signals.event_retried.send(sender=None, **event, reason="ServerError", countdown_s=1.0)
-    signals.event_throttled.send(sender=None, **event, wait_s=0.5)
-    signals.event_dead_lettered.send(sender=None, **event, error_type="InvalidPayload", status=400)
-    port = free_port()
-    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
-    try:
-        text = scrape(port)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-    yield read_exposition(text, families={family.name for family in registry.collect()})
+    found = read_exposition(worker_metrics)
+    return Exported(
+        labels={name: labels for name, labels in found.labels.items() if "op_celery" in name},
+        buckets=found.buckets,
+        families={family.name for family in registry.collect()},
+    )
 
 
-def read_exposition(text: str, families: set[str] | None = None) -> Exported:
-    found = Exported(families=families or set())
+def read_exposition(text: str) -> Exported:
+    found = Exported()
     for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            found.labels.setdefault(sample.name, set()).update(sample.labels)
-            if sample.name.endswith("_bucket"):
-                found.buckets.setdefault(sample.name, set()).add(sample.labels["le"])
+        for one in family.samples:
+            found.labels.setdefault(one.name, set()).update(one.labels)
+            if one.name.endswith("_bucket"):
+                found.buckets.setdefault(one.name, set()).add(one.labels["le"])
     return found
 
 
@@ -113,41 +171,36 @@ def sample(text: str, name: str) -> float:
     )
 
 
-def test_a_real_worker_serves_the_names_and_labels_the_checks_read(
-    exported: Exported,
-    producer: Celery,
-    stand_in: StandInServer,
-    start_worker: Callable[..., WorkerProcess],
+def test_a_worker_serves_every_metric_the_module_defines_and_no_other(
+    worker_metrics: str, exported: Exported
 ) -> None:
-    """The package's worker with OP_CELERY_METRICS_PORT, after a retry, a 429, deliveries and
-    a dead letter, exposes exactly what the in-process scrape gave the checks below."""
+    """The names the checks below read are op_celery.metrics' own: served in this process after
+    one event of each signal, its samples (and labels) are the worker's; the rate-limit gauges,
+    read from Redis for projects this process delivered for, are named by their collector."""
+    registry = CollectorRegistry()
+    metrics.install(registry)
+    event = {"operation": "track", "project": "default", "event_id": "deploy-test"}
+    signals.event_delivered.send(sender=None, **event, status=200, latency_s=0.02, age_s=1.0)
+    signals.event_retried.send(sender=None, **event, reason="ServerError", countdown_s=1.0)
+    signals.event_throttled.send(sender=None, **event, wait_s=0.5)
+    signals.event_dead_lettered.send(sender=None, **event, error_type="InvalidPayload", status=400)
     port = free_port()
-    worker = start_worker(OP_CELERY_METRICS_PORT=port)
-
-    def served(name: str, at_least: float) -> bool:
-        try:
-            return sample(scrape(port), name) >= at_least
-        except OSError:
-            return False
-
-    assert wait_until(lambda: served("op_celery_events_throttled_total", 0)), worker.log
-    stand_in.fail_next(1, status=503, body="unavailable")
-    op_celery.track.delay("deploy_retried")
-    assert wait_until(lambda: served("op_celery_events_delivered_total", 1)), worker.log
-    answer_429_once(stand_in, retry_after="0.2")
-    op_celery.track.delay("deploy_throttled")
-    assert wait_until(lambda: served("op_celery_events_delivered_total", 2)), worker.log
-    stand_in.fail_next(1, status=400, body=BODY_400, headers={"content-type": "application/json"})
-    op_celery.track.delay("deploy_refused")
-    assert wait_until(lambda: served("op_celery_events_dead_lettered_total", 1)), worker.log
-    text = scrape(port)
-    assert sample(text, "op_celery_events_retried_total") >= 1
-    assert sample(text, "op_celery_events_throttled_total") >= 1
-    from_worker = read_exposition(text)
-    # The worker serves prometheus-client's global registry: process_* and python_* too.
-    ours = {name: labels for name, labels in from_worker.labels.items() if "op_celery" in name}
-    assert ours == exported.labels
-    assert from_worker.buckets == exported.buckets
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    try:
+        in_process = read_exposition(scrape(port))
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    gauges = {family.name for family in metrics.RATE_LIMIT.describe()}
+    assert set(exported.labels) == set(in_process.labels) | gauges
+    for name, labels in in_process.labels.items():
+        assert exported.labels[name] == labels, name
+    assert exported.buckets == in_process.buckets
+    assert exported.labels["op_celery_rate_limit_per_second"] == {"project", "source"}
+    assert exported.labels["op_celery_rate_limit_paused_seconds"] == {"project"}
+    assert sample(worker_metrics, "op_celery_events_retried_total") >= 1
+    assert sample(worker_metrics, "op_celery_events_throttled_total") >= 1
 
 
 # --- PromQL, read as far as these checks need. ----------------------------------------------
@@ -337,7 +390,8 @@ def test_the_dashboard_shows_what_operators_asked_for() -> None:
     titles = " | ".join(panel["title"] for panel in panels())
     for wanted in (
         "Delivered/s by project and operation", "Retries/s by reason", "429s and pauses",
-        "Dead letters", "Event age at delivery", "Send latency",
+        "Limiter's rate in use", "Pause after a 429", "Dead letters", "Event age at delivery",
+        "Send latency",
     ):  # fmt: skip
         assert wanted in titles
     by_title = {panel["title"]: panel for panel in panels()}
@@ -378,7 +432,7 @@ def test_the_rules_file_has_the_structure_prometheus_loads() -> None:
         names.append(rule["alert"])
     assert sorted(names) == sorted(set(names))
     assert set(names) == {
-        "OpCeleryDeadLettersGrowing", "OpCeleryPoolPaused",
+        "OpCeleryDeadLettersGrowing", "OpCeleryPoolPaused", "OpCeleryThrottledWithoutDeliveries",
         "OpCeleryEventAgeOverVisibilityTimeout", "OpCeleryNoDeliveries",
     }  # fmt: skip
 
