@@ -13,7 +13,8 @@ failover behind Sentinel does to a running pool.
     ``celery -A op_celery.worker worker`` processes (threads) at ``OPENPANEL_RATE_LIMIT``
     ``--rate``, the stand-in counting that limit per fixed window (429 above it), and the
     package's Redis (ledger, limiter, dead letters) a master + replica behind 3 sentinels. The
-    master is SIGKILLed once ``--kill-after`` of the events were delivered. Reported: events
+    master is SIGKILLed (``--graceful``: ``SENTINEL FAILOVER``, which leaves it running until
+    the sentinels demote it) once ``--kill-after`` of the events were delivered. Reported: events
     delivered, duplicates, 429s, dead letters, retries logged for an unavailable Redis, the
     longest gap between two deliveries, and how long the sentinels took to promote.
 
@@ -144,9 +145,12 @@ def limited_stand_in(rate: str) -> Iterator[StandIn]:
         _stop(process, group=False)
 
 
-def part_b(events: int, rate: int, kill_after: float, broker_url: str) -> None:
+def part_b(events: int, rate: int, kill_after: float, broker_url: str, graceful: bool) -> None:
+    how = "SENTINEL FAILOVER" if graceful else "SIGKILL"
+    if kill_after >= 1:
+        how = "left alone (no failover)"
     print(f"(b) {events} events at {rate}/s, 2 workers x {CONCURRENCY} threads, the package's "
-          f"Redis behind Sentinel, its master SIGKILLed at {kill_after:.0%} delivered")  # fmt: skip
+          f"Redis behind Sentinel, its master: {how} at {kill_after:.0%} delivered")  # fmt: skip
     from celery import Celery
 
     import op_celery
@@ -187,15 +191,20 @@ def part_b(events: int, rate: int, kill_after: float, broker_url: str) -> None:
         try:
             control = stand_in.control
             started = time.monotonic()
-            while control.stats()["received"] < events * kill_after:
+            while control.stats()["received"] < events * min(kill_after, 1.0):
                 time.sleep(0.05)
                 if time.monotonic() - started > 600:
                     raise RuntimeError("no progress")
-            old = group.master_port()
-            killed_at = time.monotonic()
-            group.kill(old)
-            group.wait_for_new_master(old)
-            promoted_s = time.monotonic() - killed_at
+            promoted_s = float("nan")
+            if kill_after < 1:
+                old = group.master_port()
+                killed_at = time.monotonic()
+                if graceful:
+                    group.failover()  # SENTINEL FAILOVER: the old master lives on, to be demoted
+                else:
+                    group.kill(old)
+                group.wait_for_new_master(old)
+                promoted_s = time.monotonic() - killed_at
             deadline = time.monotonic() + max(120.0, 3 * events / rate)
             while time.monotonic() < deadline:
                 names = {r.payload["name"] for r in control.received()}
@@ -225,8 +234,9 @@ def part_b(events: int, rate: int, kill_after: float, broker_url: str) -> None:
     print(f"delivered {len(set(names))} of {events}; duplicates {len(names) - len(set(names))}; "
           f"429s {counts.get(429, 0)} of {requests} requests "
           f"({counts.get(429, 0) / max(1, requests):.2%}); dead letters {dead}")  # fmt: skip
-    print(f"sentinels promoted the replica {promoted_s:.1f} s after the SIGKILL; longest gap "
-          f"between two deliveries {gap:.2f} s; run {times[-1] - times[0]:.1f} s")  # fmt: skip
+    if kill_after < 1:
+        print(f"sentinels promoted the replica {promoted_s:.1f} s after the {how}")
+    print(f"longest gap between two deliveries {gap:.2f} s; run {times[-1] - times[0]:.1f} s")
     unavailable = logs.count("StorageUnavailable") + logs.count("LimiterUnavailable")
     retries, given_up = logs.count("retry: Retry in"), logs.count("given up")
     print(f"worker logs: {unavailable} lines naming an unavailable Redis, {retries} retries, "
@@ -237,15 +247,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=3000)
     parser.add_argument("--rate", type=int, default=100)
-    parser.add_argument("--kill-after", type=float, default=0.3)
+    parser.add_argument("--kill-after", type=float, default=0.3, help="1 or more: no failover")
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL, help="the shared broker")
     parser.add_argument("--part", choices=["a", "b", "ab"], default="ab")
+    parser.add_argument("--graceful", action="store_true", help="SENTINEL FAILOVER, no SIGKILL")
     args = parser.parse_args()
     print(describe_machine())
     if "a" in args.part:
         part_a()
     if "b" in args.part:
-        part_b(args.events, args.rate, args.kill_after, args.redis_url)
+        part_b(args.events, args.rate, args.kill_after, args.redis_url, args.graceful)
 
 
 if __name__ == "__main__":
