@@ -55,20 +55,19 @@ _Builder = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 def _track(kw: dict[str, Any]) -> dict[str, Any]:
+    # In the server's order: the fields of the shape, then its refinements (reserved and
+    # blocked names, revenue), so the first complaint is the one OpenPanel would make.
     op = "track"
-    name = check.event_name(op, kw["name"])
+    name = check.non_empty_str(op, "name", kw["name"])
     properties = check.properties(op, kw["properties"]) or {}
+    profile_id = check.profile_id(op, kw["profile_id"], required=False)
+    groups = None if kw["groups"] is None else check.str_list(op, "groups", kw["groups"])
+    check.event_name(op, name)
     if name == "revenue":
         check.revenue(op, properties)
     properties["__timestamp"] = check.timestamp(op, kw["timestamp"])
-    groups = None if kw["groups"] is None else check.str_list(op, "groups", kw["groups"])
     return _drop_none(
-        {
-            "name": name,
-            "properties": properties,
-            "profileId": check.profile_id(op, kw["profile_id"], required=False),
-            "groups": groups,
-        }
+        {"name": name, "properties": properties, "profileId": profile_id, "groups": groups}
     )
 
 
