@@ -18,9 +18,10 @@ the model behind the server.
 
 Limits, stated plainly:
 
-- It validates the shapes OpenPanel's zod schemas check, with approximations: the attack
-  blocklist is a representative subset of OpenPanel's, e-mail and URL checks approximate zod's,
-  and every 400 message says ``Invalid input`` (the real text varies by zod version).
+- It validates with op-celery's own rules (``op_celery._rules``, ``_url``: the full blocklist,
+  zod 4's e-mail pattern, WHATWG URLs), which agree with OpenPanel's schema run under Node on
+  every row of ``tests/data/openpanel_verdicts.json``; its 400 messages still say ``Invalid
+  input`` per failing field (`_validation.validation_message` has zod's exact words).
 - It does not model CORS/``Origin`` clients, bot detection (202), duplicate detection, project
   filters, the legacy ``mixan-*`` headers or credentials in the body: every request needs the
   client id and secret headers.
