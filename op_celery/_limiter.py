@@ -30,15 +30,15 @@ any) is the one used:
   the window inferred from ``x-ratelimit-reset`` (the largest reset seen: the answer that opens
   a window carries all of it), slowed by the headroom. Kept :data:`LEARNED_TTL_S` after the
   last refresh; a changed limit is taken at once.
-- **From 429s** (:meth:`RateLimiter.backoff`, ``lua/backoff.lua``), when no headers came: each
-  429 outside a pause lowers the rate to ``1 - BACKOFF_BETA`` of the rate in use (of half of it
-  when a 429 without retry-after came back within twice the pause after it ended), and the
-  rate climbs back along
-  CUBIC's curve (RFC 9438), back at the 429's rate after :data:`BACKOFF_PERIOD_S`, then probing
-  upwards (:data:`BACKOFF_GAIN`). Growth costs no write: acquire computes the curve from the
-  last 429's rate and time. For the very first 429 the rate in use is what was sent (acquire
-  counts admissions while nothing paces) over the server's window, estimated as the time it
-  took plus the pause (down to whole seconds when that pause is a retry-after).
+- **From 429s** (:meth:`RateLimiter.backoff`, ``lua/backoff.lua``), when no headers came: each 429
+  outside a pause lowers the rate to ``1 - BACKOFF_BETA`` of the rate in use (of half of it when
+  429s without retry-after came back right after a pause twice in a row), and the rate climbs back
+  along CUBIC's curve (RFC 9438) from the end of the pause, back just below the 429's rate
+  (:data:`BACKOFF_MARGIN`) after :data:`BACKOFF_PERIOD_S`, then probing upwards
+  (:data:`BACKOFF_GAIN`). Growth costs no write: acquire computes the curve from the last 429's
+  rate and time. For the very first 429 the rate in use is what was sent (acquire counts
+  admissions while nothing paces) over the server's window, estimated as the time it took plus the
+  pause, down to whole seconds.
 
 Every 429 also pauses the whole pool, for ``retry-after`` or, without one,
 :data:`DEFAULT_PAUSE_S` doubled while 429s come back right after a pause (up to

@@ -463,15 +463,15 @@ def test_a_first_429_paces_at_what_was_sent_over_the_time_it_took_and_the_pause(
     assert (backoff.pause_s, backoff.lowered) == (1.0, True)
     # 50 sent over 0.5 s, then a retry-after of 1 s (rounded up): a window of 1 s, so 50/s.
     assert backoff.level_per_s == pytest.approx(50, rel=0.02)
-    for n in range(50):  # without retry-after the pause is all it knows: 50 / 1.5 s
+    for n in range(50):  # the window is taken in whole seconds: 50 in 0.5 s + 1 s is 50/1 s
         assert limiter.acquire("d", None, now_s=T0 + n / 100).granted
-    assert limiter.backoff("d", None, now_s=T0 + 0.5).level_per_s == pytest.approx(50 / 1.5, 0.02)
+    assert limiter.backoff("d", None, now_s=T0 + 0.5).level_per_s == pytest.approx(50, 0.02)
     refused = limiter.acquire("c", None, now_s=T0 + 0.6)
     assert not refused.granted and refused.wait_s == pytest.approx(0.9)  # the pause
     # After the pause, paced one slot after another, starting at (1 - beta) of the 429's rate.
     assert limiter.acquire("c", None, now_s=T0 + 1.5).granted
     second = limiter.acquire("c", None, max_wait_s=1, now_s=T0 + 1.5)
-    assert 1 / second.wait_s == pytest.approx(_curve(backoff.level_per_s, 1.0), rel=0.03)
+    assert 1 / second.wait_s == pytest.approx(_curve(backoff.level_per_s, 0.0), rel=0.03)
     assert _curve(50, 0.0) == pytest.approx(50 * (1 - BACKOFF_BETA))
 
 
@@ -491,7 +491,7 @@ def test_the_rate_learned_from_429s_climbs_back_to_the_429s_rate_after_the_perio
     # Without a configured rate, the intervals acquire hands out follow the curve: below the
     # 429's rate at first, back at it after the period, then above it (probing).
     for since_s in (1.0, BACKOFF_PERIOD_S, 1.5 * BACKOFF_PERIOD_S):
-        now = T0 + since_s
+        now = T0 + DEFAULT_PAUSE_S + since_s  # the curve starts when the pause ends
         assert limiter.acquire("c", None, now_s=now).granted
         booked = limiter.acquire("c", None, max_wait_s=1, now_s=now)
         assert 1 / booked.wait_s == pytest.approx(_curve(level, since_s), rel=0.01)
@@ -512,21 +512,32 @@ def test_a_429_during_a_pause_changes_nothing_and_one_after_it_lowers_the_rate(
     after = limiter.backoff("c", 1.0, now_s=T0 + 3.6)
     assert after.lowered
     assert after.level_per_s == pytest.approx(
-        _curve(first.level_per_s, 3.6) * (1 - BACKOFF_MARGIN), rel=1e-3
+        _curve(first.level_per_s, 3.6 - 2.0) * (1 - BACKOFF_MARGIN),
+        rel=1e-3,  # from 2 s
     )
     # Long after: lowered from the pace it had climbed to since, by beta only.
     later = limiter.backoff("c", 1.0, now_s=T0 + 30)
     assert later.level_per_s == pytest.approx(
-        _curve(after.level_per_s, 26.4) * (1 - BACKOFF_MARGIN), rel=1e-3
+        _curve(after.level_per_s, 30 - 4.6) * (1 - BACKOFF_MARGIN), rel=1e-3
     )
 
 
-def test_without_retry_after_a_429_right_after_a_pause_doubles_the_pause(
+def test_without_retry_after_429s_right_after_a_pause_double_it_then_halve_the_rate(
     limiter: RateLimiter,
 ) -> None:
-    assert limiter.backoff("c", None, now_s=T0).pause_s == DEFAULT_PAUSE_S
-    assert limiter.backoff("c", None, now_s=T0 + 1.1).pause_s == 2 * DEFAULT_PAUSE_S
-    assert limiter.backoff("c", None, now_s=T0 + 3.2).pause_s == 4 * DEFAULT_PAUSE_S
+    first = limiter.backoff("c", None, parse_rate("10/s"), now_s=T0)
+    assert first.pause_s == DEFAULT_PAUSE_S
+    again = limiter.backoff("c", None, now_s=T0 + 1.1)
+    assert again.pause_s == 2 * DEFAULT_PAUSE_S
+    assert first.level_per_s is not None and again.level_per_s is not None
+    assert again.level_per_s == pytest.approx(  # lowered as usual
+        _curve(first.level_per_s, 0.1) * (1 - BACKOFF_MARGIN), rel=1e-3
+    )
+    third = limiter.backoff("c", None, now_s=T0 + 3.2)  # twice in a row: halved too
+    assert third.pause_s == 4 * DEFAULT_PAUSE_S
+    assert third.level_per_s == pytest.approx(
+        _curve(again.level_per_s, 0.1) * (1 - BACKOFF_MARGIN) / 2, rel=1e-3
+    )
     # Long after the last pause ended: back to the default.
     assert limiter.backoff("c", None, now_s=T0 + 60).pause_s == DEFAULT_PAUSE_S
     pauses = [limiter.backoff("d", None, now_s=T0 + i).pause_s for i in range(0, 200, 2)]

@@ -28,12 +28,12 @@
 -- * The rate is lowered at most once per pause, to (1 - beta) of the rate in use at the 429,
 --   to climb back to (1 - margin) of it
 --   (without retry-after, that rate halved first when the 429 came back within twice the pause
---   after it ended): the CUBIC rate of acquire.lua, or the configured rate when only it paced
+--   after it ended and that pause had been doubled already: twice in a row too fast): the CUBIC rate of acquire.lua, or the configured rate when only it paced
 --   the project. When nothing paced it, the rate of the 429 is what acquire.lua counted divided
 --   by the server's window: a fixed window spent, then waited out, so the time it took plus
---   the pause, taken down to whole seconds when the server gave a retry-after (it rounds that
---   up; windows are whole seconds as a rule). A window of 1.5 s would be taken for 1 s, and
---   cost a few 429s, each lowering the rate, until the rate came down.
+--   the pause, taken down to whole seconds (a retry-after is rounded up; windows are whole
+--   seconds as a rule). A window of 1.5 s would be taken for 1 s, and cost a few 429s, each
+--   lowering the rate, until the rate came down.
 
 local retry_after_ms = tonumber(ARGV[1])
 local default_ms = tonumber(ARGV[2])
@@ -106,9 +106,9 @@ if redis.call('EXISTS', KEYS[3]) == 0 then
       local sent = (tonumber(tally[1]) or 0) + (tonumber(tally[3]) or 0)
       local span_us = (tonumber(tally[4]) or 0) + now_us - (tonumber(tally[2]) or now_us)
       local window_s = (span_us + pause_ms * 1000) / 1000000
-      if retry_after_ms >= 0 and window_s >= 1 then
-        -- The window ends within the retry-after, which servers round up to whole seconds:
-        -- for a window of whole seconds that is the whole second below span + retry-after.
+      if window_s >= 1 then
+        -- The window ends within the pause (a retry-after is rounded up to whole seconds):
+        -- for a window of whole seconds, the whole second below span + pause.
         window_s = math.max(span_us / 1000000, math.floor(window_s))
       end
       rate = math.max(1, sent) / window_s
@@ -120,7 +120,7 @@ if redis.call('EXISTS', KEYS[3]) == 0 then
   if configured_us > 0 and rate > 1000000 / configured_us then
     rate = 1000000 / configured_us
   end
-  if too_soon and wmax and retry_after_ms < 0 then
+  if too_soon and wmax and retry_after_ms < 0 and last_ms > default_ms then
     rate = rate / 2  -- the last lowering did not stop the 429s: halve, as TCP after a timeout
   end
   if not first then
@@ -128,10 +128,13 @@ if redis.call('EXISTS', KEYS[3]) == 0 then
   end
   wmax = rate
   lowered = 1
-  redis.call('HSET', KEYS[4], 'wmax', tostring(wmax), 't0', string.format('%.0f', now_us))
 end
 redis.call('DEL', KEYS[5])
 local end_us = now_us + pause_ms * 1000
+if lowered == 1 then
+  -- The curve starts when sending resumes: a pause is no time to grow in (RFC 7661's point).
+  redis.call('HSET', KEYS[4], 'wmax', tostring(wmax), 't0', string.format('%.0f', end_us))
+end
 redis.call('HSET', KEYS[4], 'until', string.format('%.0f', end_us), 'plen', pause_ms)
 redis.call('PEXPIRE', KEYS[4], ttl_ms)
 set_pause(end_us)
