@@ -5,7 +5,7 @@ import json
 import random
 import sys
 
-sys.path.insert(0, "/work/main")
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
 from op_celery._rules import BLOCKED_NAME_FRAGMENTS
 
 rng = random.Random(20261203)
