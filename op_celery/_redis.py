@@ -74,6 +74,8 @@ CLUSTER_ERROR_RETRY_ATTEMPTS = 3
 #: now? After a failover, connections still open to the old master are closed within this, so
 #: writes stop going to a server that will drop them once it is made a replica.
 MASTER_CHECK_INTERVAL_S = 1.0
+#: Seconds a Sentinel client waits before asking a sentinel that failed once more, at most.
+SENTINEL_RETRY_BACKOFF_S = 0.05
 #: Port of a host named without one: Redis's and Sentinel's defaults.
 DEFAULT_REDIS_PORT = 6379
 DEFAULT_SENTINEL_PORT = 26379
@@ -178,6 +180,11 @@ def _connect(settings: Settings) -> Any:
     }
     if settings.redis_sentinel_password is not None:
         sentinel_options["password"] = settings.redis_sentinel_password.reveal()
+    # One quick retry per sentinel: discovery asks the next one anyway, and redis-py's default
+    # (backoff up to seconds, a refused password retried too) held a call 20 s for 3 sentinels.
+    sentinel_options["retry"] = Retry(
+        ExponentialWithJitterBackoff(SENTINEL_RETRY_BACKOFF_S, SENTINEL_RETRY_BACKOFF_S), 1
+    )
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         list(deployment.nodes), sentinel_kwargs=sentinel_options, db=deployment.db, **options
     )

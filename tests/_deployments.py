@@ -176,10 +176,17 @@ class Cluster(_Processes):
 class SentinelGroup(_Processes):
     """A master, one replica, and three sentinels watching them as ``mymaster``."""
 
-    def __init__(self, master_name: str = "mymaster", password: str | None = None) -> None:
+    def __init__(
+        self,
+        master_name: str = "mymaster",
+        password: str | None = None,
+        sentinel_password: str | None = None,
+    ) -> None:
         super().__init__()
         self.master_name = master_name
         self.password = password
+        #: The sentinels' own password (``requirepass`` on each, ``sentinel-pass`` between them).
+        self.sentinel_password = sentinel_password
         auth = ["--requirepass", password, "--masterauth", password] if password else []
         try:
             self.data_ports = [free_port(), free_port()]
@@ -211,6 +218,9 @@ class SentinelGroup(_Processes):
         ]  # fmt: skip
         if self.password:
             lines.append(f"sentinel auth-pass {self.master_name} {self.password}")
+        if self.sentinel_password:
+            lines += [f"requirepass {self.sentinel_password}",
+                      f"sentinel sentinel-pass {self.sentinel_password}"]  # fmt: skip
         config = folder / "sentinel.conf"
         config.write_text("\n".join(lines) + "\n")
         self.processes[port] = subprocess.Popen(
@@ -222,7 +232,9 @@ class SentinelGroup(_Processes):
             raise RuntimeError(f"sentinel on {port} did not answer: {self.log(port)}")
 
     def sentinel(self, port: int | None = None) -> redis.Redis:
-        return redis.Redis(port=port or self.sentinel_ports[0], socket_timeout=2)
+        return redis.Redis(
+            port=port or self.sentinel_ports[0], password=self.sentinel_password, socket_timeout=2
+        )
 
     def _settled(self) -> bool:
         try:

@@ -282,6 +282,18 @@ def test_an_unknown_sentinel_master_name_is_storage_unavailable_naming_no_passwo
     assert sentinels.password is not None and sentinels.password not in str(caught.value)
 
 
+def test_sentinels_with_a_password_of_their_own_take_it_from_the_setting() -> None:
+    with SentinelGroup(password="master-pw", sentinel_password="sentinel-pw") as group:
+        url = group.url
+        unauthorised = fresh(settings_for(url))
+        with pytest.raises(op_celery.StorageUnavailable) as caught:
+            Ledger(unauthorised).claim("e1", ttl_s=1)
+        assert "sentinel-pw" not in str(caught.value) and "master-pw" not in str(caught.value)
+        settings = fresh(settings_for(url, OP_CELERY_REDIS_SENTINEL_PASSWORD="sentinel-pw"))
+        assert "sentinel-pw" not in repr(settings)
+        exercise_ledger(Ledger(settings), ["through-guarded-sentinels"])
+
+
 @pytest.mark.parametrize("how", ["SENTINEL FAILOVER", "SIGKILL the master"])
 def test_the_ledger_dead_letters_and_limiter_follow_a_sentinel_failover(how: str) -> None:
     with SentinelGroup() as group:
