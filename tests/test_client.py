@@ -61,7 +61,7 @@ def test_a_400_carries_the_servers_message(client: OpenPanelClient) -> None:
     with pytest.raises(InvalidPayload) as caught:
         client.send(event)
     assert caught.value.status == 400
-    assert "Invalid input" in str(caught.value)
+    assert "body/payload/name" in str(caught.value)  # the server's message names the field
 
 
 def test_alias_is_not_supported(client: OpenPanelClient) -> None:

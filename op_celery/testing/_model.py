@@ -31,6 +31,7 @@ from op_celery.testing._validation import (
     parse_body,
     profile_key,
     validation_issues,
+    validation_message,
 )
 
 __all__ = [
@@ -446,7 +447,9 @@ class ApiModel:
         """Validation, authentication and the handler's own refusals, in the server's order."""
         issues = validation_issues(body)
         if issues:
-            return error_400(", ".join(f"body{path} Invalid input" for path in issues))
+            # fastify + zod's own text (``body/payload/name Too small: ...``), as the server.
+            message = validation_message(body)
+            return error_400(message or ", ".join(f"body{path} Invalid input" for path in issues))
         assert isinstance(body, dict)  # validation guarantees it
         refusal = self._authenticate(headers)
         if refusal is not None:

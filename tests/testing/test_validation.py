@@ -133,7 +133,10 @@ def test_an_invalid_body_gets_400_naming_the_field(
     response = post(server, body)
     assert response.status_code == 400
     assert response.headers["content-type"].startswith("application/json")
-    assert response.json() == {"status": 400, "error": "Error", "message": f"{path} Invalid input"}
+    content = response.json()
+    assert (content["status"], content["error"]) == (400, "Error")
+    # zod's own words after the field, as the real server answers (tests/data has them all).
+    assert content["message"].startswith(path)
 
 
 @pytest.mark.parametrize(
@@ -148,9 +151,9 @@ def test_body_validation_runs_before_authentication(
 
 def test_every_failing_field_is_named_in_one_message(server: StandInServer) -> None:
     response = post(server, {"type": "increment", "payload": {"property": ""}})
-    assert response.json()["message"] == (
-        "body/payload/profileId Invalid input, body/payload/property Invalid input"
-    )
+    message = response.json()["message"]
+    assert message.startswith("body/payload/profileId ")
+    assert ", body/payload/property " in message
 
 
 def test_recorded_requests_keep_the_payload_as_sent(server: StandInServer) -> None:
@@ -195,7 +198,7 @@ def test_a_plain_text_body_fails_validation_like_any_non_object(server: StandInS
         timeout=TIMEOUT_S,
     )
     assert response.status_code == 400
-    assert response.json()["message"] == "body Invalid input"
+    assert response.json()["message"].startswith("body/ Invalid input: expected object")
 
 
 def test_a_body_of_another_media_type_gets_415(server: StandInServer) -> None:
