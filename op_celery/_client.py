@@ -192,6 +192,14 @@ class OpenPanelClient:
             response = session.send(
                 prepared, timeout=self._timeout, allow_redirects=False, **environment
             )
+        except (requests.exceptions.InvalidHeader, UnicodeError) as exc:
+            # Validation at .delay() refuses what cannot be a header; an event from elsewhere
+            # (an old message, a replay edited by hand) still must not loop on retries.
+            raise InvalidPayload(
+                f"{event.operation}: the event cannot be sent as an HTTP request "
+                f"({type(exc).__name__}: a header value is not latin-1 text without control "
+                "characters); fix its user_agent or client_ip, then replay the dead letter"
+            ) from None
         except requests.RequestException as exc:
             raise _no_answer(event, self.api_url, exc, deadline, self._deadline_s) from None
         finally:

@@ -280,6 +280,9 @@ class OpenPanelTask(_TaskBase):
             event = build_event(self.operation, kwargs)
         except (InvalidEvent, ConfigurationError) as exc:
             self.give_up(kwargs, exc, "refused")
+        except Exception as exc:  # a bug in validation: kept, as below
+            log.exception("op_celery: %s event: unexpected error building it", self.operation)
+            self.give_up(kwargs, exc, "unexpected error")
         delivery = delivery_for(self.settings)
         if self.request.called_directly or self.request.is_eager:
             # One POST, no ledger, limiter or dead letters: nothing is kept in a Redis that no
@@ -291,14 +294,20 @@ class OpenPanelTask(_TaskBase):
                 reason = "refused" if isinstance(exc, PermanentError) else "not retried here"
                 self.give_up(kwargs, exc, reason)
             return
-        outcome = delivery.deliver(
-            event,
-            Attempt(
-                retries=self.request.retries or 0,
-                outbox_keys=self.outbox_keys(),
-                age_s=_age_s(kwargs),
-            ),
+        attempt = Attempt(
+            retries=self.request.retries or 0,
+            outbox_keys=self.outbox_keys(),
+            age_s=_age_s(kwargs),
         )
+        try:
+            outcome = delivery.deliver(event, attempt)
+        except Exception as exc:
+            # Nothing maps it (a bug, or a library's error nobody foresaw): the event is kept
+            # as a replayable dead letter, never acked into nothing nor looping on the outbox.
+            log.exception(
+                "op_celery: %s event %s: unexpected error", self.operation, event.event_id
+            )
+            self.give_up(kwargs, exc, "unexpected error")
         if isinstance(outcome, Delivered):
             if outcome.waited_s:
                 self.throttled(kwargs, outcome.waited_s)

@@ -156,3 +156,16 @@ def test_the_client_is_safe_under_a_thread_pool(
     for thread in threads:
         thread.join()
     assert len(stand_in.received) == 20 * many_threads
+
+
+@pytest.mark.parametrize("user_agent", ["Mozilla/5.0 😀", " leading-space", "two\r\nlines", "控制"])
+def test_a_header_that_cannot_be_sent_is_a_permanent_error_not_a_retry(
+    client: OpenPanelClient, stand_in: StandInServer, user_agent: str
+) -> None:
+    import dataclasses
+
+    # .delay() refuses these; an event built elsewhere (an old message) must not loop.
+    event = dataclasses.replace(build_event("track", {"name": "x"}), user_agent=user_agent)
+    with pytest.raises(InvalidPayload, match="cannot be sent as an HTTP request"):
+        client.send(event)
+    assert stand_in.requests == []
