@@ -131,7 +131,8 @@ def redis_for(settings: Settings) -> redis.Redis:
     ``redis.Redis`` (the return type says ``redis.Redis`` so that callers typed against it keep
     checking), but it has no ``connection_pool``; code that reaches for one must check
     :func:`is_cluster` first. Raises :class:`ConfigurationError` for a URL that is none of the
-    forms above, saying what to write instead.
+    forms above, saying what to write instead, and :class:`StorageUnavailable` when a cluster
+    cannot be reached to learn its slots (the only client that connects when it is made).
     """
     url = settings.redis_url
     if url is None:
@@ -145,7 +146,11 @@ def redis_for(settings: Settings) -> redis.Redis:
         with _lock:
             client = _clients.get(cache_key)
             if client is None:
-                client = _clients[cache_key] = _connect(settings)
+                # A cluster client connects when it is made (to learn the slots): a cluster not
+                # reachable yet is a Redis away, to retry, and no client is kept.
+                with storage_errors("connecting to the Redis Cluster", url):
+                    client = _connect(settings)
+                _clients[cache_key] = client
     return cast("redis.Redis", client)
 
 
@@ -258,6 +263,9 @@ def _cluster(url: str, scheme: str, rest: str) -> Deployment:
         raise _malformed(url, "a Redis Cluster has only database 0: drop the db option")
     for key in ("host", "port", "db", "path"):
         options.pop(key, None)
+    # The cluster client builds a redis.Redis per node, which takes ssl=True, not a class.
+    if options.pop("connection_class", None) is redis.SSLConnection:
+        options["ssl"] = True
     return Deployment("cluster", nodes, 0, tuple(sorted(options.items())))
 
 

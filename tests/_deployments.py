@@ -16,7 +16,7 @@ import redis
 
 from ._support import free_port, redis_server_binary, wait_until
 
-__all__ = ["Cluster", "SentinelGroup", "redis_cli_binary"]
+__all__ = ["Cluster", "SentinelGroup", "redis_cli_binary", "tls_files"]
 
 #: Milliseconds a cluster node or a sentinel waits before it calls a silent master down: short,
 #: so a failover takes a second or two in the tests.
@@ -58,6 +58,8 @@ class _Processes:
     def __init__(self) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="op-celery-deployment-"))
         self.processes: dict[int, subprocess.Popen[bytes]] = {}
+        #: redis-py options of a client of these servers (TLS ones, when they listen on TLS).
+        self.client_options: dict[str, Any] = {}
 
     def spawn(self, port: int, args: list[str], sentinel: bool = False) -> None:
         folder = self.folder / str(port)
@@ -73,7 +75,7 @@ class _Processes:
         self.processes[port] = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        client = redis.Redis(port=port, socket_connect_timeout=0.2)
+        client = redis.Redis("127.0.0.1", port, socket_connect_timeout=0.2, **self.client_options)
         if not wait_until(lambda: _pings(client) or self.processes[port].poll() is not None, 10):
             raise RuntimeError(f"redis-server on {port} did not answer: {self.log(port)}")
         if self.processes[port].poll() is not None:
@@ -109,17 +111,28 @@ class _Processes:
 class Cluster(_Processes):
     """A Redis Cluster of three masters on free ports, built by ``redis-cli --cluster create``."""
 
-    def __init__(self, masters: int = 3) -> None:
+    def __init__(self, masters: int = 3, tls: dict[str, Path] | None = None) -> None:
         super().__init__()
         self.masters: list[int] = []
+        self.tls = tls
+        node_args = list(_CLUSTER_ARGS)
+        cli_args: list[str] = []
+        if tls is not None:  # TLS only: clients, the cluster bus and replication
+            node_args += ["--tls-port", "{port}", "--port", "0", "--tls-cluster", "yes",
+                          "--tls-replication", "yes", "--tls-cert-file", str(tls["cert"]),
+                          "--tls-key-file", str(tls["key"]), "--tls-ca-cert-file", str(tls["ca"]),
+                          "--tls-auth-clients", "no"]  # fmt: skip
+            cli_args = ["--tls", "--cacert", str(tls["ca"])]
+            self.client_options = {"ssl": True, "ssl_ca_certs": str(tls["ca"])}
+        self._node_args = node_args
         try:
             for _ in range(masters):
                 port = cluster_port()
-                self.spawn(port, _CLUSTER_ARGS)
+                self.spawn(port, [arg.replace("{port}", str(port)) for arg in node_args])
                 self.masters.append(port)
             subprocess.run(
                 [redis_cli_binary(), "--cluster", "create",
-                 *(f"127.0.0.1:{port}" for port in self.masters), "--cluster-yes"],
+                 *(f"127.0.0.1:{port}" for port in self.masters), "--cluster-yes", *cli_args],
                 check=True, capture_output=True, timeout=60,
             )  # fmt: skip
             if not wait_until(self.healthy, SETTLE_TIMEOUT_S):
@@ -130,10 +143,14 @@ class Cluster(_Processes):
 
     @property
     def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.masters)
+        nodes = ",".join(f"127.0.0.1:{port}" for port in self.masters)
+        if self.tls is None:
+            return "redis+cluster://" + nodes
+        return f"rediss+cluster://{nodes}?ssl_cert_reqs=required&ssl_ca_certs={self.tls['ca']}"
 
     def node(self, port: int) -> redis.Redis:
-        return redis.Redis(port=port, socket_timeout=2, socket_connect_timeout=1)
+        return redis.Redis("127.0.0.1", port, socket_timeout=2, socket_connect_timeout=1,
+                           **self.client_options)  # fmt: skip
 
     def healthy(self) -> bool:
         """Every live node sees every slot served."""
@@ -153,7 +170,7 @@ class Cluster(_Processes):
     def add_replica(self, master_port: int) -> int:
         """Start a replica of ``master_port``; its port once it has synced."""
         port = cluster_port()
-        self.spawn(port, _CLUSTER_ARGS)
+        self.spawn(port, [arg.replace("{port}", str(port)) for arg in self._node_args])
         master = self.node(master_port)
         master_id = master.execute_command("CLUSTER MYID")
         master_id = master_id.decode() if isinstance(master_id, bytes) else master_id
@@ -283,6 +300,25 @@ class SentinelGroup(_Processes):
 
 _CLUSTER_ARGS = ["--cluster-enabled", "yes", "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
                  "--cluster-config-file", "nodes.conf"]  # fmt: skip
+
+
+def tls_files(folder: Path) -> dict[str, Path]:
+    """A throwaway CA and a certificate for 127.0.0.1 it signed, in ``folder``."""
+    files = {name: folder / f"{name}.pem" for name in ("ca", "ca-key", "cert", "key")}
+    config = folder / "san.cnf"
+    config.write_text("subjectAltName=IP:127.0.0.1\n")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
+            "-keyout", str(files["ca-key"]), "-out", str(files["ca"]))  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+            "-keyout", str(files["key"]), "-out", str(folder / "req.pem"))  # fmt: skip
+    openssl("x509", "-req", "-in", str(folder / "req.pem"), "-CA", str(files["ca"]),
+            "-CAkey", str(files["ca-key"]), "-CAcreateserial", "-days", "1",
+            "-extfile", str(config), "-out", str(files["cert"]))  # fmt: skip
+    return files
 
 
 def _pings(client: redis.Redis) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TypeVar, cast
 
 import pytest
@@ -24,7 +25,7 @@ from op_celery._settings import Settings, load_settings
 from op_celery.dead_letters import DeadLetter, DeadLetterStore
 from op_celery.testing import StandInServer
 
-from ._deployments import Cluster, SentinelGroup
+from ._deployments import Cluster, SentinelGroup, tls_files
 from ._support import WorkerProcess, dead_letter, wait_until
 
 
@@ -39,7 +40,7 @@ def test_a_cluster_url_names_its_seed_nodes_and_keeps_password_and_tls() -> None
     assert deployment.nodes == (("a", 7000), ("b", 7001), ("::1", 7002))
     options = dict(deployment.options)
     assert options["username"] == "u" and options["password"] == "pw"
-    assert options["ssl_cert_reqs"] == "none" and "connection_class" in options
+    assert options["ssl_cert_reqs"] == "none" and options["ssl"] is True
 
 
 def test_a_sentinel_url_names_every_sentinel_the_database_and_tls() -> None:
@@ -358,3 +359,23 @@ def test_workers_ride_a_sigkilled_sentinel_master_losing_no_event_and_dead_lette
         store = DeadLetterStore(load_settings(env={"OP_CELERY_REDIS_URL": group.url,
                                                    "OP_CELERY_KEY_PREFIX": prefix}))  # fmt: skip
         assert len(store) == 0
+
+
+def test_a_tls_cluster_works_from_a_rediss_cluster_url(tmp_path: Path) -> None:
+    with Cluster(tls=tls_files(tmp_path)) as running:
+        assert running.url.startswith("rediss+cluster://")
+        exercise_ledger(Ledger(fresh(settings_for(running.url))), ["tls-1", "tls-2", "tls-3"])
+        untrusted = running.url.split("?")[0]  # no CA given: the self-signed one is refused
+        with pytest.raises(op_celery.StorageUnavailable, match="retried"):
+            Ledger(fresh(settings_for(untrusted)))
+
+
+def test_a_cluster_not_reachable_when_the_ledger_is_made_is_storage_unavailable() -> None:
+    with Cluster() as running:
+        url = running.url
+        for port in running.masters:
+            running.kill(port)
+        with pytest.raises(op_celery.StorageUnavailable) as caught:
+            Ledger(fresh(settings_for(url)))  # the cluster client connects when it is made
+        assert "RedisClusterException" in str(caught.value)
+        assert not _redis._clients  # no broken client kept: the retry makes a new one
