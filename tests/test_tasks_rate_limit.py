@@ -8,6 +8,8 @@ from collections.abc import Callable
 from celery import Celery
 
 import op_celery
+from op_celery._settings import load_settings
+from op_celery.dead_letters import DeadLetterStore
 from op_celery.testing import StandInServer
 
 from ._support import RedisServer, WorkerProcess, answer_429_once, free_port, wait_until
@@ -70,3 +72,43 @@ def test_a_limiter_redis_that_is_down_delays_events_and_loses_none(
     with RedisServer(port):
         assert stand_in.wait_for(3, timeout=30), worker.log
     assert sorted(r.payload["name"] for r in stand_in.received) == ["held-0", "held-1", "held-2"]
+
+
+def test_with_no_limit_set_two_workers_learn_it_from_the_headers_and_pace_at_it(
+    producer: Celery,
+    start_worker: Callable[..., WorkerProcess],
+    stand_in: StandInServer,
+    env: dict[str, str],
+) -> None:
+    stand_in.set_rate_limit(10, 1.0)  # x-ratelimit-* on every answer, as @fastify/rate-limit
+    workers = [start_worker(), start_worker()]
+    for i in range(40):
+        op_celery.track.delay(f"learned-{i}")
+    assert stand_in.wait_for(40, timeout=60)
+    counts = stand_in.counts()
+    # Before the first answer the pool knows nothing, so a few can get 429; none after.
+    assert counts.get(429, 0) <= 8, counts
+    accepted = sorted(r.at for r in stand_in.requests if r.status == 200)
+    assert accepted[-1] - accepted[0] >= 2.5  # 40 at 10/s, not all at once
+    assert len(DeadLetterStore(load_settings(env=env))) == 0
+    said = "the server allows 10/s (x-ratelimit headers)"
+    assert wait_until(lambda: sum(w.log.count(said) for w in workers) == 1)  # once, by one worker
+
+
+def test_429s_never_dead_letter_an_event_even_with_no_retries_allowed(
+    producer: Celery,
+    start_worker: Callable[..., WorkerProcess],
+    stand_in: StandInServer,
+    env: dict[str, str],
+) -> None:
+    stand_in.set_rate_limit(4, 1.0, headers="none")  # bare 429s, nothing to learn from
+    start_worker(OP_CELERY_MAX_RETRIES="0")
+    start_worker(OP_CELERY_MAX_RETRIES="0")
+    for i in range(24):
+        op_celery.track.delay(f"bare-{i}")
+    assert stand_in.wait_for(24, timeout=90)
+    assert stand_in.counts().get(429, 0) > 0  # the server did push back
+    assert sorted(r.payload["name"] for r in stand_in.received) == sorted(
+        f"bare-{i}" for i in range(24)
+    )
+    assert len(DeadLetterStore(load_settings(env=env))) == 0
