@@ -198,18 +198,33 @@ class SentinelGroup(_Processes):
         master_name: str = "mymaster",
         password: str | None = None,
         sentinel_password: str | None = None,
+        tls: dict[str, Path] | None = None,
     ) -> None:
         super().__init__()
         self.master_name = master_name
         self.password = password
         #: The sentinels' own password (``requirepass`` on each, ``sentinel-pass`` between them).
         self.sentinel_password = sentinel_password
+        self.tls = tls
         auth = ["--requirepass", password, "--masterauth", password] if password else []
+        self._tls_lines: list[str] = []
+        if tls is not None:  # TLS only, between every process too
+            self._tls_lines = [
+                "tls-replication yes", f"tls-cert-file {tls['cert']}",
+                f"tls-key-file {tls['key']}", f"tls-ca-cert-file {tls['ca']}",
+                "tls-auth-clients no",
+            ]  # fmt: skip
+            for line in self._tls_lines:
+                key, value = line.split(" ", 1)
+                auth += [f"--{key}", value]
+            self.client_options = {"ssl": True, "ssl_ca_certs": str(tls["ca"])}
         try:
             self.data_ports = [free_port(), free_port()]
-            self.spawn(self.data_ports[0], auth)
-            self.spawn(self.data_ports[1], [*auth, "--replicaof", "127.0.0.1",
-                                            str(self.data_ports[0])])  # fmt: skip
+            for port in self.data_ports:
+                listen = ["--tls-port", str(port), "--port", "0"] if tls is not None else []
+                replica = [] if port == self.data_ports[0] else [
+                    "--replicaof", "127.0.0.1", str(self.data_ports[0])]  # fmt: skip
+                self.spawn(port, [*auth, *listen, *replica])
             self.sentinel_ports: list[int] = []
             for _ in range(3):
                 port = free_port()
@@ -225,8 +240,9 @@ class SentinelGroup(_Processes):
         master = self.data_ports[0]
         folder = self.folder / str(port)
         folder.mkdir()
+        listen = [f"tls-port {port}", "port 0", *self._tls_lines] if self.tls else [f"port {port}"]
         lines = [
-            f"port {port}", "bind 127.0.0.1", f"dir {folder}",
+            *listen, "bind 127.0.0.1", f"dir {folder}",
             f"sentinel monitor {self.master_name} 127.0.0.1 {master} 2",
             f"sentinel down-after-milliseconds {self.master_name} {NODE_TIMEOUT_MS}",
             f"sentinel failover-timeout {self.master_name} 10000",
@@ -244,14 +260,14 @@ class SentinelGroup(_Processes):
             [redis_server_binary(), str(config), "--sentinel"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        client = redis.Redis(port=port, socket_connect_timeout=0.2)
+        client = redis.Redis("127.0.0.1", port, socket_connect_timeout=0.2, **self.client_options)
         if not wait_until(lambda: _pings(client), 10):
             raise RuntimeError(f"sentinel on {port} did not answer: {self.log(port)}")
 
     def sentinel(self, port: int | None = None) -> redis.Redis:
-        return redis.Redis(
-            port=port or self.sentinel_ports[0], password=self.sentinel_password, socket_timeout=2
-        )
+        return redis.Redis("127.0.0.1", port or self.sentinel_ports[0],
+                           password=self.sentinel_password, socket_timeout=2,
+                           **self.client_options)  # fmt: skip
 
     def _settled(self) -> bool:
         try:
@@ -267,7 +283,14 @@ class SentinelGroup(_Processes):
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return ";".join(f"sentinel://{auth}127.0.0.1:{port}" for port in self.sentinel_ports)
+        url = ";".join(f"sentinel://{auth}127.0.0.1:{port}" for port in self.sentinel_ports)
+        if self.tls is not None:
+            url += f"?ssl=true&ssl_cert_reqs=required&ssl_ca_certs={self.tls['ca']}"
+        return url
+
+    def data_node(self, port: int) -> redis.Redis:
+        return redis.Redis("127.0.0.1", port, password=self.password, socket_timeout=1,
+                           **self.client_options)  # fmt: skip
 
     def master_port(self) -> int:
         """The port the sentinels name as master now."""
@@ -288,7 +311,7 @@ class SentinelGroup(_Processes):
                 port = self.master_port()
                 if port == old:
                     return False
-                node = redis.Redis(port=port, password=self.password, socket_timeout=1)
+                node = self.data_node(port)
                 return bool(node.info("replication")["role"] == "master")
             except (redis.RedisError, OSError):
                 return False

@@ -379,3 +379,20 @@ def test_a_cluster_not_reachable_when_the_ledger_is_made_is_storage_unavailable(
             Ledger(fresh(settings_for(url)))  # the cluster client connects when it is made
         assert "RedisClusterException" in str(caught.value)
         assert not _redis._clients  # no broken client kept: the retry makes a new one
+
+
+def test_a_tls_sentinel_deployment_carries_the_ledger_through_a_failover(tmp_path: Path) -> None:
+    with SentinelGroup(password="tls-master-pw", tls=tls_files(tmp_path)) as group:
+        assert "ssl=true" in group.url
+        ledger = Ledger(fresh(settings_for(group.url)))
+        exercise_ledger(ledger, ["tls-before"])
+        old = group.master_port()
+        group.failover()
+        new = group.wait_for_new_master(old)
+
+        def lands_on_the_new_master() -> bool:
+            until_answered(lambda: ledger.record("tls-probe"))
+            return bool(group.data_node(new).exists(ledger.keys("tls-probe")[0]))
+
+        assert wait_until(lands_on_the_new_master, 10)
+        assert until_answered(lambda: ledger.delivered("tls-before"))[0]
