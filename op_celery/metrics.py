@@ -166,7 +166,11 @@ class _RateLimitCollector:
 
     def collect(self) -> list[GaugeMetricFamily]:
         rate, paused = self._families()
+        seen: set[str] = set()
         for project, status in rate_statuses():
+            if project in seen:  # two settings objects of one project: one series, the first
+                continue
+            seen.add(project)
             if status["in_use_per_second"] is not None and status["in_use_source"] is not None:
                 rate.add_metric([project, status["in_use_source"]], status["in_use_per_second"])
             paused.add_metric([project], status["paused_s"])

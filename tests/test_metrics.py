@@ -179,6 +179,8 @@ def test_the_metric_names_are_the_documented_ones() -> None:
         "op_celery_events_dead_lettered",
         "op_celery_send_latency_seconds",
         "op_celery_event_age_seconds",
+        "op_celery_rate_limit_per_second",
+        "op_celery_rate_limit_paused_seconds",
     }
     for name in names:
         assert f"``{name}" in (metrics.__doc__ or "")
@@ -433,3 +435,33 @@ def test_a_prefork_worker_of_several_children_serves_nothing_and_logs_why(
     assert "no metrics server on port" in worker.log
     time.sleep(0.5)  # the children have started; none of them may listen
     assert delivered_count(port) == -1.0
+
+
+def test_the_pace_in_use_and_the_pause_are_gauges_read_from_the_limiter(
+    registry: CollectorRegistry, stand_in: StandInServer, redis_url: str, key_prefix: str
+) -> None:
+    from op_celery._delivery import Attempt, delivery_for
+    from op_celery._events import build_event, normalize_call
+    from op_celery._settings import load_settings
+
+    from ._support import CLIENT_ID, CLIENT_SECRET
+
+    stand_in.set_rate_limit(100, 10)  # x-ratelimit-* on every answer
+    settings = load_settings(
+        env={
+            "OPENPANEL_CLIENT_ID": CLIENT_ID,
+            "OPENPANEL_CLIENT_SECRET": CLIENT_SECRET,
+            "OPENPANEL_API_URL": stand_in.url,
+            "OP_CELERY_REDIS_URL": redis_url,
+            "OP_CELERY_KEY_PREFIX": key_prefix + "op-celery",
+        }
+    )
+    from op_celery import _delivery
+
+    _delivery._deliveries.clear()  # this process's other tests' pipelines are not this one's
+    delivery = delivery_for(settings)
+    delivery.deliver(build_event("track", normalize_call("track", ("g",), {})), Attempt())
+    pace = value(registry, "op_celery_rate_limit_per_second", project="default", source="headers")
+    assert pace == pytest.approx(9.9, rel=1e-3)  # 100 per 10 s, less the 1 % headroom
+    delivery.limiter.pause(CLIENT_ID, 5)
+    assert 4 < value(registry, "op_celery_rate_limit_paused_seconds", project="default") <= 5
