@@ -264,11 +264,15 @@ class Delivery:
                     return Throttled(backoff.pause_s)
                 raise
             latency_s = time.perf_counter() - started
-            self.learner.observe(client.client_id, answer.headers)
         except PermanentError as exc:
             return GiveUp(exc, "refused")
         except TransientError as exc:
             return self._after(exc, attempt)
+        try:
+            self.learner.observe(client.client_id, answer.headers)
+        except StorageUnavailable as exc:
+            # Delivered; the rate is learned from a later answer.
+            log.warning("op_celery: the server's rate limit headers not stored: %s", exc)
         forgotten = False
         try:
             self.ledger.record(event.event_id, attempt.outbox_keys)
