@@ -334,21 +334,9 @@ def _check_parses(url: str, single: str) -> dict[str, Any]:
 
 
 def redact(url: str) -> str:
-    """``url`` with every password hidden, also in the forms that name several servers (the
-    sentinels' ``;``-separated URLs, a cluster's comma-separated hosts), which
-    :func:`redact_url` alone does not parse."""
-    return ";".join(_redact_one(part) for part in url.split(";"))
-
-
-def _redact_one(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    netloc, path, query = _split(rest)
-    userinfo, at, hosts = netloc.rpartition("@")
-    if not at:
-        return url
-    user, colon, _ = userinfo.partition(":")
-    hidden = f"{user}:***" if colon else "***"
-    return f"{scheme}{sep}{hidden}@{hosts}{path}{query}"
+    """``url`` with every password hidden: :func:`op_celery._settings.redact_url`, which also
+    reads the several-server forms."""
+    return redact_url(url)
 
 
 def _malformed(url: str, why: str) -> ConfigurationError:

@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from ._exceptions import ConfigurationError
 
@@ -239,22 +239,27 @@ def _env_name(project: str) -> str:
 
 def redact_url(url: str) -> str:
     """``url`` with its credentials hidden, for every message, log line, stored error and status
-    output: a password becomes ``***``, and so does a user name given without one (a token)."""
-    try:
-        parts = urlsplit(url)
-        password, user = parts.password, parts.username
-        host = parts.hostname or ""
-        port = parts.port
-    except ValueError:  # not a URL that parses: show none of what may be userinfo
-        return url.rsplit("@", 1)[-1] if "@" in url else url
-    if password is None and user is None:
+    output: a password becomes ``***``, and so does a user name given without one (a token).
+
+    Also for the forms that name several servers (the sentinels' ``;``-separated URLs, a
+    cluster's comma-separated hosts) and for URLs that do not parse: only the text before the
+    last ``@`` of each server part is touched, so no password can survive a parsing quirk.
+    """
+    return ";".join(_redact_one(part) for part in url.split(";"))
+
+
+def _redact_one(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    cut = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=-1)
+    netloc, tail = (rest, "") if cut < 0 else (rest[:cut], rest[cut:])
+    userinfo, at, hosts = netloc.rpartition("@")
+    if not at:
         return url
-    if ":" in host:
-        host = f"[{host}]"
-    if port is not None:
-        host = f"{host}:{port}"
-    userinfo = f"{user}:***" if password is not None else "***"
-    return urlunsplit(parts._replace(netloc=f"{userinfo}@{host}"))
+    user, colon, _ = userinfo.partition(":")
+    hidden = f"{user}:***" if colon else "***"
+    return f"{scheme}{sep}{hidden}@{hosts}{tail}"
 
 
 def check_api_url(url: str, *, allow_insecure: bool) -> str:

@@ -125,7 +125,10 @@ def test_settings_are_a_hashable_value_holding_no_foreign_environment_and_no_pla
         ("redis://:pw@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
         ("https://u:pw@[::1]:8443/", "https://u:***@[::1]:8443/"),
         ("https://api.example.com", "https://api.example.com"),
-        ("http://u:pw@[::1", "[::1"),
+        ("http://u:pw@[::1", "http://u:***@[::1"),
+        ("sentinel://h:1;sentinel://:pw@h2:2", "sentinel://h:1;sentinel://:***@h2:2"),
+        ("redis+cluster://:pw@a:1,b:2/0", "redis+cluster://:***@a:1,b:2/0"),
+        ("redis://:p@ss@h:1/0", "redis://:***@h:1/0"),
     ],
 )
 def test_redact_url_hides_every_credential_a_url_can_carry(url: str, shown: str) -> None:
