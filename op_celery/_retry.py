@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
-from ._exceptions import DeliveryError, ProfileNotFound, TransientError
+from ._exceptions import DeliveryError, ProfileNotFound, StorageUnavailable, TransientError
 from ._settings import Settings
 
 __all__ = ["Decision", "backoff_s", "decide", "parse_retry_after"]
@@ -30,6 +30,9 @@ MAX_RETRY_AFTER_S = 600.0
 #: retried at this fixed interval (not a backoff from milliseconds), so that the default five
 #: retries span 30 s, three flushes, whatever the jitter draws.
 PROFILE_RETRY_INTERVAL_S = 6.0
+#: Longest countdown after the package's Redis did not answer: short, because a failover takes
+#: seconds, and an event that waits on it is never given up.
+STORAGE_RETRY_MAX_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +64,13 @@ def decide(
     if not isinstance(error, TransientError):
         status = error.status if isinstance(error, DeliveryError) else None
         return Decision(False, reason=f"permanent failure (status {status})")
+    if isinstance(error, StorageUnavailable):
+        # The package's Redis is away (a restart, a failover): the event waits on the broker,
+        # never sent unthrottled, and is never given up for it; retried soon, for as long as
+        # it takes, and spread so the pool does not come back in one instant.
+        ceiling = min(STORAGE_RETRY_MAX_S, backoff_s(retries, settings, rng) + 0.5)
+        countdown = (rng or random).uniform(0.5, max(0.5, ceiling))
+        return Decision(True, min(countdown, settings.max_countdown_s), "package's Redis away")
     limit = (
         settings.profile_not_found_retries
         if isinstance(error, ProfileNotFound)

@@ -94,3 +94,14 @@ def test_profile_not_found_retries_span_the_servers_profile_flushes_whatever_the
         ]
         assert sum(waits) >= 30  # three flushes of the 10 s profile buffer
     assert PROFILE_RETRY_INTERVAL_S * SETTINGS.profile_not_found_retries >= 30
+
+
+def test_an_outage_of_the_packages_redis_is_retried_soon_and_never_given_up() -> None:
+    from op_celery import LimiterUnavailable, StorageUnavailable
+    from op_celery._retry import STORAGE_RETRY_MAX_S
+
+    for error in (StorageUnavailable("ledger away"), LimiterUnavailable("limiter away")):
+        for retries in (0, 3, SETTINGS.max_retries, 10 * SETTINGS.max_retries):
+            decision = decide(error, retries, SETTINGS, random.Random(retries))
+            assert decision.retry
+            assert 0.5 <= decision.countdown_s <= STORAGE_RETRY_MAX_S
