@@ -24,7 +24,7 @@ from celery import Celery
 from .._enqueue import queue_for, spool_for
 from .._exceptions import LimiterUnavailable, OpenPanelError, StorageUnavailable
 from .._outbox import outbox_keys
-from .._settings import EMBEDDED_URL, Settings, _redis_url_of
+from .._settings import EMBEDDED_URL, Settings, _redis_url_of, redact_url
 from ..dead_letters import DeadLetterStore
 from ._main import (
     BROKER_TIMEOUT_S,
@@ -185,16 +185,19 @@ def _project_status(settings: Settings, name: str) -> dict[str, Any]:
     from .._redis import redis_for
 
     entry: dict[str, Any] = {"name": name, "client_id": None, "api_url": None}
-    entry.update(rate_limit=None, limiter=None, note=None)
+    entry.update(rate_limit=None, limiter=None, pace=None, note=None)
     try:
         project = settings.project(name)
     except OpenPanelError as exc:
         entry["note"] = str(exc)
         return entry
-    entry.update(client_id=project.client_id, api_url=project.api_url)
+    entry.update(client_id=project.client_id, api_url=redact_url(project.api_url))
     entry["rate_limit"] = project.rate_limit
+    entry["pace"] = _pace(settings, name)
     if not project.rate_limit:
-        entry["note"] = "no rate limit set"
+        entry["note"] = "no rate limit set" + (
+            "; the pool learns the API's from its answers" if entry["pace"] else ""
+        )
         return entry
     modules = _limiter_modules()
     if modules is None:
@@ -229,6 +232,37 @@ def _project_status(settings: Settings, name: str) -> dict[str, Any]:
         "burst": burst,
     }
     return entry
+
+
+def _pace(settings: Settings, name: str) -> dict[str, Any] | None:
+    """The project's pace as the workers share it: configured, learned (from the API's
+    x-ratelimit headers or from its 429s), the one in use, and the pause; None if unreadable."""
+    from .._delivery import delivery_for
+
+    if settings.redis_url is None:
+        return None
+    try:
+        return dict(delivery_for(settings).rate_status(name))
+    except (OpenPanelError, redis.RedisError):
+        return None
+
+
+def _describe_pace(pace: Mapping[str, Any]) -> str:
+    def rate(value: float | None) -> str:
+        return "unpaced" if value is None else f"{value:.4g}/s"
+
+    learned = "nothing learned yet"
+    if pace.get("learned_source") == "headers":
+        learned = f"learned {pace.get('learned_limit')} from the API's headers"
+    elif pace.get("learned_source") == "429s":
+        learned = f"learned {rate(pace.get('learned_per_second'))} from 429s"
+    source = pace.get("in_use_source") or "none"
+    paused = pace.get("paused_s") or 0
+    return (
+        f"pace {rate(pace.get('in_use_per_second'))} ({source}); configured "
+        f"{pace.get('configured') or 'none'}; {learned}; "
+        + (f"paused for {paused:.2f} s" if paused else "not paused")
+    )
 
 
 def _status_report(
@@ -292,6 +326,8 @@ def _print_status(report: Mapping[str, Any]) -> None:
         if project["note"]:
             head += f"  ({project['note']})"
         click.echo(head)
+        if project.get("pace"):
+            click.echo(f"    {_describe_pace(project['pace'])}")
 
 
 @main.command()

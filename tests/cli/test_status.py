@@ -165,3 +165,27 @@ def test_a_rabbitmq_that_refuses_the_login_is_said_without_the_password(
     if "did not answer" in result.output:  # pragma: no cover - a machine without RabbitMQ
         pytest.skip("no RabbitMQ on 127.0.0.1:5672")
     assert "refused the login" in result.output and "not-the-password" not in result.output
+
+
+def test_status_shows_the_pace_the_pool_learned_from_the_apis_headers(
+    cli_env: dict[str, str], stand_in: object
+) -> None:
+    from op_celery import build_event
+    from op_celery._delivery import Attempt, Delivered, delivery_for
+    from op_celery._settings import load_settings
+
+    stand_in.set_rate_limit(20, 1.0)  # type: ignore[attr-defined]  # headers on every answer
+    delivery = delivery_for(load_settings())
+    for _ in range(3):
+        outcome = delivery.deliver(build_event("track", {"name": "x"}), Attempt())
+        assert isinstance(outcome, Delivered)
+
+    report = json.loads(run("status", "--json").stdout)
+    [project] = report["projects"]
+    assert project["rate_limit"] is None
+    pace = project["pace"]
+    assert (pace["learned_source"], pace["in_use_source"]) == ("headers", "headers")
+    assert pace["learned_limit"] == "20/s"
+    text = run("status").output
+    assert "learned 20/s from the API's headers" in text
+    assert "the pool learns the API's from its answers" in text
