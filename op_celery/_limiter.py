@@ -73,6 +73,7 @@ import redis
 from ._exceptions import ConfigurationError, LimiterUnavailable
 from ._lua import Script
 from ._rates import DEFAULT_BURST, Rate
+from ._redis import is_cluster
 from ._settings import DEFAULT_KEY_PREFIX
 
 __all__ = [
@@ -212,6 +213,10 @@ class RateLimiter:
         self._client = client
         self._prefix = prefix
         self._where = _describe(client)
+        #: A Redis Cluster client has no single connection pool: acquire then takes the
+        #: ordinary script call (routed by its keys' slot), and reads are not one MULTI (the
+        #: clock comes from another node than the keys).
+        self._pool: Any = None if is_cluster(client) else client.connection_pool
         self._key_cache: dict[str, tuple[bytes, ...]] = {}
         self._packed: dict[tuple[str, int, int, int], Any] = {}
         self._acquire = Script(client, "acquire.lua")
@@ -269,10 +274,12 @@ class RateLimiter:
         once. A stale pooled connection (after a Redis restart) or a script flushed from Redis
         falls back to the ordinary call, with redis-py's own retries and script loading.
         """
+        full_args = (*args, *_backoff_args(), 0)
+        pool = self._pool
+        if pool is None:
+            return int(self._acquire(self._cached_keys(client_id), full_args))
         cache_key = (client_id, *args)
         packed = self._packed.get(cache_key)
-        full_args = (*args, *_backoff_args(), 0)
-        pool = self._client.connection_pool
         connection: Any = _get_connection(pool)  # redis-py's Connection is untyped here
         try:
             if packed is None:
@@ -392,7 +399,7 @@ class RateLimiter:
         """
         keys = self._keys(client_id)
         try:
-            with self._client.pipeline(transaction=True) as pipe:
+            with self._client.pipeline(transaction=self._pool is not None) as pipe:
                 pipe.time()
                 pipe.get(keys[_BUCKET])
                 pipe.pttl(keys[_PAUSE])
@@ -422,7 +429,7 @@ class RateLimiter:
         """
         keys = self._keys(client_id)
         try:
-            with self._client.pipeline(transaction=True) as pipe:
+            with self._client.pipeline(transaction=self._pool is not None) as pipe:
                 pipe.time()
                 pipe.hgetall(keys[_LEARNED])
                 pipe.pttl(keys[_LEARNED])
@@ -481,7 +488,7 @@ class RateLimiter:
             return keys
         if len(self._key_cache) >= MAX_CACHED_CLIENT_IDS:
             self._key_cache.clear()
-        encoding = self._client.connection_pool.connection_kwargs.get("encoding", "utf-8")
+        encoding = _connection_kwargs(self._client).get("encoding", "utf-8")
         keys = self._key_cache[client_id] = tuple(
             key.encode(encoding) for key in self._keys(client_id)
         )
@@ -499,7 +506,7 @@ class RateLimiter:
     def _unavailable(self, operation: str, exc: redis.RedisError) -> LimiterUnavailable:
         """The one mapping of a ``redis`` error to ours; the message carries no password."""
         detail = f"{type(exc).__name__}: {exc}"
-        password = self._client.connection_pool.connection_kwargs.get("password")
+        password = _connection_kwargs(self._client).get("password")
         if password:
             detail = detail.replace(str(password), "***")
         return LimiterUnavailable(
@@ -560,8 +567,20 @@ def _get_connection(pool: Any) -> Any:
     return pool.get_connection()
 
 
+def _connection_kwargs(client: Any) -> dict[str, Any]:
+    """The connection settings of ``client``: its pool's, or a cluster's (shared by its nodes)."""
+    pool = getattr(client, "connection_pool", None)
+    if pool is not None:
+        return dict(pool.connection_kwargs)
+    manager = getattr(client, "nodes_manager", None)
+    return dict(getattr(manager, "connection_kwargs", None) or {})
+
+
 def _describe(client: redis.Redis) -> str:
     """Where ``client`` connects, without credentials: ``host:port/db`` or a socket path."""
+    if is_cluster(client):
+        node = client.get_default_node()  # type: ignore[attr-defined]
+        return f"cluster {getattr(node, 'host', '?')}:{getattr(node, 'port', '?')}"
     kwargs = client.connection_pool.connection_kwargs
     if "path" in kwargs:
         return f"unix:{kwargs['path']}/{kwargs.get('db', 0)}"

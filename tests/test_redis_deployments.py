@@ -209,14 +209,6 @@ def test_dead_letters_work_on_a_cluster_under_the_default_prefix(cluster: Cluste
     assert len(store) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="_limiter.py (H3) reads client.connection_pool (to describe the server, encode keys "
-    "and pack acquire's EVALSHA on a pooled connection), which a RedisCluster has not; it must "
-    "use the ordinary Script call and the client's own encoder when the client has no "
-    "connection_pool (op_celery._redis.is_cluster)",
-)
 def test_the_limiter_admits_and_paces_on_a_cluster(cluster: Cluster) -> None:
     limiter = RateLimiter(redis_for(fresh(settings_for(cluster.url))), prefix=PREFIX)
     assert limiter.acquire("cluster-client", parse_rate("10/s")).granted
