@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
-from ._redis import redis_for, storage_errors
+from ._redis import is_cluster, redis_for, storage_errors
 from ._settings import Settings, load_settings
 
 __all__ = ["DeadLetter", "DeadLetterStore"]
@@ -83,8 +83,12 @@ class DeadLetterStore:
     def __init__(self, settings: Settings | None = None) -> None:
         self._settings = settings or load_settings()
         self._redis = redis_for(self._settings)
-        self._hash = f"{self._settings.key_prefix}:dead-letters"
-        self._index = f"{self._settings.key_prefix}:dead-letters:by-time"
+        # The hash and its time index change together (one MULTI), so on a Redis Cluster they
+        # share a hash tag. On one server the names stay as they always were, so an upgrade
+        # keeps the dead letters already stored.
+        name = "{dead-letters}" if is_cluster(self._redis) else "dead-letters"
+        self._hash = f"{self._settings.key_prefix}:{name}"
+        self._index = f"{self._settings.key_prefix}:{name}:by-time"
 
     def _errors(self, what: str) -> Any:
         return storage_errors(what, self._settings.redis_url)

@@ -195,14 +195,6 @@ def test_a_command_across_two_slots_is_told_as_such_with_the_hash_tag_way_out(
     assert "two hash slots" in str(caught.value) and "'{op-celery}'" in str(caught.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=op_celery.StorageUnavailable,
-    reason="dead_letters.py (H5) keeps its hash <prefix>:dead-letters and its index "
-    "<prefix>:dead-letters:by-time in two slots and writes both in one MULTI: a cluster "
-    "refuses that (CROSSSLOT); the keys must share a tag, e.g. <prefix>:{dead-letters} and "
-    "<prefix>:{dead-letters}:by-time",
-)
 def test_dead_letters_work_on_a_cluster_under_the_default_prefix(cluster: Cluster) -> None:
     store = DeadLetterStore(fresh(settings_for(cluster.url)))
     store.add(cast(DeadLetter, dead_letter()))
