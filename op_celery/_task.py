@@ -16,6 +16,7 @@ import asyncio
 import contextvars
 import functools
 import logging
+import math
 import os
 import random
 import threading
@@ -385,12 +386,20 @@ class OpenPanelTask(_TaskBase):
             wait_s=wait_s,
         )
 
+    def countdown(self, seconds: float) -> float:
+        """``seconds`` as a countdown this app's broker can honour: whole seconds (rounded up)
+        on quorum queues, whose countdowns go through Celery's native delayed delivery, which
+        refuses one under a second (the message would be lost); else as given."""
+        if seconds > 0 and self.app.conf.task_default_queue_type == "quorum":
+            return float(math.ceil(seconds))
+        return seconds
+
     def reschedule(
         self, kwargs: Mapping[str, Any], wait_s: float, *, throttled: bool = True
     ) -> NoReturn:
         """Put the event back on the queue to run in ``wait_s`` (plus jitter), same retries."""
-        countdown = min(
-            wait_s + random.uniform(0, THROTTLE_JITTER_S), self.settings.max_countdown_s
+        countdown = self.countdown(
+            min(wait_s + random.uniform(0, THROTTLE_JITTER_S), self.settings.max_countdown_s)
         )
         if throttled:
             self.throttled(kwargs, wait_s)
@@ -450,7 +459,7 @@ class OpenPanelTask(_TaskBase):
             reason=type(exc).__name__,
             countdown_s=decision.countdown_s,
         )
-        super().retry(exc=exc, countdown=decision.countdown_s)
+        super().retry(exc=exc, countdown=self.countdown(decision.countdown_s))
         raise AssertionError("unreachable: Task.retry raises")  # pragma: no cover
 
     def give_up(self, kwargs: dict[str, Any], error: BaseException, reason: str) -> NoReturn:
@@ -478,7 +487,8 @@ class OpenPanelTask(_TaskBase):
         except (StorageUnavailable, ConfigurationError) as exc:
             # Nowhere to keep it: put it back on the broker for later rather than lose it.
             log.error("op_celery: event %s kept on the queue: %s", kwargs.get("event_id"), exc)
-            Task.retry(self, exc=exc, countdown=backoff_s(retries, self.settings), max_retries=None)
+            wait = self.countdown(backoff_s(retries, self.settings))
+            Task.retry(self, exc=exc, countdown=wait, max_retries=None)
             raise AssertionError("unreachable: Task.retry raises") from exc  # pragma: no cover
         if kwargs.get("event_id"):
             self.finished(letter.id)

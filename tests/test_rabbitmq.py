@@ -238,13 +238,6 @@ def test_typed_events_on_a_quorum_queue_are_delivered_once_each(
     assert tracked == sorted(f"quorum-{i}" for i in range(10))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Celery 5.5+ sends a countdown to a quorum queue through native delayed delivery, "
-    "which refuses a countdown under 1 s (int(countdown) == 0: 'countdown must be a positive "
-    "number'), so a throttled event's reschedule raises and the task fails; _tasks.py must round "
-    "every countdown it sets up to a whole second (math.ceil) when it is above 0",
-)
 def test_throttled_events_on_a_quorum_queue_wait_their_countdown_and_are_delivered(
     quorum_app: Celery,
     start_quorum_worker: Callable[..., AppWorker],
