@@ -174,6 +174,10 @@ def configure_app(app: Celery, settings: Settings) -> None:
     }
     if settings.broker_key_prefix:
         transport_options["global_keyprefix"] = settings.broker_key_prefix
+    if settings.broker_url.startswith("sentinel://"):
+        # kombu's Sentinel transport needs the master's name; the package's Redis names it in
+        # OP_CELERY_REDIS_SENTINEL_MASTER, and a broker behind the same sentinels shares it.
+        transport_options["master_name"] = settings.redis_sentinel_master
     broker_url = settings.broker_url
     if broker_url == EMBEDDED_URL:
         broker_url = "redis+socket://" + embedded_redis()

@@ -88,3 +88,18 @@ def test_the_broker_url_setting_chooses_the_packages_app(
     finally:
         if _app._package_app is not None:
             _app._package_app.close()
+
+
+def test_a_sentinel_broker_gets_the_master_name_kombu_needs() -> None:
+    from op_celery._settings import load_settings
+
+    app = Celery("sentinel-conf", set_as_current=False)
+    settings = load_settings(
+        env={
+            "OP_CELERY_BROKER_URL": "sentinel://127.0.0.1:26379;sentinel://127.0.0.1:26380",
+            "OP_CELERY_REDIS_SENTINEL_MASTER": "events-master",
+        }
+    )
+    _app.configure_app(app, settings)
+    assert app.conf.broker_transport_options["master_name"] == "events-master"
+    app.close()
