@@ -149,6 +149,8 @@ def run(label: str, broker_url: str, requests: int, rate: float, rounds: int) ->
     }
     try:
         op_celery.track.delay("warm_up")
+        for path in ROUTES.values():  # every contender's threads and connections made
+            asyncio.run(drive(path, 100, rate))
         for _ in range(rounds):
             for name, path in ROUTES.items():
                 latencies, lags, wall = asyncio.run(drive(path, requests, rate))
