@@ -166,7 +166,7 @@ def configure_app(app: Celery, settings: Settings) -> None:
         "visibility_timeout": settings.visibility_timeout_s,
         # The app's own connections (its workers' consumers): a broker gone silent is noticed.
         # Publishing goes through op-celery's own pool with the publish bound's timeouts
-        # (``_publish.publish_pools``), on this app as on a user's.
+        # (``_publish_bound.publish_pools``), on this app as on a user's.
         "socket_connect_timeout": CONSUMER_CONNECT_TIMEOUT_S,
         "socket_timeout": CONSUMER_SOCKET_TIMEOUT_S,
         "unacked_restore_interval": _restore_interval_s(settings.visibility_timeout_s),

@@ -17,7 +17,7 @@ from kombu import Queue
 from kombu.exceptions import OperationalError
 
 from ._app import publishing_app, settings_for
-from ._publish import deadline_errback
+from ._publish_bound import deadline_errback
 from ._settings import Settings
 from ._spool import Spool, default_spool_dir
 from .dead_letters import DeadLetter
@@ -54,7 +54,7 @@ _spools: dict[str, Spool] = {}
 
 def publish_retry_policy(timeout_s: float) -> dict[str, Any]:
     """kombu's retry policy that gives up within ``timeout_s``: its errback ends the retries
-    before an attempt that could end later (``_publish.deadline_errback``), and the count of
+    before an attempt that could end later (``_publish_bound.deadline_errback``), and the count of
     retries is what fits when each attempt fails at once (a broker that refuses)."""
     attempts = max(0, math.ceil(timeout_s / PUBLISH_RETRY_INTERVAL_S) - 1)
     return {

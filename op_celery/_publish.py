@@ -35,11 +35,16 @@ deleted when unused (kombu redeclares those on every publish); ``task_always_eag
 ``Task.apply_async``, because tracing integrations (OpenTelemetry, Sentry, Datadog) hook those
 to add headers.
 
-Both paths publish over connections of the package's own pool per app (`publish_pools`): the
-app's broker settings with the publish bound's timeouts, so that a broker that refuses, never
-answers or answers slowly holds ``.delay()`` for about ``OP_CELERY_PUBLISH_TIMEOUT`` (see
-`deadline_errback`), while the app's own tasks and its workers' consumers keep the app's
-settings.
+Both paths publish over connections of the package's own pool per app
+(:func:`~op_celery._publish_bound.publish_pools`): the app's broker settings with the publish
+bound's timeouts, so that a broker that refuses, never answers or answers slowly holds
+``.delay()`` for about ``OP_CELERY_PUBLISH_TIMEOUT``, while the app's own tasks and its workers'
+consumers keep the app's settings.
+
+This module is the publish entry, Celery's path, and the building and sending of the fast
+path's message. Three concepts it uses live apart: whether a call may take the fast path
+(``_publish_plan``), the publish bound and the package's pools (``_publish_bound``), and the
+text copies of the arguments (``_reprs``).
 
 The private Celery and kombu names it needs are read through ``_compat``, which also says
 whether the installed versions are ones the fast path was checked with
@@ -51,64 +56,33 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from celery import Celery, Task, signals
-from celery.app import task as celery_task
+from celery import Task
 from celery.result import AsyncResult
-from celery.utils.nodenames import anon_nodename
-from celery.utils.saferepr import saferepr
-from kombu import Connection, Queue
-from kombu.common import Broadcast, maybe_declare
-from kombu.entity import maybe_delivery_mode
-from kombu.exceptions import LimitExceeded, OperationalError
-from kombu.pools import ProducerPool
-from kombu.transport import redis as kombu_redis
+from kombu import Queue
+from kombu.common import maybe_declare
 from kombu.utils.json import dumps
 from kombu.utils.uuid import uuid
 
 from . import _compat
-from ._app import settings_for
 from ._outbox import BROKER_ERRORS as OUTBOX_ERRORS
 from ._outbox import Writer, record_json
+from ._publish_bound import ATTEMPT_SHARE, acquire, bound, bounded, publish_pools, take
+from ._publish_plan import AppPlan, Route, app_plan, fast_route
+from ._reprs import argsrepr, kwargsrepr, origin
 
-__all__ = ["deadline_errback", "outbox_writer", "publish", "publish_pools", "redis_broker"]
+__all__ = ["outbox_writer", "publish", "redis_broker"]
 
 log = logging.getLogger("op_celery")
 
-#: The only publish options the fast path handles; any other one goes through Celery.
-FAST_OPTIONS = frozenset({"queue", "serializer", "retry", "retry_policy"})
-#: Execution options of the task class the fast path handles (others must be None).
-_HANDLED_EXEC_OPTIONS = frozenset({"queue", "serializer"})
 #: The embed part of a protocol-2 body for a task without callbacks, chain or chord, as JSON.
 _EMBED_JSON = '{"callbacks": null, "errbacks": null, "chain": null, "chord": null}'
-#: Signals whose receivers may change a message: with any receiver, Celery's path publishes.
-_BEFORE_PUBLISH = signals.before_task_publish
-_AFTER_PUBLISH = signals.after_task_publish
-_TASK_SENT: Any = getattr(signals, "task_sent", None)  # deprecated, still sent by Celery 5
-#: Seconds a publish may take when the app's settings cannot say (they always can, once read).
-DEFAULT_PUBLISH_TIMEOUT_S = 1.0
-#: Share of ``OP_CELERY_PUBLISH_TIMEOUT`` one attempt of a publish may wait for the broker: for
-#: its TCP connection, and for each of its replies. A broker that accepts the connection and
-#: never answers then costs one share per attempt, and `deadline_errback` starts no attempt
-#: that could end after the bound.
-ATTEMPT_SHARE = 0.25
-#: AMQP's delivery mode 2, kombu's default.
-PERSISTENT_DELIVERY_MODE = 2
-_SHADOW_NAME = celery_task.Task.shadow_name
-_CELERY_APPLY_ASYNC = celery_task.Task.__dict__["apply_async"]
-#: False when an integration had wrapped ``Task.apply_async`` before this module was imported.
-_APPLY_ASYNC_IS_CELERYS = (
-    getattr(getattr(_CELERY_APPLY_ASYNC, "__code__", None), "co_filename", None)
-    == celery_task.__file__
-)
 
 
 def publish(
@@ -132,12 +106,12 @@ def publish(
     (Celery's path), due that many seconds later.
     """
     app: Any = task.app
-    # The bound of `_bounded`, inline: a generator-based context costs a microsecond or two.
-    outer = getattr(_bound, "deadline", None)
+    # The bound of `bounded`, inline: a generator-based context costs a microsecond or two.
+    outer = getattr(bound, "deadline", None)
     if outer is None:
-        timeout_s = _app_plan(app).publish_timeout_s
-        _bound.deadline = time.monotonic() + timeout_s
-        _bound.attempt_s = timeout_s * ATTEMPT_SHARE
+        timeout_s = app_plan(app).publish_timeout_s
+        bound.deadline = time.monotonic() + timeout_s
+        bound.attempt_s = timeout_s * ATTEMPT_SHARE
     try:
         route = None
         if (
@@ -147,7 +121,7 @@ def publish(
             and shadow is None
             and (task_id is None or type(task_id) is str)
         ):
-            route = _fast_route(task, app, options, kwargs)
+            route = fast_route(task, app, options, kwargs)
         if route is None:
             return _celery_publish(
                 task, app, kwargs, options, base, task_id, producer, link, link_error, shadow,
@@ -156,7 +130,7 @@ def publish(
         return _send(task, app, route, kwargs, task_id or uuid(), outbox_grace_s)
     finally:
         if outer is None:
-            _bound.deadline = None
+            bound.deadline = None
 
 
 def _celery_publish(
@@ -173,7 +147,7 @@ def _celery_publish(
     outbox_grace_s: float | None,
 ) -> AsyncResult[Any]:
     """Celery's own path, with a producer of the package's pool unless the caller gave one."""
-    plan = _app_plan(app)
+    plan = app_plan(app)
     publish_options = _with_reprs(task, app, plan, kwargs, options)
     if producer is not None:
         result: AsyncResult[Any] = base.apply_async(
@@ -181,7 +155,7 @@ def _celery_publish(
         )
     else:
         pools = publish_pools(app)
-        with _acquire(pools.producers, plan) as own_producer:
+        with acquire(pools.producers, plan) as own_producer:
             result = base.apply_async(
                 (), kwargs, task_id, own_producer, link, link_error, shadow, **publish_options
             )
@@ -191,7 +165,7 @@ def _celery_publish(
 
 
 def _with_reprs(
-    task: Any, app: Any, plan: _AppPlan, kwargs: Mapping[str, Any], options: dict[str, Any]
+    task: Any, app: Any, plan: AppPlan, kwargs: Mapping[str, Any], options: dict[str, Any]
 ) -> dict[str, Any]:
     """The options of a call for Celery's path, with the text copies of its arguments that
     Celery would render (``saferepr``, about 40 µs for a ``track``) rendered here instead,
@@ -211,7 +185,7 @@ def _with_reprs(
     maxlevels = plan.repr_maxlevels
     return {
         **options,
-        "argsrepr": _argsrepr(amqp.argsrepr_maxsize, maxlevels),
+        "argsrepr": argsrepr(amqp.argsrepr_maxsize, maxlevels),
         "kwargsrepr": kwargsrepr(kwargs, amqp.kwargsrepr_maxsize, maxlevels),
     }
 
@@ -243,350 +217,6 @@ def _add_record(
                     kwargs.get("event_id"), exc)  # fmt: skip
 
 
-# --- Deciding whether the fast path reproduces Celery exactly. --------------------------------
-
-
-@dataclass(slots=True)
-class _AppPlan:
-    """Settings read once per app: those Celery's task sender also reads once (retry, retry
-    policy, delivery mode, protocol), and two it reads per call but no app changes once it
-    publishes (``task_repr_maxlevels``, ``broker_pool_acquire_timeout``)."""
-
-    supported: bool
-    redis_broker: bool = False
-    protocol: int = 2
-    retry: bool = False
-    retry_policy: dict[str, Any] = field(default_factory=dict)
-    default_delivery_mode: Any = None
-    repr_maxlevels: int = 3
-    acquire_timeout_s: float | None = None
-    publish_timeout_s: float = DEFAULT_PUBLISH_TIMEOUT_S  # OP_CELERY_PUBLISH_TIMEOUT
-    #: Per queue name: the app's declaration and its delivery mode (None: not for the fast path).
-    queues: dict[str, tuple[Any, int | None]] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class _Route:
-    queue: Any  # kombu.Queue
-    delivery_mode: int
-    retry: bool
-    retry_policy: dict[str, Any]
-    parent: Any  # the worker task this call runs in, if any
-    plan: _AppPlan
-
-
-_app_plans: weakref.WeakKeyDictionary[Celery, _AppPlan] = weakref.WeakKeyDictionary()
-
-
-def _app_plan(app: Any) -> _AppPlan:
-    plan = _app_plans.get(app)
-    if plan is None:
-        plan = _make_app_plan(app)
-        _app_plans[app] = plan
-    return plan
-
-
-def _make_app_plan(app: Any) -> _AppPlan:
-    conf = app.conf
-    amqp = app.amqp
-    connection = app.connection_for_write()
-    try:
-        redis_broker = isinstance(connection.transport, kombu_redis.Transport)
-        transport_options = dict(connection.transport_options or {})
-    finally:
-        connection.release()
-    protocol = conf.task_protocol
-    repr_maxlevels = _compat.repr_maxlevels(conf)
-    publish_timeout_s = settings_for(app).publish_timeout_s
-    # The body is encoded as the channel says (kombu's encode_body); base64 and no encoding
-    # give text, which is what the message JSON is written for.
-    body_encoding = transport_options.get("body_encoding", "base64")
-    supported = (
-        redis_broker
-        and (not body_encoding or str(body_encoding).lower() in ("base64", "utf-8"))
-        and protocol == 2
-        and type(app).send_task is Celery.send_task
-        and _compat.amqp_is_celerys(amqp)
-    )
-    if supported:
-        # Said once per process: the versions installed are not ones it was checked with.
-        support = _compat.fast_publish_support()
-        if not support.ok:
-            _compat.step_aside(
-                "the fast publish path", support.reason, "events go through Celery's own path"
-            )
-            supported = False
-    if not supported:
-        return _AppPlan(
-            supported=False,
-            redis_broker=redis_broker,
-            protocol=protocol,
-            repr_maxlevels=repr_maxlevels,
-            acquire_timeout_s=_compat.pool_acquire_timeout_s(conf),
-            publish_timeout_s=publish_timeout_s,
-        )
-    return _AppPlan(
-        supported=True,
-        redis_broker=True,
-        protocol=protocol,
-        retry=bool(conf.task_publish_retry),
-        retry_policy=dict(conf.task_publish_retry_policy or {}),
-        default_delivery_mode=conf.task_default_delivery_mode,
-        repr_maxlevels=repr_maxlevels,
-        acquire_timeout_s=_compat.pool_acquire_timeout_s(conf),
-        publish_timeout_s=publish_timeout_s,
-    )
-
-
-def _fast_route(
-    task: Any, app: Any, options: dict[str, Any], kwargs: Mapping[str, Any]
-) -> _Route | None:
-    """The route of a call the fast path reproduces exactly, else None."""
-    if (
-        not options.keys() <= FAST_OPTIONS
-        or options.get("serializer", "json") != "json"
-        or "queue" not in options
-    ):
-        return None
-    plan = _app_plan(app)
-    if (
-        not plan.supported
-        or task.typing
-        or not task.ignore_result  # Celery would subscribe the result backend to the task id
-        or _compat.task_is_v2_compat(task)
-        or _compat.task_dumps_pydantic_arguments(task)
-        or type(task).shadow_name is not _SHADOW_NAME
-        or not _APPLY_ASYNC_IS_CELERYS
-        or celery_task.Task.__dict__.get("apply_async") is not _CELERY_APPLY_ASYNC
-        or _BEFORE_PUBLISH.receivers
-        or _AFTER_PUBLISH.receivers
-        or (_TASK_SENT is not None and _TASK_SENT.receivers)
-        or _compat.callback_publish_retry()
-        or not _plain_exec_options(task)
-    ):
-        return None
-    conf = app.conf  # read on every call, as Celery's apply_async and send_task read them
-    if conf.task_always_eager or conf.task_send_sent_event:
-        return None
-    parent = app.current_worker_task
-    if parent is not None and conf.task_inherit_parent_priority:
-        return None
-    amqp = app.amqp
-    router = amqp.router
-    if router.routes:
-        # Route as Celery does, with the options it would pass: the task's execution options,
-        # the caller's over them, minus those send_task pops.
-        routed = dict(_compat.exec_options(task), **options)
-        for key in ("time_limit", "soft_time_limit", "expires"):
-            routed.pop(key, None)
-        routed = router.route(routed, task.name, (), kwargs, task)
-        if any(v is not None for k, v in routed.items() if k not in FAST_OPTIONS) or routed.get(
-            "serializer", "json"
-        ) not in ("json", None):
-            return None
-        queue = routed.get("queue")
-    else:
-        # What Router.route does without routes when a queue is given: look it up (Queues
-        # makes a missing one when task_create_missing_queues is on).
-        routed = options
-        queue = options["queue"]
-        if not isinstance(queue, Queue):
-            try:
-                queue = amqp.queues[queue]
-            except KeyError:  # Celery's path raises its QueueNotFound
-                return None
-    # Cached per queue name, for the declaration the app has under that name (one per name,
-    # so the cache stays as small as the app's set of queues).
-    cached = plan.queues.get(queue.name) if isinstance(queue, Queue) else None
-    if cached is None or cached[0] is not queue:
-        cached = (queue, _queue_delivery_mode(queue, plan))
-        if isinstance(queue, Queue) and amqp.queues.get(queue.name) is queue:
-            plan.queues[queue.name] = cached
-    delivery_mode = cached[1]
-    if delivery_mode is None:
-        return None
-    # As AMQP.send_task_message merges the call's retry settings with the app's.
-    retry = routed.get("retry")
-    retry_policy = routed.get("retry_policy")
-    return _Route(
-        queue=queue,
-        delivery_mode=delivery_mode,
-        retry=plan.retry if retry is None else bool(retry),
-        retry_policy=(
-            dict(plan.retry_policy, **retry_policy) if retry_policy else dict(plan.retry_policy)
-        ),
-        parent=parent,
-        plan=plan,
-    )
-
-
-_exec_verdicts: weakref.WeakKeyDictionary[Any, tuple[Mapping[str, Any], bool]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _plain_exec_options(task: Any) -> bool:
-    """Whether the task's execution options (which Celery caches per task) are all unset but
-    the queue and the serializer."""
-    exec_options = _compat.exec_options(task)
-    cached = _exec_verdicts.get(task)
-    if cached is None or cached[0] is not exec_options:
-        plain = all(
-            value is None or key in _HANDLED_EXEC_OPTIONS for key, value in exec_options.items()
-        )
-        cached = _exec_verdicts[task] = (exec_options, plain)
-    return cached[1]
-
-
-def _queue_delivery_mode(queue: Any, plan: _AppPlan) -> int | None:
-    """The delivery mode of messages to ``queue``, or None if the fast path cannot publish to it
-    (a broadcast queue, an exchange that is not direct, or a queue kombu declares again on every
-    publish: one that expires, whose TTL kombu renews then, or one deleted when unused)."""
-    if (
-        not isinstance(queue, Queue)
-        or isinstance(queue, Broadcast)
-        or queue.exchange is None
-        or queue.exchange.type != "direct"
-        or getattr(queue, "expires", None) is not None
-        or not queue.can_cache_declaration
-    ):
-        return None
-    mode = _delivery_mode(queue, plan.default_delivery_mode)
-    return mode if type(mode) is int and type(queue.name) is str else None
-
-
-def _delivery_mode(queue: Any, default: Any) -> int:
-    # As AMQP.send_task_message, then kombu's Producer._delivery_details with a string exchange
-    # (the producer's own exchange, ``Exchange("")``, has no delivery mode).
-    mode = maybe_delivery_mode(getattr(queue.exchange, "delivery_mode", None) or default)
-    return PERSISTENT_DELIVERY_MODE if mode is None else mode  # None never comes: a default
-
-
-# --- Bounding a publish by OP_CELERY_PUBLISH_TIMEOUT. ------------------------------------------
-#
-# Where a publish can wait (kombu 5.5 to 5.7, redis-py 5 to 8, py-amqp 5):
-# - for a connection of the pool: ``broker_pool_acquire_timeout``, else without a limit;
-# - for the TCP connection: ``socket_connect_timeout`` (Redis), ``connect_timeout`` (AMQP);
-# - for each reply: ``socket_timeout`` (Redis: the handshake, kombu's PING of a new channel,
-#   the push), ``read_timeout``/``write_timeout`` (AMQP; its handshake is bounded by
-#   ``connect_timeout``); without them (a user's app, by default) a broker that accepts the
-#   connection and never answers holds the caller forever;
-# - between attempts: kombu's ``Connection.ensure`` and ``_ensure_connection`` retry as the
-#   retry policy says, each attempt as long as the timeouts above allow.
-# So: the package's pool gives each attempt ATTEMPT_SHARE of the bound, and the policy's
-# errback (`deadline_errback`, also what kombu copies into the pool's transport options for
-# reconnecting) gives up before an attempt that could end past the bound.
-
-_bound = threading.local()
-
-
-@contextmanager
-def _bounded(timeout_s: float) -> Iterator[None]:
-    """Give this thread's publish ``timeout_s`` seconds from now (an outer bound stays)."""
-    outer = getattr(_bound, "deadline", None)
-    if outer is None:
-        _bound.deadline = time.monotonic() + timeout_s
-        _bound.attempt_s = timeout_s * ATTEMPT_SHARE
-    try:
-        yield
-    finally:
-        if outer is None:
-            _bound.deadline = None
-
-
-def deadline_errback(exc: BaseException, interval: float) -> None:
-    """kombu's retry errback: raise ``exc`` (kombu reports it as ``OperationalError``) when the
-    next attempt, after ``interval`` seconds of sleep, could end past this thread's bound.
-
-    One function for every call, reading the bound of the publish running in this thread, so
-    the copy kombu keeps in the pool's transport options is never a stale call's; outside a
-    publish (no bound) it lets kombu retry as its policy says.
-    """
-    deadline = getattr(_bound, "deadline", None)
-    if deadline is not None and time.monotonic() + interval + _bound.attempt_s > deadline:
-        raise exc
-
-
-@dataclass(frozen=True, slots=True)
-class PublishPools:
-    """The package's broker connections of one app, and producers over them for Celery's path."""
-
-    connections: Any  # kombu.connection.ConnectionPool
-    producers: ProducerPool
-
-
-_publish_pools: weakref.WeakKeyDictionary[Celery, PublishPools] = weakref.WeakKeyDictionary()
-_pools_lock = threading.Lock()
-
-
-def publish_pools(app: Any) -> PublishPools:
-    """The app's broker, from its own settings, with each attempt bounded (module comment)."""
-    pools = _publish_pools.get(app)
-    if pools is None:
-        with _pools_lock:
-            pools = _publish_pools.get(app)
-            if pools is None:
-                pools = _publish_pools[app] = _make_pools(app)
-    return pools
-
-
-def _make_pools(app: Any) -> PublishPools:
-    bound_s = _app_plan(app).publish_timeout_s
-    attempt_s = bound_s * ATTEMPT_SHARE
-    limit = app.conf.broker_pool_limit
-    connection: Connection = app.connection_for_write(
-        # kombu also stops retrying a connection after this long in all (``_ensure_connection``);
-        # py-amqp waits this long for a connection and its handshake.
-        connect_timeout=bound_s,
-        transport_options={
-            "socket_connect_timeout": attempt_s,  # Redis
-            "socket_timeout": attempt_s,
-            "read_timeout": attempt_s,  # AMQP
-            "write_timeout": attempt_s,
-        },
-    )
-    connections = connection.Pool(limit=limit)
-    return PublishPools(
-        connections, ProducerPool(connections, limit=limit, Producer=app.amqp.Producer)
-    )
-
-
-def _forget_pools_after_fork() -> None:
-    # A forked child must not share its parent's sockets; Celery drops its own pool likewise.
-    _publish_pools.clear()
-
-
-os.register_at_fork(after_in_child=_forget_pools_after_fork)
-
-
-@contextmanager
-def _acquire(pool: Any, plan: _AppPlan) -> Iterator[Any]:
-    """A connection (or producer) of ``pool``, as `_take` lends it, released afterwards."""
-    resource = _take(pool, plan)
-    try:
-        yield resource
-    finally:
-        resource.release()
-
-
-def _take(pool: Any, plan: _AppPlan) -> Any:
-    """A connection (or producer) of ``pool``, waiting at most what is left of the bound and
-    of ``broker_pool_acquire_timeout``; the caller releases it."""
-    deadline = getattr(_bound, "deadline", None)
-    timeout = plan.acquire_timeout_s
-    if deadline is not None:
-        left = max(0.0, deadline - time.monotonic())
-        timeout = left if timeout is None else min(timeout, left)
-    try:
-        return pool.acquire(block=True, timeout=timeout)
-    except LimitExceeded as exc:
-        raise OperationalError(
-            f"Timed out waiting for a broker connection after {timeout:.3g} s: all "
-            f"{pool.limit} of op-celery's are in use. Consider increasing broker_pool_limit or "
-            "OP_CELERY_PUBLISH_TIMEOUT."
-        ) from exc
-
-
 # --- Building and sending the message. ---------------------------------------------------------
 
 
@@ -608,7 +238,7 @@ class _Message:
 def _send(
     task: Any,
     app: Any,
-    route: _Route,
+    route: Route,
     kwargs: dict[str, Any],
     task_id: str,
     outbox_grace_s: float | None,
@@ -629,9 +259,9 @@ def _send(
         '"eta": null, "expires": null, "group": null, "group_index": null, "retries": 0, '
         f'"timelimit": [null, null], "root_id": {_str(root_id)}, '
         f'"parent_id": {_nullable(parent_id)}, '
-        f'"argsrepr": {_str(_argsrepr(amqp.argsrepr_maxsize, maxlevels))}, '
+        f'"argsrepr": {_str(argsrepr(amqp.argsrepr_maxsize, maxlevels))}, '
         f'"kwargsrepr": {_str(kwargsrepr(kwargs, amqp.kwargsrepr_maxsize, maxlevels))}, '
-        f'"origin": {_str(_origin())}, "ignore_result": true, "replaced_task_nesting": 0, '
+        f'"origin": {_str(origin())}, "ignore_result": true, "replaced_task_nesting": 0, '
         '"stamped_headers": null, "stamps": {}}'
     )
     kwargs_json = _json(kwargs)
@@ -650,7 +280,7 @@ def _send(
     )
     # A pooled broker connection, as Celery's producer pool lends (its producers hold one each
     # from this same pool); the producer itself would only be rebound and copied.
-    connection = _take(publish_pools(app).connections, plan)  # not `_acquire`: a µs per call
+    connection = take(publish_pools(app).connections, plan)  # not `acquire`: a µs per call
     try:
 
         def put() -> None:
@@ -727,7 +357,7 @@ class _ChannelState:
 _channel_states: weakref.WeakKeyDictionary[Any, _ChannelState] = weakref.WeakKeyDictionary()
 
 
-def _put(channel: Any, message: _Message, route: _Route) -> None:
+def _put(channel: Any, message: _Message, route: Route) -> None:
     """One attempt: what kombu's ``Producer._publish`` and the Redis ``Channel._put`` do, with
     one Redis client per channel instead of one per message."""
     state = _channel_state(channel)
@@ -766,15 +396,15 @@ def _put(channel: Any, message: _Message, route: _Route) -> None:
 
 def redis_broker(app: Any) -> bool:
     """Whether the app's broker is Redis (read once per app)."""
-    return _app_plan(app).redis_broker
+    return app_plan(app).redis_broker
 
 
 @contextmanager
 def outbox_writer(app: Any) -> Iterator[Writer]:
     """The outbox's writer on a connection of the app's (Redis) broker pool, for writes
     outside a publish."""
-    plan = _app_plan(app)
-    with _bounded(plan.publish_timeout_s), _acquire(publish_pools(app).connections, plan) as conn:
+    plan = app_plan(app)
+    with bounded(plan.publish_timeout_s), acquire(publish_pools(app).connections, plan) as conn:
         yield _channel_state(conn.default_channel).outbox_writer()
 
 
@@ -806,113 +436,3 @@ def _json(value: Any) -> str:
     except TypeError:
         text: str = dumps(value)
         return text
-
-
-# --- The text copies of the arguments. ---------------------------------------------------------
-
-_origins: dict[int, str] = {}
-_argsreprs: dict[tuple[int, int], str] = {}
-
-
-def _origin() -> str:
-    # anon_nodename() is "gen<pid>@<host>" with a memoised host name: the same per process.
-    pid = os.getpid()
-    origin = _origins.get(pid)
-    if origin is None:
-        origin = _origins[pid] = anon_nodename()
-    return origin
-
-
-def _argsrepr(maxsize: int, maxlevels: int) -> str:
-    key = (maxsize, maxlevels)
-    text = _argsreprs.get(key)
-    if text is None:
-        text = _argsreprs[key] = saferepr((), maxsize, maxlevels=maxlevels)
-    return text
-
-
-class _NotPlain(Exception):
-    """A value the fast renderer leaves to ``saferepr``."""
-
-
-def kwargsrepr(kwargs: Mapping[str, Any], maxsize: int, maxlevels: int) -> str:
-    """``celery.utils.saferepr.saferepr(kwargs, maxsize, maxlevels=maxlevels)``, faster.
-
-    Renders plain JSON values (exact ``dict``, ``list``, ``str``, ``int``, ``float``, ``bool``
-    and None) as ``saferepr`` does: strings quoted with ``'`` and only ``'`` escaped, numbers
-    with ``str()``, containers nested ``maxlevels`` deep or more as ``{...}``/``[...]``. When the
-    text would be longer than ``maxsize`` (then ``saferepr`` truncates it) or a value is of
-    another type, it returns ``saferepr``'s own result.
-    """
-    if isinstance(maxsize, int) and maxsize > 0 and isinstance(maxlevels, int):
-        parts: list[str] = []
-        try:
-            _render(kwargs, parts, 0, maxlevels)
-        except _NotPlain:
-            pass
-        else:
-            text = "".join(parts)
-            # With room for everything, saferepr truncates nothing: each token starts with
-            # more budget left than the rest of the text needs.
-            if len(text) <= maxsize:
-                return text
-    return saferepr(kwargs, maxsize, maxlevels=maxlevels)
-
-
-def _render(value: Any, out: list[str], level: int, maxlevels: int) -> None:
-    # Scalars inside containers are rendered inline: most of a payload is scalars, and a call
-    # per value would cost more than the rendering.
-    kind = type(value)
-    if kind is dict:
-        if maxlevels and level >= maxlevels:
-            out.append("{...}")
-            return
-        out.append("{")
-        first = True
-        for key, item in value.items():
-            if type(key) is not str:
-                raise _NotPlain
-            if first:
-                first = False
-            else:
-                out.append(", ")
-            out.append("'" + key.replace("'", "\\'") + "': ")
-            kind = type(item)
-            if kind is str:
-                out.append("'" + item.replace("'", "\\'") + "'")
-            elif item is None:
-                out.append("None")
-            elif kind is int or kind is float or kind is bool:
-                out.append(str(item))
-            else:
-                _render(item, out, level + 1, maxlevels)
-        out.append("}")
-    elif kind is list:
-        if maxlevels and level >= maxlevels:
-            out.append("[...]")
-            return
-        out.append("[")
-        first = True
-        for item in value:
-            if first:
-                first = False
-            else:
-                out.append(", ")
-            kind = type(item)
-            if kind is str:
-                out.append("'" + item.replace("'", "\\'") + "'")
-            elif item is None:
-                out.append("None")
-            elif kind is int or kind is float or kind is bool:
-                out.append(str(item))
-            else:
-                _render(item, out, level + 1, maxlevels)
-        out.append("]")
-    elif kind is str:
-        out.append("'" + value.replace("'", "\\'") + "'")
-    elif value is None:
-        out.append("None")
-    elif kind is int or kind is float or kind is bool:
-        out.append(str(value))
-    else:
-        raise _NotPlain

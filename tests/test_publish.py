@@ -27,7 +27,7 @@ from kombu import Queue
 from kombu.exceptions import OperationalError
 
 import op_celery
-from op_celery import _app, _compat, _publish, _tasks
+from op_celery import _app, _compat, _publish, _publish_bound, _reprs, _tasks
 from op_celery._enqueue import task_for
 from op_celery.testing import StandInServer
 
@@ -638,8 +638,8 @@ def test_the_users_own_tasks_and_consumers_keep_the_apps_broker_settings(
         assert consumer.transport_options["socket_timeout"] == 30.0
     assert producer.pool.connection.transport_options["socket_timeout"] == 30.0
     assert "errback" not in producer.pool.connection.transport_options
-    ours = _publish.publish_pools(producer).connections.connection.transport_options
-    attempt_s = _app.settings_for(producer).publish_timeout_s * _publish.ATTEMPT_SHARE
+    ours = _publish_bound.publish_pools(producer).connections.connection.transport_options
+    attempt_s = _app.settings_for(producer).publish_timeout_s * _publish_bound.ATTEMPT_SHARE
     assert ours["socket_timeout"] == ours["socket_connect_timeout"] == attempt_s
     assert len(redis_client.lrange(queue_key(env), 0, -1)) == 3
 
@@ -715,7 +715,7 @@ def test_kwargsrepr_renders_exactly_what_saferepr_renders() -> None:
         kwargs = {_random_text(rng): _random_json(rng) for _ in range(rng.randint(0, 8))}
         maxsize = rng.choice([1024, 1024, 200, 20, 1])
         maxlevels = rng.choice([3, 3, 0, 1, 2, 5])
-        assert _publish.kwargsrepr(kwargs, maxsize, maxlevels) == saferepr(
+        assert _reprs.kwargsrepr(kwargs, maxsize, maxlevels) == saferepr(
             kwargs, maxsize, maxlevels=maxlevels
         ), (kwargs, maxsize, maxlevels)
 
@@ -732,4 +732,4 @@ def test_kwargsrepr_renders_exactly_what_saferepr_renders() -> None:
     ],
 )
 def test_kwargsrepr_leaves_other_values_to_saferepr(kwargs: dict[Any, Any]) -> None:
-    assert _publish.kwargsrepr(kwargs, 1024, 3) == saferepr(kwargs, 1024, maxlevels=3)
+    assert _reprs.kwargsrepr(kwargs, 1024, 3) == saferepr(kwargs, 1024, maxlevels=3)
