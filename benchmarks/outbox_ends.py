@@ -3,7 +3,7 @@ published again, after they were purged, expired, or refused by a worker.
 
 Each scenario runs real ``celery worker`` processes against the stand-in with a short outbox
 grace (``--grace``, 2 s) and watches for ``--watch`` seconds (40 s: the time a missing message
-waits to be judged, ``_outbox.SETTLE_S``, and many grace periods) after the end:
+waits to be judged, ``_outbox_sweeper.SETTLE_S``, and many grace periods) after the end:
 
 - ``purge``: ``--events`` enqueued with no worker running, ``celery purge -Q <queue> -f``, then a
   worker starts: events delivered anyway;

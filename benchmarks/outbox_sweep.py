@@ -1,6 +1,6 @@
 """What does one pass of the outbox sweeper cost the broker?
 
-The sweeper (``op_celery._outbox``) runs ``lua/outbox_sweep.lua`` when records are due: it reads
+The sweeper (``_outbox_sweeper``) runs ``lua/outbox_sweep.lua`` when records are due: it reads
 every message on the queue's lists and in kombu's ``unacked`` hash, inside Redis, so Redis does
 nothing else meanwhile. This measures that pause against baselines in the same run, on a queue
 of N real ``track`` messages (published by ``.delay()``, each with its record, all records due):
@@ -39,7 +39,8 @@ from celery import Celery
 import op_celery
 from op_celery._app import reset_settings, settings_for
 from op_celery._ledger import Ledger
-from op_celery._outbox import Sweeper, outbox_keys
+from op_celery._outbox import outbox_keys
+from op_celery._outbox_sweeper import Sweeper
 
 #: The floor of any scan in Lua: read the list in chunks of 500, as the sweep script does.
 READ_IN_CHUNKS = """

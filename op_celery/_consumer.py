@@ -47,7 +47,8 @@ from ._app import settings_for
 from ._events import OPERATIONS
 from ._exceptions import OpenPanelError
 from ._outbox import BROKER_ERRORS as OUTBOX_ERRORS
-from ._outbox import Liveness, Writer
+from ._outbox import Writer
+from ._outbox_liveness import Liveness
 from ._publish import outbox_writer, redis_broker
 from ._redis import redis_for
 from ._settings import Settings, _redis_url_of

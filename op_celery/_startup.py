@@ -15,7 +15,7 @@ from ._app import adopt, settings_for
 from ._delivery import delivery_for
 from ._enqueue import NO_SPOOL, queue_for, republish, spool_for
 from ._exceptions import OpenPanelError
-from ._outbox import Sweeper
+from ._outbox_sweeper import Sweeper
 from ._publish import redis_broker
 from ._settings import Settings, redact_url
 

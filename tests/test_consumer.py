@@ -18,7 +18,8 @@ import redis
 from celery import Celery
 
 import op_celery
-from op_celery._outbox import CLOCK_MARGIN_S, broker_keys, losses, outbox_keys
+from op_celery._outbox import outbox_keys
+from op_celery._outbox_liveness import CLOCK_MARGIN_S, broker_keys, losses
 from op_celery._settings import load_settings
 from op_celery.dead_letters import DeadLetterStore
 from op_celery.testing import StandInServer
@@ -30,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GRACE = "1"
 #: Seconds a test waits after an end to see that nothing comes back: several grace periods.
 QUIET_S = 4.0
-#: Seconds a record whose message is nowhere can wait to be judged (``_outbox.SETTLE_S``),
+#: Seconds a record whose message is nowhere can wait to be judged (``_outbox_sweeper.SETTLE_S``),
 #: plus a grace period and a margin.
 JUDGED_WITHIN_S = 60
 

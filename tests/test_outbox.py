@@ -17,10 +17,12 @@ import redis
 from celery import Celery
 
 import op_celery
-from op_celery import _outbox
+from op_celery import _outbox_liveness, _outbox_sweeper
 from op_celery._app import settings_for
 from op_celery._ledger import Ledger
-from op_celery._outbox import Liveness, Sweeper, broker_keys, outbox_keys
+from op_celery._outbox import outbox_keys
+from op_celery._outbox_liveness import Liveness, broker_keys
+from op_celery._outbox_sweeper import Sweeper
 from op_celery.testing import StandInServer
 
 from ._support import WorkerProcess, wait_until
@@ -55,7 +57,7 @@ def consumer_died(client: redis.Redis, env: dict[str, str], ago_s: float = 1.0) 
 
 def settle_now(monkeypatch: pytest.MonkeyPatch) -> None:
     """Judge a missing message at once (no consumer can still be found dead: the test has none)."""
-    monkeypatch.setattr(_outbox, "SETTLE_S", 0.0)
+    monkeypatch.setattr(_outbox_sweeper, "SETTLE_S", 0.0)
 
 
 def next_look(client: redis.Redis, env: dict[str, str]) -> float:
@@ -97,7 +99,7 @@ def sweeper(producer: Celery, env: dict[str, str]) -> Iterator[Callable[[], Swee
     yield make
 
 
-def sweep(sweeper: Sweeper, producer: Celery) -> _outbox.SweepResult:
+def sweep(sweeper: Sweeper, producer: Celery) -> _outbox_sweeper.SweepResult:
     with producer.connection_for_write() as connection:
         return sweeper.sweep(connection)
 
@@ -280,12 +282,12 @@ def test_a_message_in_transit_at_the_first_look_is_not_published_again(
     sweeper: Callable[[], Sweeper],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(_outbox, "CONFIRM_DELAY_S", 3.0)
+    monkeypatch.setattr(_outbox_sweeper, "CONFIRM_DELAY_S", 3.0)
     op_celery.track.delay("in transit")
     message = redis_client.rpop(queue_key(env))  # popped by a worker that is slow to record it
     assert message is not None
     make_due(redis_client, env)
-    outcomes: list[_outbox.SweepResult] = []
+    outcomes: list[_outbox_sweeper.SweepResult] = []
     pass_ = threading.Thread(target=lambda: outcomes.append(sweep(sweeper(), producer)))
     pass_.start()
     # The first look is over when the record is due again later; then the message turns up.
@@ -329,7 +331,7 @@ def test_a_backlog_too_long_to_scan_is_judged_later_not_published_again(
     sweeper: Callable[[], Sweeper],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(_outbox, "MAX_SCAN_MESSAGES", 1)
+    monkeypatch.setattr(_outbox_sweeper, "MAX_SCAN_MESSAGES", 1)
     for i in range(3):
         op_celery.track.delay(f"long-{i}")
     redis_client.rpop(queue_key(env))  # lost, but behind a backlog the sweeper won't scan
@@ -340,7 +342,7 @@ def test_a_backlog_too_long_to_scan_is_judged_later_not_published_again(
     assert (outcome.too_busy, outcome.republished) == (2, 0)
     redis_client.rpop(queue_key(env))
     consumer_died(redis_client, env)
-    monkeypatch.setattr(_outbox, "MAX_SCAN_MESSAGES", 10)
+    monkeypatch.setattr(_outbox_sweeper, "MAX_SCAN_MESSAGES", 10)
     outcome = sweep(the_sweeper, producer)  # the records are still due
     assert (outcome.lost, outcome.republished) == (2, 2)
     assert len(task_ids(redis_client, env)) == 3
@@ -454,10 +456,10 @@ def test_a_consumer_not_heard_from_is_taken_for_a_possible_loss_and_one_that_sto
         stopped = Liveness(producer.connection_for_write, "stopped-cleanly")
         stopped.say("beat", connection)
         stopped.say("stopped", connection)
-        assert _outbox.losses(redis_client, prefix).latest is None
+        assert _outbox_liveness.losses(redis_client, prefix).latest is None
         # A ttl already over: as if it had not been heard from for ALIVE_TTL_S.
         silent = Liveness(producer.connection_for_write, "went-silent", ttl_s=-1)
         silent.say("beat", connection)
-    found = _outbox.losses(redis_client, prefix)
+    found = _outbox_liveness.losses(redis_client, prefix)
     assert found.latest is not None and found.latest <= found.now
     assert redis_client.zcard(consumers) == 0
