@@ -204,6 +204,11 @@ class OpenPanelClient:
             raise _no_answer(event, self.api_url, exc, deadline, self._deadline_s) from None
         finally:
             deadline.disarm()
+        if deadline.expired:
+            # Cut off mid-answer: http.client takes an end of stream inside the headers for
+            # their end, so what was read can look like a whole 200. It is not an answer.
+            cut = requests.ConnectionError("the deadline cut the answer off")
+            raise _no_answer(event, self.api_url, cut, deadline, self._deadline_s)
         return classify(event.operation, response.status_code, response.headers, response.text)
 
 
