@@ -17,16 +17,21 @@ count; ``lint-imports`` checks it against ``[tool.importlinter]`` in ``pyproject
                     _startup    what a worker does as it starts (sweeper, checks, announce)
                     _enqueue    spool, re-publish, dead-letter replay's publisher
                     _consumer   the consumer step that keeps malformed messages visible
-                    _publish    the fast publish path;  _outbox   records of what was published
+                    _publish    the fast publish path (its plan: _publish_plan; its bound and
+                                pools: _publish_bound; the arguments' text copies: _reprs)
+                    _outbox     records of what was published (_outbox_liveness: consumers
+                                alive and possible losses; _outbox_sweeper: the sweeper)
                     _app        which Celery app publishes, and its settings;  signals
                     _compat     every private Celery/kombu/redis-py name, with its fallback
     ─────────────────────────────────────────────────────────────────────────────────────────
     pipeline        _delivery   one event in, one outcome out: claim, pace, POST, mark
     ─────────────────────────────────────────────────────────────────────────────────────────
-    core (no        dead_letters, _client (HTTP), _ledger (delivered ids), _limiter (shared
-    Celery)         rate), _spool, _redis, _retry (the one retry decision), _events
-                    (validation), _rates, _lua, _process, _settings, _embedded, _context,
-                    __about__, _exceptions (the one exception tree)
+    core (no        dead_letters, _client (HTTP) and _deadline (a request's total bound),
+    Celery)         _ledger (delivered ids), _limiter and _learning (the shared rate, learned
+                    from the API), _capture (test recorder), _spool, _redis (one server,
+                    Cluster, Sentinel), _retry (the one retry decision), _events, _checks,
+                    _rules and _url (validation as OpenPanel's server), _rates, _lua,
+                    _process, _settings, _embedded, _context, __about__, _exceptions
 
 Public names are the ones in ``__all__`` below; modules with a leading underscore are internal.
 """
