@@ -77,7 +77,8 @@ log = logging.getLogger("op_celery")
 
 #: The versions every name below was checked against (read in each one's source, and run by
 #: the test suite at both ends): (oldest, newest). The oldest are the floors pyproject.toml
-#: declares (``tests/test_compat.py`` says when they part). celery 5.5 and kombu 5.5-5.6, named
+#: declares (``tests/test_compat.py`` says when they part); celery 5.6.0, the floor, was checked
+#: by running the suite there (scripts/test-floors). celery 5.5 and kombu 5.5-5.6, named
 #: in the notes below, were read and run too but are under the floors: before kombu 5.7 a
 #: worker sweeps unacked messages back only every ~100 s (no ``unacked_restore_throttle``).
 CHECKED: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
