@@ -288,3 +288,24 @@ def test_capture_records_a_views_on_commit_event_when_its_transaction_commits() 
         Client(HTTP_USER_AGENT=BROWSER).get("/signup")
     assert events.names == ["signup"]  # the rolled-back one never reached the recorder
     assert events[0].user_agent == BROWSER
+
+
+def test_capture_works_with_djangos_capture_on_commit_callbacks() -> None:
+    from django.test import TestCase
+
+    from op_celery.testing import capture
+
+    # As inside a TestCase: the test's transaction is rolled back at its end, never committed,
+    # and captureOnCommitCallbacks(execute=True) runs the on-commit callbacks instead.
+    with (
+        override_settings(ROOT_URLCONF=__name__, MIDDLEWARE=[MIDDLEWARE], OPENPANEL={}),
+        capture() as events,
+        pytest.raises(Rollback),
+        transaction.atomic(),
+    ):
+        with TestCase.captureOnCommitCallbacks(execute=True) as callbacks:
+            delay_on_commit(op_celery.track, "signup", profile_id="user-1")
+            assert events == []  # not before the (captured) commit
+        assert len(callbacks) == 1
+        raise Rollback
+    assert events.names == ["signup"]
