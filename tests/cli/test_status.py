@@ -82,7 +82,11 @@ def rabbitmq_queue(cli_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> 
 
     queue = Queue(cli_env["OP_CELERY_QUEUE"], Exchange(cli_env["OP_CELERY_QUEUE"]), "k")
     try:
-        connection = Connection(RABBITMQ_URL, connect_timeout=2)
+        # Confirmed publishes: the broker holds the three before the status counts them (an
+        # unconfirmed one can still be on its way, and the count said 1 once).
+        connection = Connection(
+            RABBITMQ_URL, connect_timeout=2, transport_options={"confirm_publish": True}
+        )
         connection.connect()
     except OSError as exc:  # pragma: no cover - a machine without RabbitMQ
         pytest.skip(f"no RabbitMQ at {RABBITMQ_URL} ({exc})")
