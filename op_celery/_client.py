@@ -246,22 +246,23 @@ def _sent(exc: requests.RequestException) -> bool:
     )
 
 
-class _DeadlineConnection(HTTPConnection):
-    """A connection that binds the thread's request deadline when a request starts on it."""
+class _BindsDeadline:
+    """Mixed into urllib3's connections: binds the thread's request deadline when a request
+    starts on the connection, so the watchdog knows which socket to shut."""
 
     def request(self, *args: Any, **kwargs: Any) -> Any:
         deadline = _deadline.current()
         if deadline is not None:
             deadline.bind(self)
-        return super().request(*args, **kwargs)
+        return super().request(*args, **kwargs)  # type: ignore[misc]
 
 
-class _DeadlineHTTPSConnection(HTTPSConnection):
-    def request(self, *args: Any, **kwargs: Any) -> Any:
-        deadline = _deadline.current()
-        if deadline is not None:
-            deadline.bind(self)
-        return super().request(*args, **kwargs)
+class _DeadlineConnection(_BindsDeadline, HTTPConnection):
+    pass
+
+
+class _DeadlineHTTPSConnection(_BindsDeadline, HTTPSConnection):
+    pass
 
 
 class _DeadlinePool(HTTPConnectionPool):
