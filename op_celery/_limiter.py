@@ -63,7 +63,6 @@ when Redis does not answer: the caller retries the event later.
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
@@ -547,23 +546,10 @@ def _text(value: Any) -> str:
 
 
 #: Per connection-pool class: whether its ``get_connection`` wants a command name.
-_NEEDS_COMMAND_NAME: dict[Any, bool] = {}
 
 
 def _get_connection(pool: Any) -> Any:
-    """A pooled connection, on every redis-py from 5.0 on: before 5.3 ``get_connection`` needs
-    a command name; from 5.3 on passing one is deprecated."""
-    pool_class = type(pool)
-    needs = _NEEDS_COMMAND_NAME.get(pool_class)
-    if needs is None:
-        try:
-            parameter = inspect.signature(pool_class.get_connection).parameters.get("command_name")
-        except (TypeError, ValueError):
-            parameter = None
-        needs = parameter is not None and parameter.default is inspect.Parameter.empty
-        _NEEDS_COMMAND_NAME[pool_class] = needs
-    if needs:
-        return pool.get_connection("EVALSHA")
+    """A pooled connection (redis-py 6.4 on, the declared floor, takes no command name)."""
     return pool.get_connection()
 
 

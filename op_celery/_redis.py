@@ -26,7 +26,6 @@ their connections are safe to share between the threads of a thread-pool worker.
 
 from __future__ import annotations
 
-import inspect
 import threading
 import time
 from collections.abc import Iterator
@@ -36,16 +35,12 @@ from typing import Any, cast
 from urllib.parse import quote, unquote
 
 import redis
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.connection import parse_url
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
-
-try:  # redis-py 5.3 on
-    from redis.backoff import ExponentialWithJitterBackoff
-except ImportError:  # redis-py 5.0-5.2 (all kombu 5.5 allows): the same growth and cap, full jitter
-    from redis.backoff import FullJitterBackoff as ExponentialWithJitterBackoff  # type: ignore[assignment]
 
 from ._embedded import embedded_redis
 from ._exceptions import ConfigurationError, StorageUnavailable
@@ -93,18 +88,9 @@ _FORMS = (
 #: A cluster's refusals of a command whose keys live in two slots: a bug, not an outage.
 _CROSS_SLOT = (
     redis.exceptions.ClusterCrossSlotError,
-    # From redis-py 6.1 on (its cluster transactions); before, there is nothing more to catch.
-    getattr(redis.exceptions, "CrossSlotTransactionError", redis.exceptions.ClusterCrossSlotError),
+    redis.exceptions.CrossSlotTransactionError,
 )
 
-#: Whether redis-py's ``ConnectionPool.get_connection`` wants a command name (before 5.3; it is
-#: not used), which :class:`_FollowingPool` then passes for a caller that gives none.
-_COMMAND_NAME = inspect.signature(redis.ConnectionPool.get_connection).parameters.get(
-    "command_name"
-)
-_POOL_NEEDS_COMMAND_NAME = (
-    _COMMAND_NAME is not None and _COMMAND_NAME.default is inspect.Parameter.empty
-)
 
 _clients: dict[tuple[Any, ...], Any] = {}
 _lock = threading.Lock()
@@ -216,8 +202,6 @@ class _FollowingPool(SentinelConnectionPool):
             self._next_check = now + MASTER_CHECK_INTERVAL_S
             with suppress(redis.RedisError):  # no sentinel answered: keep the connections
                 self.get_master_address()  # type: ignore[no-untyped-call]
-        if not args and not kwargs and _POOL_NEEDS_COMMAND_NAME:
-            args = ("_",)
         connection = super().get_connection(*args, **kwargs)
         address = self.master_address
         if address is not None and (connection.host, connection.port) != tuple(address):

@@ -584,22 +584,6 @@ def test_status_says_configured_learned_its_source_in_use_and_the_pause(
     assert limiter.status("c", parse_rate("5/s"))["in_use_source"] == "configured"
 
 
-class _PoolBefore53(redis.ConnectionPool):
-    """A pool with redis-py 5.0-5.2's signature: the command name is required."""
-
-    def get_connection(self, command_name: str, *keys: Any, **options: Any) -> Any:  # type: ignore[override]
-        assert command_name
-        return super().get_connection()
-
-
-def test_acquire_works_with_the_connection_pool_of_redis_py_before_5_3(prefix: str) -> None:
-    client = redis.Redis(connection_pool=_PoolBefore53.from_url(REDIS_URL))
-    limiter = RateLimiter(client, prefix=prefix)
-    assert limiter.acquire("c", parse_rate("1/m")).granted
-    assert not limiter.acquire("c", parse_rate("1/m")).granted
-    client.close()
-
-
 # -- converging on a server's rate from its 429s, on the stand-in's clock ----------------------
 
 
