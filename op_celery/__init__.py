@@ -12,7 +12,7 @@ count; ``lint-imports`` checks it against ``[tool.importlinter]`` in ``pyproject
 
     tools           cli, _demo, worker, contrib (Django, Flask, FastAPI), metrics, testing
     ─────────────────────────────────────────────────────────────────────────────────────────
-    Celery layer    _tasks      the seven typed tasks and the proxies exported here
+    Celery layer    _tasks      the eight typed tasks and the proxies exported here
                     _task       their class: validate at .delay(), map outcomes to Celery
                     _startup    what a worker does as it starts (sweeper, checks, announce)
                     _enqueue    spool, re-publish, dead-letter replay's publisher
@@ -66,6 +66,7 @@ from ._tasks import (
     group,
     identify,
     increment,
+    revenue,
     track,
 )
 
@@ -102,5 +103,6 @@ __all__ = [
     "identify",
     "increment",
     "load_settings",
+    "revenue",
     "track",
 ]

@@ -18,7 +18,9 @@ message says so:
   (nginx's default is 1 MiB, as is fastify's), and a refused body would end as a 413 dead letter;
 - values that become HTTP headers (``user_agent``, ``client_ip``, ``event_id``) must be what
   latin-1 and RFC 9110 allow (no emoji or CJK, no control characters, no leading space), as
-  ``requests`` would send them, or the worker could not send the event at all.
+  ``requests`` would send them, or the worker could not send the event at all;
+- a ``device_id`` the server would silently ignore (not a string, blank, or longer than
+  `MAX_DEVICE_ID_UNITS` once trimmed): the caller meant it, so dropping it is a bug to report.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import math
 import re
 import reprlib
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from ._exceptions import InvalidEvent
@@ -38,17 +40,22 @@ from ._rules import (
     blocked_name,
     email_failure,
     header_failure,
+    js_length,
     poisoned_key,
 )
 from ._url import url_failure
 
 __all__ = [
     "MAX_BODY_BYTES",
+    "MAX_DEDUP_FOR_S",
+    "MAX_DEVICE_ID_UNITS",
     "MAX_NESTING_LEVELS",
     "MAX_PROJECT_NAME_CHARS",
     "MAX_USER_AGENT_CHARS",
     "body_size",
     "client_ip",
+    "dedup_for",
+    "device_id",
     "email",
     "event_id",
     "event_name",
@@ -61,6 +68,7 @@ __all__ = [
     "project",
     "properties",
     "revenue",
+    "revenue_amount",
     "show",
     "str_list",
     "timestamp",
@@ -77,6 +85,12 @@ MAX_PROJECT_NAME_CHARS = 64
 MAX_BODY_BYTES = 1_048_576
 #: Deepest nesting of dicts and lists in ``properties`` (op-celery's own limit).
 MAX_NESTING_LEVELS = 32
+#: Longest device id, in UTF-16 code units once trimmed (``MAX_OVERRIDE_DEVICE_ID_LENGTH`` of
+#: OpenPanel's track.controller.ts; a longer one the server silently ignores).
+MAX_DEVICE_ID_UNITS = 64
+#: Longest ``dedup_for`` of one event, in seconds (400 days): the delivered mark is one Redis key
+#: per event, so a longer memory is a retention decision rather than a retry window.
+MAX_DEDUP_FOR_S = 400 * 86_400
 
 #: An IPv4 address as ``ipaddress`` writes it (four decimal octets, no leading zeros).
 _CANONICAL_IPV4 = re.compile(
@@ -259,6 +273,71 @@ def event_name(op: str, value: object) -> str:
     if reason is not None:
         raise fail(op, "name", reason)
     return name
+
+
+def revenue_amount(op: str, value: object) -> int:
+    """The ``amount`` of a ``revenue`` event, as the server's refine takes ``__revenue``:
+    ``Number.isInteger`` and >= 0 (so ``1200.0`` passes and is sent as ``1200``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise fail(
+            op, "amount", f"must be an integer number of minor units (cents), got {show(value)}"
+        )
+    if isinstance(value, float):
+        if not value.is_integer():  # NaN and infinities included
+            raise fail(
+                op,
+                "amount",
+                f"is {show(value)}; OpenPanel wants an integer in minor units (12.99 USD is "
+                "1299): '__revenue must be an integer (no floats or strings)'",
+            )
+        value = int(value)
+    if value < 0:
+        raise fail(
+            op,
+            "amount",
+            f"is {show(value)}; OpenPanel refuses a negative revenue (send refunds as their own "
+            "event)",
+        )
+    if value > MAX_SAFE_INTEGER:
+        raise fail(op, "amount", _unsafe_integer(value))
+    return value
+
+
+def device_id(op: str, value: object) -> str | None:
+    # The server takes properties.__deviceId only if it is a string that, trimmed, is 1 to 64
+    # UTF-16 code units; anything else it ignores without a word (the event then gets the
+    # device id it derives from IP and user agent). op-celery refuses instead: a device id the
+    # caller passed on purpose and the server would drop is a bug to see at .delay().
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise fail(op, "device_id", f"must be a non-empty string, got {show(value)}")
+    units = js_length(value.strip())
+    if units > MAX_DEVICE_ID_UNITS:
+        raise fail(
+            op,
+            "device_id",
+            f"is {units} UTF-16 code units once trimmed; OpenPanel takes at most "
+            f"{MAX_DEVICE_ID_UNITS} and ignores a longer one",
+        )
+    return value
+
+
+def dedup_for(op: str, value: object) -> int | None:
+    """Seconds the ledger remembers the event once delivered (whole seconds, rounded up)."""
+    if value is None:
+        return None
+    seconds: object = value.total_seconds() if isinstance(value, timedelta) else value
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise fail(op, "dedup_for", f"must be seconds (a number) or a timedelta, got {show(value)}")
+    if not 0 < seconds <= MAX_DEDUP_FOR_S:  # NaN fails too
+        raise fail(
+            op,
+            "dedup_for",
+            f"is {show(value)}; it must be more than 0 and at most {MAX_DEDUP_FOR_S} seconds "
+            "(400 days)",
+        )
+    return math.ceil(seconds)
 
 
 def revenue(op: str, properties: dict[str, Any]) -> None:

@@ -275,7 +275,7 @@ class Delivery:
             log.warning("op_celery: the server's rate limit headers not stored: %s", exc)
         forgotten = False
         try:
-            self.ledger.record(event.event_id, attempt.outbox_keys)
+            self.ledger.record(event.event_id, attempt.outbox_keys, dedup_for_s=event.dedup_for_s)
             forgotten = attempt.outbox_keys is not None
         except StorageUnavailable as exc:
             # Delivered; only the memory that prevents a duplicate after a crash is missing.

@@ -34,7 +34,9 @@ class Event:
     """A validated event, ready to send.
 
     ``body`` is exactly what is POSTed to ``/track``. ``client_ip`` and ``user_agent`` become
-    headers; ``event_id`` becomes the ``request-id`` header and the key that stops duplicates.
+    headers; ``event_id`` becomes the ``request-id`` header and the key that stops duplicates;
+    ``dedup_for_s``, when the caller set it, is how long (seconds) the ledger remembers the
+    event once delivered, if longer than ``OP_CELERY_LEDGER_TTL``.
     """
 
     operation: str
@@ -43,6 +45,7 @@ class Event:
     client_ip: str | None
     user_agent: str | None
     event_id: str
+    dedup_for_s: int | None = None
 
 
 def _drop_none(payload: dict[str, Any]) -> dict[str, Any]:
@@ -65,10 +68,46 @@ def _track(kw: dict[str, Any]) -> dict[str, Any]:
     check.event_name(op, name)
     if name == "revenue":
         check.revenue(op, properties)
+    return _track_payload(op, name, properties, profile_id, groups, kw)
+
+
+def _track_payload(
+    op: str,
+    name: str,
+    properties: dict[str, Any],
+    profile_id: str | int | float | None,
+    groups: list[str] | None,
+    kw: dict[str, Any],
+) -> dict[str, Any]:
+    """The payload of a track event, with the special properties its arguments carry."""
+    device_id = check.device_id(op, kw["device_id"])
+    if device_id is not None:
+        if "__deviceId" in properties:
+            raise check.fail(
+                op,
+                "device_id",
+                "was given and properties has '__deviceId' too: pass the device id once",
+            )
+        properties["__deviceId"] = device_id  # as OpenPanel's SDKs send it
     properties["__timestamp"] = check.timestamp(op, kw["timestamp"])
     return _drop_none(
         {"name": name, "properties": properties, "profileId": profile_id, "groups": groups}
     )
+
+
+def _revenue(kw: dict[str, Any]) -> dict[str, Any]:
+    # OpenPanel's SDKs send revenue(amount) as track("revenue", {..., __revenue: amount}).
+    op = "revenue"
+    amount = check.revenue_amount(op, kw["amount"])
+    properties = check.properties(op, kw["properties"]) or {}
+    if "__revenue" in properties:
+        raise check.fail(
+            op, "properties['__revenue']", "is the amount: pass it as amount, not in properties"
+        )
+    profile_id = check.profile_id(op, kw["profile_id"], required=False)
+    groups = None if kw["groups"] is None else check.str_list(op, "groups", kw["groups"])
+    properties["__revenue"] = amount
+    return _track_payload(op, "revenue", properties, profile_id, groups, kw)
 
 
 def _identify(kw: dict[str, Any]) -> dict[str, Any]:
@@ -134,6 +173,7 @@ _COMMON: dict[str, Any] = {
     "user_agent": None,
     "project": "default",
     "event_id": None,
+    "dedup_for": None,
 }
 
 
@@ -142,6 +182,11 @@ class _Operation:
     name: str
     params: dict[str, Any]  # the operation's own parameters, in order, with defaults
     build_payload: _Builder
+    api_type: str = ""  # the body's "type", when not the operation's name
+
+    @property
+    def body_type(self) -> str:
+        return self.api_type or self.name
 
     @property
     def all_params(self) -> dict[str, Any]:
@@ -160,8 +205,22 @@ OPERATIONS: dict[str, _Operation] = {
                 "profile_id": None,
                 "groups": None,
                 "timestamp": None,
+                "device_id": None,
             },
             _track,
+        ),
+        _Operation(
+            "revenue",
+            {
+                "amount": _REQUIRED,
+                "properties": None,
+                "profile_id": None,
+                "groups": None,
+                "timestamp": None,
+                "device_id": None,
+            },
+            _revenue,
+            api_type="track",
         ),
         _Operation(
             "identify",
@@ -219,17 +278,22 @@ def normalize_call(
                 bound["user_agent"] = context.user_agent
     if bound["event_id"] is None:
         bound["event_id"] = uuid.uuid4().hex
-    if operation == "track" and bound["timestamp"] is None:
+    stamped = "timestamp" in params
+    if stamped and bound["timestamp"] is None:
         bound["timestamp"] = datetime.now(timezone.utc)
     event = build_event(operation, bound)
-    if operation == "track":
-        bound["timestamp"] = event.body["payload"]["properties"]["__timestamp"]
-    # Hand the message the validated copies (plain JSON, tuples as lists), not the caller's
-    # objects, so what is enqueued is exactly what was checked.
     payload = event.body["payload"]
+    if stamped:
+        bound["timestamp"] = payload["properties"]["__timestamp"]
+    # Hand the message the validated copies (plain JSON, tuples as lists), not the caller's
+    # objects, so what is enqueued is exactly what was checked; without the special
+    # properties the builder adds from other arguments, or the worker would find them twice.
     if "properties" in bound and bound["properties"] is not None:
+        added = _ADDED_PROPERTIES[operation]
+        if bound.get("device_id") is not None:
+            added = added | {"__deviceId"}
         bound["properties"] = {
-            key: value for key, value in payload["properties"].items() if key != "__timestamp"
+            key: value for key, value in payload["properties"].items() if key not in added
         }
     for field, api_field in (
         ("groups", "groups"),
@@ -238,8 +302,20 @@ def normalize_call(
     ):
         if bound.get(field) is not None:
             bound[field] = payload[api_field]
+    if operation == "revenue":
+        bound["amount"] = payload["properties"]["__revenue"]  # 1200.0 becomes 1200
     bound["client_ip"] = event.client_ip
+    bound["dedup_for"] = event.dedup_for_s  # a timedelta becomes its seconds
     return bound
+
+
+#: The properties each operation's builder adds from its other arguments (``device_id`` adds
+#: ``__deviceId`` to a track or revenue).
+_ADDED_PROPERTIES: dict[str, frozenset[str]] = {
+    "track": frozenset({"__timestamp"}),
+    "revenue": frozenset({"__timestamp", "__revenue"}),
+}
+_ADDED_PROPERTIES.update(dict.fromkeys(OPERATIONS.keys() - _ADDED_PROPERTIES, frozenset()))
 
 
 def _bind(
@@ -281,9 +357,9 @@ def build_event(operation: str, kwargs: Mapping[str, Any]) -> Event:
         raise check.fail(operation, "operation", f"must be one of {', '.join(OPERATIONS)}")
     params = _ALL_PARAMS[operation]
     kw = _bind(operation, params, (), kwargs) if kwargs.keys() != params.keys() else dict(kwargs)
-    if operation == "track" and kw["timestamp"] is None:
+    if "timestamp" in params and kw["timestamp"] is None:
         kw["timestamp"] = datetime.now(timezone.utc)
-    body = {"type": operation, "payload": op.build_payload(kw)}
+    body = {"type": op.body_type, "payload": op.build_payload(kw)}
     check.body_size(operation, body)
     event_id = kw["event_id"]
     return Event(
@@ -293,4 +369,5 @@ def build_event(operation: str, kwargs: Mapping[str, Any]) -> Event:
         client_ip=check.client_ip(operation, kw["client_ip"]),
         user_agent=check.user_agent(operation, kw["user_agent"]),
         event_id=uuid.uuid4().hex if event_id is None else check.event_id(operation, event_id),
+        dedup_for_s=check.dedup_for(operation, kw["dedup_for"]),
     )

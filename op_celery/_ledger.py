@@ -11,12 +11,18 @@ event not delivered is claimed for one attempt, for at most :meth:`Ledger.claim`
 a second copy meanwhile is told how long the claim still holds and comes back then. Delivery
 replaces the claim by the delivered mark; a failed attempt releases it (``lua/release.lua``).
 
+An event id is the caller's idempotency key when the caller passes one (``event_id=``; else
+each ``.delay()`` draws a fresh one): a webhook that its sender retries for days is delivered
+once if its id is derived from the sender's (``event_id=f"stripe:{event.id}"``) and its
+``dedup_for`` covers the retries, since the mark of a default event lasts only the setting.
+
 What remains is the window between the server's 2xx and the write of the mark: a worker killed
 exactly there leaves its event to be sent again once.
 
 Keys (the prefix is ``OP_CELERY_KEY_PREFIX``)::
 
-    <prefix>:{<event id>}:delivered   the mark, for OP_CELERY_LEDGER_TTL seconds
+    <prefix>:{<event id>}:delivered   the mark, for OP_CELERY_LEDGER_TTL seconds (or the
+                                      event's dedup_for, when longer)
     <prefix>:{<event id>}:inflight    the claim of one attempt (its token), for its ttl
 
 The event id in braces is a Redis Cluster hash tag: both keys of an event live in one slot, so
@@ -110,14 +116,23 @@ class Ledger:
         with storage_errors("releasing an event's claim", self._settings.redis_url):
             self._release(self.keys(event_id)[1:], (token,))
 
-    def record(self, event_id: str, outbox_keys: tuple[str, str] | None = None) -> None:
+    def record(
+        self,
+        event_id: str,
+        outbox_keys: tuple[str, str] | None = None,
+        *,
+        dedup_for_s: int | None = None,
+    ) -> None:
         """Remember a delivered event for ``OP_CELERY_LEDGER_TTL`` seconds; its claim ends.
 
+        ``dedup_for_s`` (the event's ``dedup_for``) remembers it longer, never shorter: the
+        setting is what outlives the broker's redelivery of a message, so no call may go below.
         ``outbox_keys`` (the records hash and due set of the event's queue, when this Redis is
         the broker's) also forgets the event's outbox record, in the same round trip.
         """
+        ttl_s = max(self._ttl_s, dedup_for_s or 0)
         if outbox_keys is not None and is_cluster(self._redis):
             outbox_keys = None  # no broker lives on a cluster: there is no record to forget
         keys = [*self.keys(event_id), *(outbox_keys or ())]
         with storage_errors("recording a delivered event", self._settings.redis_url):
-            self._record(keys, (self._ttl_s, event_id))
+            self._record(keys, (ttl_s, event_id))

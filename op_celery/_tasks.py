@@ -9,7 +9,7 @@ tasks are shared tasks: Celery registers them on every app, present and future, 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 from celery import shared_task
@@ -31,6 +31,7 @@ __all__ = [
     "IdentifyTask",
     "IncrementTask",
     "OpenPanelTask",
+    "RevenueTask",
     "TrackTask",
     "alias",
     "assign_group",
@@ -38,6 +39,7 @@ __all__ = [
     "group",
     "identify",
     "increment",
+    "revenue",
     "track",
 ]
 
@@ -54,12 +56,43 @@ class TrackTask(OpenPanelTask):
             profile_id: str | int | None = None,
             groups: Sequence[str] | None = None,
             timestamp: datetime | None = None,
+            device_id: str | None = None,
             *,
             client_ip: str | None = None,
             user_agent: str | None = None,
             project: str = "default",
+            event_id: str | None = None,
+            dedup_for: float | timedelta | None = None,
         ) -> AsyncResult[None]:
-            """Enqueue a ``track`` event; ``timestamp`` defaults to now."""
+            """Enqueue a ``track`` event; ``timestamp`` defaults to now; ``device_id`` (at
+            most 64 characters) is sent as ``properties.__deviceId``, as OpenPanel's SDKs do."""
+            ...
+
+        adelay = _awaitable(delay)
+
+
+class RevenueTask(OpenPanelTask):
+    operation = "revenue"
+
+    if TYPE_CHECKING:
+
+        def delay(
+            self,
+            amount: int,
+            properties: JSON | None = None,
+            profile_id: str | int | None = None,
+            groups: Sequence[str] | None = None,
+            timestamp: datetime | None = None,
+            device_id: str | None = None,
+            *,
+            client_ip: str | None = None,
+            user_agent: str | None = None,
+            project: str = "default",
+            event_id: str | None = None,
+            dedup_for: float | timedelta | None = None,
+        ) -> AsyncResult[None]:
+            """Enqueue a revenue of ``amount`` minor units (cents): a ``revenue`` track event
+            with ``properties.__revenue``, as OpenPanel's SDKs send ``revenue(amount)``."""
             ...
 
         adelay = _awaitable(delay)
@@ -82,6 +115,8 @@ class IdentifyTask(OpenPanelTask):
             client_ip: str | None = None,
             user_agent: str | None = None,
             project: str = "default",
+            event_id: str | None = None,
+            dedup_for: float | timedelta | None = None,
         ) -> AsyncResult[None]:
             """Enqueue an ``identify``: create or update a profile."""
             ...
@@ -102,6 +137,8 @@ class AliasTask(OpenPanelTask):
             client_ip: str | None = None,
             user_agent: str | None = None,
             project: str = "default",
+            event_id: str | None = None,
+            dedup_for: float | timedelta | None = None,
         ) -> AsyncResult[None]:
             """Enqueue an ``alias`` (current OpenPanel servers answer "Alias is not supported")."""
             ...
@@ -121,6 +158,8 @@ class _CounterTask(OpenPanelTask):
             client_ip: str | None = None,
             user_agent: str | None = None,
             project: str = "default",
+            event_id: str | None = None,
+            dedup_for: float | timedelta | None = None,
         ) -> AsyncResult[None]:
             """Enqueue a change of a numeric profile property by a positive ``value``."""
             ...
@@ -151,6 +190,8 @@ class GroupTask(OpenPanelTask):
             client_ip: str | None = None,
             user_agent: str | None = None,
             project: str = "default",
+            event_id: str | None = None,
+            dedup_for: float | timedelta | None = None,
         ) -> AsyncResult[None]:
             """Enqueue a ``group``: create or update a group."""
             ...
@@ -171,6 +212,8 @@ class AssignGroupTask(OpenPanelTask):
             client_ip: str | None = None,
             user_agent: str | None = None,
             project: str = "default",
+            event_id: str | None = None,
+            dedup_for: float | timedelta | None = None,
         ) -> AsyncResult[None]:
             """Enqueue an ``assign_group``: put a profile into groups."""
             ...
@@ -191,6 +234,7 @@ def _shared(base: type[OpenPanelTask]) -> Any:
 
 
 track: TrackTask = _shared(TrackTask)
+revenue: RevenueTask = _shared(RevenueTask)
 identify: IdentifyTask = _shared(IdentifyTask)
 alias: AliasTask = _shared(AliasTask)
 increment: IncrementTask = _shared(IncrementTask)

@@ -12,6 +12,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import redis
+
 CLIENT_ID = "6f1d2c3b-4a5e-4f60-8b7c-9d0e1f2a3b4c"
 CLIENT_SECRET = "sec_test_do-not-leak-8c1f"
 #: The shared Redis of the tests; see _test_redis_url() at the end of this module.
@@ -109,7 +111,29 @@ def wait_until(predicate: object, timeout: float = 20.0, interval: float = 0.05)
     return bool(predicate())
 
 
-__all__ = ["CLIENT_ID", "CLIENT_SECRET", "REDIS_URL", "WorkerProcess", "wait_until", "worker_env"]
+def age_keys(redis_client: redis.Redis, prefix: str, seconds: float) -> None:
+    """Age every key under ``prefix`` by ``seconds``, as that much time would: each TTL shrinks
+    by it, and a key whose TTL it exceeds expires (Redis's clock cannot be moved; TTLs can)."""
+    for key in redis_client.scan_iter(match=f"{prefix}*", count=1000):
+        left_ms = int(redis_client.pttl(key))  # type: ignore[arg-type]
+        if left_ms < 0:
+            continue  # no TTL: time does not touch it
+        aged_ms = left_ms - int(seconds * 1000)
+        if aged_ms > 0:
+            redis_client.pexpire(key, aged_ms)
+        else:
+            redis_client.delete(key)
+
+
+__all__ = [
+    "CLIENT_ID",
+    "CLIENT_SECRET",
+    "REDIS_URL",
+    "WorkerProcess",
+    "age_keys",
+    "wait_until",
+    "worker_env",
+]
 
 
 def free_port() -> int:

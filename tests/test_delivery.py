@@ -4,8 +4,10 @@ server and a real Redis (issue 17 item 7), and the 429 rules of issue 10."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 
 import pytest
+import redis
 
 from op_celery._delivery import (
     MAX_THROTTLED_AGE_S,
@@ -23,7 +25,7 @@ from op_celery._exceptions import InvalidPayload, RateLimited, ServerError
 from op_celery._settings import load_settings
 from op_celery.testing import StandInServer
 
-from ._support import CLIENT_ID, CLIENT_SECRET
+from ._support import CLIENT_ID, CLIENT_SECRET, age_keys
 
 MakeDelivery = Callable[..., Delivery]
 
@@ -169,3 +171,50 @@ def test_a_configured_limit_stays_the_upper_bound_of_a_learned_one(
     status = delivery.rate_status("default")
     assert status["learned_source"] == "headers"
     assert (status["in_use_source"], status["configured"]) == ("configured", "5/s")
+
+
+DAY_S = 86_400
+
+
+def test_a_webhook_retried_days_later_with_its_event_id_is_not_sent_twice(
+    make_delivery: MakeDelivery,
+    stand_in: StandInServer,
+    redis_client: redis.Redis,
+    key_prefix: str,
+) -> None:
+    # A Stripe webhook is retried for up to three days: each retry is a new .delay() with the
+    # same event id. With dedup_for the ledger remembers it that long; without, only the
+    # default OP_CELERY_LEDGER_TTL (an hour), after which a retry is sent again.
+    delivery = make_delivery()
+
+    def webhook(event_id: str, **extra: object) -> Event:
+        kwargs = {"amount": 1299, "event_id": event_id, **extra}
+        return build_event("revenue", normalize_call("revenue", (), kwargs))
+
+    remembered = webhook("stripe:evt_remembered", dedup_for=timedelta(days=30))
+    forgotten = webhook("stripe:evt_forgotten")
+    assert isinstance(delivery.deliver(remembered, Attempt()), Delivered)
+    assert isinstance(delivery.deliver(forgotten, Attempt()), Delivered)
+    mark_ttl_s = redis_client.ttl(delivery.ledger.keys(remembered.event_id)[0])
+    assert 29 * DAY_S < mark_ttl_s <= 30 * DAY_S
+    assert redis_client.ttl(delivery.ledger.keys(forgotten.event_id)[0]) <= 3600
+
+    age_keys(redis_client, key_prefix, 3 * DAY_S)  # Stripe's retries, three days on
+    again = webhook("stripe:evt_remembered", dedup_for=timedelta(days=30))
+    assert isinstance(delivery.deliver(again, Attempt()), AlreadyDelivered)
+    assert isinstance(delivery.deliver(webhook("stripe:evt_forgotten"), Attempt()), Delivered)
+    assert sorted(r.headers["request-id"] for r in stand_in.received) == [
+        "stripe:evt_forgotten",
+        "stripe:evt_forgotten",
+        "stripe:evt_remembered",
+    ]
+
+
+def test_dedup_for_never_shortens_the_ledgers_memory_below_the_setting(
+    make_delivery: MakeDelivery, redis_client: redis.Redis
+) -> None:
+    # The setting outlives the broker's redelivery of a message; a call may not undercut it.
+    delivery = make_delivery(OP_CELERY_LEDGER_TTL="7200")
+    event = build_event("track", normalize_call("track", ("x",), {"dedup_for": 60}))
+    assert isinstance(delivery.deliver(event, Attempt()), Delivered)
+    assert 7100 < redis_client.ttl(delivery.ledger.keys(event.event_id)[0]) <= 7200

@@ -316,3 +316,138 @@ def test_the_size_bound_is_never_below_the_encoded_size() -> None:
     bodies += [value(0) for _ in range(2000)]
     for body in bodies:
         assert json_bound(body) >= len(json.dumps(body, separators=(",", ":"))), body
+
+
+# -- revenue and device_id, as OpenPanel's SDKs send them --
+
+
+def test_revenue_is_a_revenue_track_event_carrying_the_amount_as_revenue_property() -> None:
+    moment = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    event = build_event(
+        "revenue",
+        {"amount": 1299, "properties": {"currency": "USD"}, "profile_id": "u1",
+         "timestamp": moment, "device_id": "cookie-abc"},
+    )  # fmt: skip
+    assert event.operation == "revenue"
+    assert event.body == {
+        "type": "track",
+        "payload": {
+            "name": "revenue",
+            "properties": {
+                "currency": "USD",
+                "__revenue": 1299,
+                "__deviceId": "cookie-abc",
+                "__timestamp": "2026-01-02T03:04:05.000Z",
+            },
+            "profileId": "u1",
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("amount", "accepted"),
+    [(0, True), (1299, True), (1200.0, True), (2**53 - 1, True), (12.99, False), (-5, False),
+     ("1299", False), (True, False), (None, False), (float("nan"), False), (2**53, False)],
+)  # fmt: skip
+def test_revenue_takes_the_amounts_the_server_takes_and_names_amount_otherwise(
+    amount: object, accepted: bool
+) -> None:
+    if accepted:
+        sent = build_event("revenue", {"amount": amount}).body["payload"]["properties"]
+        assert sent["__revenue"] == amount and type(sent["__revenue"]) is int
+        return
+    with pytest.raises(InvalidEvent) as info:
+        build_event("revenue", {"amount": amount})
+    assert info.value.field == "amount"
+
+
+def test_a_revenue_in_dollars_is_refused_with_the_minor_units_it_should_be() -> None:
+    with pytest.raises(InvalidEvent, match=r"revenue: amount is 12\.99; .*1299"):
+        normalize_call("revenue", (12.99,), {})
+
+
+def test_revenue_refuses_the_amount_twice_and_a_missing_amount() -> None:
+    with pytest.raises(InvalidEvent, match="pass it as amount"):
+        normalize_call("revenue", (5,), {"properties": {"__revenue": 5}})
+    with pytest.raises(InvalidEvent, match="amount is required"):
+        normalize_call("revenue", (), {"properties": {}})
+
+
+def test_a_revenue_message_rebuilds_the_same_body_on_the_worker() -> None:
+    message = normalize_call(
+        "revenue", (1200.0, {"plan": "pro"}), {"device_id": "d1", "groups": ("acme",)}
+    )
+    assert message["amount"] == 1200 and message["properties"] == {"plan": "pro"}
+    assert json.loads(json.dumps(message)) == message
+    first = build_event("revenue", message)
+    assert build_event("revenue", json.loads(json.dumps(message))).body == first.body
+    assert first.body["payload"]["groups"] == ["acme"]
+
+
+def test_track_sends_device_id_as_the_device_id_property() -> None:
+    got = payload("track", name="signup", properties={"plan": "pro"}, device_id="cookie-abc")
+    assert got["properties"] == {
+        "plan": "pro",
+        "__deviceId": "cookie-abc",
+        "__timestamp": got["properties"]["__timestamp"],  # type: ignore[index]
+    }
+    message = normalize_call("track", ("signup",), {"properties": {}, "device_id": "cookie-abc"})
+    assert message["properties"] == {} and message["device_id"] == "cookie-abc"
+    assert build_event("track", message).body["payload"]["properties"]["__deviceId"] == (
+        "cookie-abc"
+    )
+
+
+@pytest.mark.parametrize(
+    ("device_id", "accepted"),
+    [("x" * 64, True), ("  " + "x" * 64 + " ", True), ("😀" * 32, True), ("x" * 65, False),
+     ("😀" * 33, False), ("", False), ("   ", False), (123, False)],
+)  # fmt: skip
+def test_device_id_takes_what_the_server_keeps_and_refuses_what_it_would_ignore(
+    device_id: object, accepted: bool
+) -> None:
+    # The server keeps properties.__deviceId when it is a string of 1 to 64 UTF-16 code units
+    # once trimmed (sanitizeOverrideDeviceId) and silently ignores any other.
+    if accepted:
+        assert payload("track", name="x", device_id=device_id)["properties"]["__deviceId"] == (  # type: ignore[index]
+            device_id
+        )
+        return
+    with pytest.raises(InvalidEvent) as info:
+        build_event("track", {"name": "x", "device_id": device_id})
+    assert info.value.field == "device_id"
+
+
+def test_device_id_given_twice_is_refused() -> None:
+    with pytest.raises(InvalidEvent, match="pass the device id once"):
+        normalize_call("track", ("x", {"__deviceId": "a"}), {"device_id": "b"})
+
+
+def test_a_device_id_in_properties_alone_is_sent_as_it_is() -> None:
+    got = payload("track", name="x", properties={"__deviceId": "a"})
+    assert got["properties"]["__deviceId"] == "a"  # type: ignore[index]
+
+
+# -- dedup_for: how long the ledger remembers an event the caller names --
+
+
+@pytest.mark.parametrize(
+    ("given", "seconds"),
+    [(None, None), (86_400, 86_400), (0.5, 1), (timedelta(days=30), 2_592_000),
+     (400 * 86_400, 400 * 86_400)],
+)  # fmt: skip
+def test_dedup_for_travels_in_the_message_as_whole_seconds(
+    given: object, seconds: int | None
+) -> None:
+    message = normalize_call("track", ("x",), {"event_id": "stripe:evt_1", "dedup_for": given})
+    assert message["dedup_for"] == seconds
+    assert build_event("track", message).dedup_for_s == seconds
+
+
+@pytest.mark.parametrize(
+    "given", [0, -1, 400 * 86_400 + 1, float("nan"), float("inf"), "30d", True, timedelta(0)]
+)
+def test_dedup_for_outside_its_bounds_is_refused_at_delay(given: object) -> None:
+    with pytest.raises(InvalidEvent) as info:
+        normalize_call("identify", ("u1",), {"dedup_for": given})
+    assert info.value.field == "dedup_for"

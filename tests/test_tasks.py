@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import redis
@@ -17,7 +17,14 @@ import op_celery
 from op_celery import InvalidEvent
 from op_celery.testing import StandInServer
 
-from ._support import CLIENT_ID, CLIENT_SECRET, WorkerProcess, answer_429_once, wait_until
+from ._support import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    WorkerProcess,
+    age_keys,
+    answer_429_once,
+    wait_until,
+)
 
 
 def queued(redis_client: redis.Redis, env: dict[str, str]) -> list[bytes]:
@@ -198,3 +205,28 @@ def test_calling_a_task_directly_sends_in_the_caller(
         assert [r.payload["name"] for r in stand_in.received] == ["direct-call"]
     finally:
         app.close()
+
+
+def test_a_revenue_webhook_delayed_again_days_later_with_its_event_id_is_sent_once(
+    producer: Celery,
+    start_worker: Callable[..., WorkerProcess],
+    stand_in: StandInServer,
+    redis_client: redis.Redis,
+    key_prefix: str,
+) -> None:
+    worker = start_worker()
+
+    def on_webhook(stripe_event_id: str, **extra: object) -> None:
+        op_celery.revenue.delay(1299, {"currency": "USD"}, event_id=stripe_event_id, **extra)
+
+    on_webhook("stripe:evt_a", dedup_for=timedelta(days=30))
+    on_webhook("stripe:evt_b")  # the default ledger TTL: an hour
+    assert stand_in.wait_for(2)
+    assert {r.payload["properties"]["__revenue"] for r in stand_in.received} == {1299}
+    age_keys(redis_client, key_prefix, 3 * 86_400)  # Stripe's retries of both, 3 days on
+    on_webhook("stripe:evt_a", dedup_for=timedelta(days=30))
+    on_webhook("stripe:evt_b")
+    assert stand_in.wait_for(3)
+    assert wait_until(lambda: "event stripe:evt_a was delivered before; not sent" in worker.log)
+    ids = sorted(r.headers["request-id"] for r in stand_in.received)
+    assert ids == ["stripe:evt_a", "stripe:evt_b", "stripe:evt_b"]

@@ -134,3 +134,31 @@ def test_the_stand_in_gives_openpanels_400_message(case: dict[str, Any]) -> None
     from op_celery.testing._validation import validation_message
 
     assert validation_message(json.loads(case["body"])) == case["message"], case["note"]
+
+
+#: The rows whose body is a revenue event carrying an amount: what ``revenue.delay(amount)``
+#: sends, so the revenue task must give each the server's verdict too.
+REVENUES = [
+    case
+    for case in CALLS
+    if json.loads(case["body"])["payload"].get("name") == "revenue"
+    and (json.loads(case["body"])["payload"].get("properties") or {}).get("__revenue") is not None
+]
+
+
+@pytest.mark.parametrize("case", REVENUES, ids=[case["id"] for case in REVENUES])
+def test_the_revenue_task_agrees_with_openpanel_on_every_revenue_row(case: dict[str, Any]) -> None:
+    _, kwargs = _call(json.loads(case["body"]))
+    properties = dict(kwargs.pop("properties"))
+    kwargs.pop("name")
+    amount = properties.pop("__revenue")
+    try:
+        build_event("revenue", {"amount": amount, "properties": properties, **kwargs})
+    except InvalidEvent as exc:
+        accepted, message = False, str(exc)
+    else:
+        accepted, message = True, ""
+    # Deliberately stricter, as everywhere: an integer beyond 2**53 - 1 would be stored rounded.
+    unsafe = isinstance(amount, (int, float)) and abs(amount) > 2**53 - 1
+    assert accepted == (case["status"] == 200 and not unsafe), (case["note"], message)
+    assert len(REVENUES) >= 12

@@ -33,7 +33,11 @@ __all__ = ["send"]
 _SEND_ARGUMENTS: dict[str, dict[str, str]] = {
     "track": {
         "name": "name", "properties": "properties", "profile_id": "profile_id",
-        "group_ids": "groups", "timestamp": "timestamp",
+        "group_ids": "groups", "timestamp": "timestamp", "device_id": "device_id",
+    },
+    "revenue": {
+        "amount": "amount", "properties": "properties", "profile_id": "profile_id",
+        "group_ids": "groups", "timestamp": "timestamp", "device_id": "device_id",
     },
     "identify": {
         "profile_id": "profile_id", "first_name": "first_name", "last_name": "last_name",
@@ -140,6 +144,8 @@ def _show_body(body: Any) -> str:
     help="increment/decrement: a positive number (default 1).",
 )
 @click.option("--timestamp", help="track: when it happened, ISO 8601 with a zone (default now).")
+@click.option("--amount", type=int, help="revenue: the amount in minor units (cents).")
+@click.option("--device-id", help="track, revenue: the device id (properties.__deviceId).")
 @click.option("--client-ip", help="The end user's IP address (forwarded as openpanel-client-ip).")
 @click.option("--user-agent", help="The end user's user agent (default: a server event).")
 @click.option(
@@ -156,16 +162,18 @@ def send(
 ) -> None:  # fmt: skip
     """Send one event from the shell, like OpenPanel's cURL guide.
 
-    OPERATION is one of track, identify, alias, increment, decrement, group, assign_group. By
-    default the event goes straight to the API with the project's credentials from the
-    environment, and the server's status and answer are printed; it is sent once, never
-    retried, and a refusal leaves no dead letter. With --enqueue it goes through the queue, as
-    .delay() would (on your app's broker with -A), and the workers deliver and retry it.
+    OPERATION is one of track, revenue, identify, alias, increment, decrement, group,
+    assign_group. By default the event goes straight to the API with the project's credentials
+    from the environment, and the server's status and answer are printed; it is sent once,
+    never retried, and a refusal leaves no dead letter. With --enqueue it goes through the
+    queue, as .delay() would (on your app's broker with -A), and the workers deliver and retry
+    it.
 
     \b
     op-celery send track --name signup --property plan=pro --profile-id user-1
     op-celery send identify --profile-id user-1 --email ada@example.com
     op-celery send increment --profile-id user-1 --property-name visits --value 2
+    op-celery send revenue --amount 1299 --property currency=USD --profile-id user-1
     op-celery send group --group-id acme --group-type company --name "Acme Inc"
     """
     kwargs = _send_kwargs(operation, options)

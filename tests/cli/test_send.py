@@ -43,6 +43,24 @@ def test_send_identify_then_increment_of_that_profile(
     assert payloads[1] == {"profileId": "u2", "property": "visits", "value": 2}
 
 
+def test_send_revenue_sends_a_revenue_track_event_with_its_amount_and_device(
+    cli_env: dict[str, str], stand_in: StandInServer
+) -> None:
+    result = run(
+        "send", "revenue", "--amount", "1299", "--property", "currency=USD",
+        "--profile-id", "u1", "--device-id", "cookie-abc",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    [received] = stand_in.received
+    assert received.type == "track" and received.payload["name"] == "revenue"
+    properties = received.payload["properties"]
+    assert (properties["__revenue"], properties["currency"]) == (1299, "USD")
+    assert properties["__deviceId"] == "cookie-abc"
+    refused = one_line_error(run("send", "revenue", "--amount", "-5"))
+    assert "revenue: amount is -5" in refused
+    assert len(stand_in.requests) == 1
+
+
 def test_send_an_invalid_event_prints_the_rule_and_sends_nothing(
     cli_env: dict[str, str], stand_in: StandInServer
 ) -> None:
