@@ -29,6 +29,7 @@ __all__ = [
     "header_failure",
     "js_length",
     "poisoned_key",
+    "skipped_ip_kind",
 ]
 
 #: Longest event name, in UTF-16 code units (``MAX_EVENT_LENGTH`` of event-blocklist.ts).
@@ -160,3 +161,27 @@ def poisoned_key(key: str, value: object) -> bool:
     if key == "__proto__":
         return True
     return key == "constructor" and isinstance(value, dict) and "prototype" in value
+
+
+def skipped_ip_kind(ip: str) -> str | None:
+    """The kind of address the server skips as a client IP (``"loopback"``, ``"private"``,
+    ``"link-local"``), else None.
+
+    ``isPublicIp`` of ``packages/common/server/get-client-ip.ts``, which tests the text by its
+    prefix: 127/8 and ``::1``, 10/8, 172.16/12, 192.168/16, 169.254/16, and IPv6 addresses
+    written from ``fc00:``, ``fd00:`` or ``fe80:`` (not all of fc00::/7 and fe80::/10: the
+    server takes ``fd12::1`` for public); ``::ffff:`` IPv4-mapped ones by their IPv4 part.
+    """
+    if ip.startswith("::ffff:"):
+        return skipped_ip_kind(ip[7:])
+    if ip == "::1" or ip.startswith("127."):
+        return "loopback"
+    if ip.startswith(("fc00:", "fd00:", "10.", "192.168.")):
+        return "private"
+    if ip.startswith("172."):
+        second = ip.split(".")[1] if ip.count(".") else ""
+        if second.isdigit() and 16 <= int(second) <= 31:
+            return "private"
+    if ip.startswith(("fe80:", "169.254.")):
+        return "link-local"
+    return None

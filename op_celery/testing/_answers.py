@@ -4,6 +4,12 @@ An `Answer` is decided whole before anything is written, so the HTTP layer only 
 canned bodies follow ``openpanel-api.md``: JSON errors from fastify, plain-text 401s and 500s,
 the rate-limit JSON on 429, an nginx HTML page on 502/504. ``deviceId``/``sessionId`` in a 200
 are placeholders (a hash and a random UUID), not OpenPanel's salted device ids.
+
+`NAMED_ANSWERS` are the server's answers that are no plain status, by name, for `fault_answer`
+(``fail_next(1, "bot")``): its bot hook's 202, its duplicate hook's 200, the 401s of the
+project's filters and of revenue without a secret, and a captive portal's HTML 200 (which is
+no answer of OpenPanel's at all). Status, body and content type are the server's (fastify sends
+a string as ``text/plain; charset=utf-8``, an object as JSON).
 """
 
 from __future__ import annotations
@@ -18,7 +24,11 @@ from http import HTTPStatus
 from typing import Any, Final
 
 __all__ = [
+    "IP_FILTERED",
+    "NAMED_ANSWERS",
+    "PROFILE_FILTERED",
     "RATE_LIMIT_MESSAGE",
+    "REVENUE_WITHOUT_SECRET",
     "Answer",
     "accepted",
     "error_400",
@@ -37,6 +47,16 @@ _HTML: Final = "text/html; charset=utf-8"
 RATE_LIMIT_MESSAGE: Final = "You have exceeded the rate limit for this endpoint."
 #: A user agent that is only ``name/version`` (or none) marks a server-side event.
 _SERVER_USER_AGENT_RE: Final = re.compile(r"^[^\s/]+/[^\s/]+$")
+#: The 401 texts of ``apps/api/src/utils/auth.ts`` for the project's filters and for revenue.
+IP_FILTERED: Final = "Ingestion: IP address is blocked by project filter"
+PROFILE_FILTERED: Final = "Ingestion: Profile id is blocked by project filter"
+REVENUE_WITHOUT_SECRET: Final = "Ingestion: Revenue tracking is not allowed without a client secret"
+#: What a hotel's or an office's captive portal answers to any request it intercepts.
+_CAPTIVE_PORTAL_PAGE: Final = (
+    "<!DOCTYPE html>\n<html><head><title>Sign in to the network</title></head>\n"
+    '<body><form method="post" action="/login"><h1>Welcome</h1>'
+    "<p>Accept the terms of use to continue.</p></form></body></html>\n"
+)
 _GATEWAY_PAGE: Final = (
     "<html>\r\n<head><title>{code} {phrase}</title></head>\r\n<body>\r\n"
     "<center><h1>{code} {phrase}</h1></center>\r\n<hr><center>nginx</center>\r\n"
@@ -78,6 +98,20 @@ def phrase(status: int) -> str:
         return "Unknown"
 
 
+#: The server's answers that are no plain status, by name (`fault_answer` takes the name):
+#: (status, body, content type).
+NAMED_ANSWERS: Final[Mapping[str, tuple[int, str, str]]] = {
+    # is-bot.hook.ts: reply.status(202).send({ bot }), bot = {name, type} of its bot list.
+    "bot": (202, '{"bot":{"name":"Googlebot","type":"Search bot"}}', _JSON),
+    # duplicate.hook.ts: reply.status(200).send('Duplicate event').
+    "duplicate": (200, "Duplicate event", _TEXT),
+    "ip-filtered": (401, IP_FILTERED, _TEXT),
+    "profile-filtered": (401, PROFILE_FILTERED, _TEXT),
+    "revenue-without-secret": (401, REVENUE_WITHOUT_SECRET, _TEXT),
+    "captive-portal": (200, _CAPTIVE_PORTAL_PAGE, _HTML),
+}
+
+
 def _guess_content_type(body: str) -> str:
     stripped = body.lstrip()
     if stripped.startswith(("{", "[")):
@@ -88,9 +122,27 @@ def _guess_content_type(body: str) -> str:
 
 
 def fault_answer(
-    status: int, body: str | None, headers: Mapping[str, str] | None, *, close: bool = False
+    status: int | str,
+    body: str | None,
+    headers: Mapping[str, str] | None,
+    *,
+    close: bool = False,
 ) -> Answer:
-    """An injected answer; ``body=None`` picks what a real server or proxy sends for ``status``."""
+    """An injected answer; ``body=None`` picks what a real server or proxy sends for ``status``.
+
+    ``status`` may also name one of `NAMED_ANSWERS` (``"bot"``, ``"duplicate"``,
+    ``"ip-filtered"``, ``"profile-filtered"``, ``"revenue-without-secret"``,
+    ``"captive-portal"``): that answer, its status, body and content type, as the server sends
+    it (``body`` and ``headers`` still override).
+    """
+    if isinstance(status, str):
+        if status not in NAMED_ANSWERS:
+            names = ", ".join(repr(name) for name in NAMED_ANSWERS)
+            raise ValueError(f"status must be an HTTP status or one of {names}, got {status!r}")
+        code, text, named_type = NAMED_ANSWERS[status]
+        given = {name.lower(): value for name, value in (headers or {}).items()}
+        given.setdefault("content-type", named_type)
+        return fault_answer(code, text if body is None else body, given, close=close)
     if status < 100 or status > 599:
         raise ValueError(f"status must be an HTTP status code, got {status}")
     extra = tuple((name.lower(), value) for name, value in (headers or {}).items())

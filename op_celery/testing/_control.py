@@ -39,6 +39,11 @@ CONTROL_ENDPOINTS: Final[tuple[tuple[str, str, str, str], ...]] = (
      "answer the next N /track requests with status"),
     ("POST", "fail", '{"seconds": S, "status": 503, ...}',
      "answer every /track request with status for S seconds"),
+    ("POST", "fail", '{"count": N, "status": "bot"}',
+     "a named answer of the real server: bot, duplicate, ip-filtered, profile-filtered, "
+     "revenue-without-secret, captive-portal"),
+    ("POST", "filters", '{"client_id": ID, "ips": [...], "profile_ids": [...]}',
+     "the project's filters of that client (401 blocked by project filter); [] lifts them"),
     ("POST", "drop", '{"count": N}', "close the next N /track connections unanswered"),
     ("POST", "latency", '{"seconds": S}', "hold each /track answer S seconds; 0 turns it off"),
     ("POST", "rate-limit", '{"limit": N, "window": S, "headers": "all|retry-after|none"}',
@@ -66,7 +71,8 @@ def control_answer(model: ApiModel, method: str, path: str, raw: bytes) -> Answe
         if method == "POST" and name == "reset":
             model.reset()
         elif method == "POST" and name == "fail":
-            status = int(data.get("status", 503))
+            raw_status = data.get("status", 503)
+            status = raw_status if isinstance(raw_status, str) else int(raw_status)
             body, headers = data.get("body"), data.get("headers")
             if not isinstance(body, str | None) or not isinstance(headers, dict | None):
                 raise TypeError("body must be a string and headers an object")
@@ -87,6 +93,13 @@ def control_answer(model: ApiModel, method: str, path: str, raw: bytes) -> Answe
             )
         elif method == "POST" and name == "advance":
             model.advance(float(data["seconds"]))
+        elif method == "POST" and name == "filters":
+            ips, profile_ids = data.get("ips") or [], data.get("profile_ids") or []
+            if not all(isinstance(x, str) for x in [*ips, *profile_ids]):
+                raise TypeError("ips and profile_ids must be lists of strings")
+            model.set_filters(
+                str(data["client_id"]), ips=tuple(ips), profile_ids=tuple(profile_ids)
+            )
         elif method == "POST" and name == "clients":
             model.add_client(str(data["client_id"]), str(data["secret"]))
         else:
@@ -148,7 +161,7 @@ class StandInControl:
     def fail_next(
         self,
         count: int,
-        status: int = 503,
+        status: int | str = 503,
         body: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
@@ -158,7 +171,7 @@ class StandInControl:
     def fail_for(
         self,
         seconds: float,
-        status: int = 503,
+        status: int | str = 503,
         body: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
@@ -168,7 +181,7 @@ class StandInControl:
     def _fail(
         self,
         how_long: dict[str, float],
-        status: int,
+        status: int | str,
         body: str | None,
         headers: Mapping[str, str] | None,
     ) -> None:
@@ -197,6 +210,13 @@ class StandInControl:
     def advance(self, seconds: float) -> None:
         """`StandInServer.advance` (``POST /__stand-in/advance``)."""
         self._call("POST", "advance", {"seconds": seconds})
+
+    def set_filters(
+        self, client_id: str, *, ips: tuple[str, ...] = (), profile_ids: tuple[str, ...] = ()
+    ) -> None:
+        """`StandInServer.set_filters` (``POST /__stand-in/filters``)."""
+        data = {"client_id": client_id, "ips": list(ips), "profile_ids": list(profile_ids)}
+        self._call("POST", "filters", data)
 
     def add_client(self, client_id: str, secret: str) -> None:
         """`StandInServer.add_client` (``POST /__stand-in/clients``)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import ipaddress
 import math
 import threading
 import time
@@ -17,7 +18,11 @@ from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal, cast, get_args
 
+from op_celery._rules import skipped_ip_kind
 from op_celery.testing._answers import (
+    IP_FILTERED,
+    PROFILE_FILTERED,
+    REVENUE_WITHOUT_SECRET,
     Answer,
     accepted,
     error_400,
@@ -51,6 +56,12 @@ __all__ = [
 RateLimitHeaders = Literal["all", "retry-after", "none"]
 #: The accepted `RateLimitHeaders` values, for command lines and the control endpoint.
 RATE_LIMIT_HEADER_MODES: Final[tuple[str, ...]] = get_args(RateLimitHeaders)
+#: The headers the server takes the client IP from, in its order (``DEFAULT_IP_HEADER_ORDER``
+#: of ``get-client-ip.ts``, as far as a sender sets them): the first public one wins.
+_CLIENT_IP_HEADERS: Final = (
+    "openpanel-client-ip", "true-client-ip", "x-client-ip", "cf-connecting-ip",
+    "x-forwarded-for", "x-real-ip",
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +179,8 @@ class ApiModel:
         self._dropped = 0
         self._connections = 0
         self._profiles: set[tuple[str, str]] = set()
+        #: Per client id: the project's filters, (blocked IPs, blocked profile ids).
+        self._filters: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
         for client_id, secret in (clients or {}).items():
             self.add_client(client_id, secret)
         if rate_limit is not None:
@@ -255,6 +268,24 @@ class ApiModel:
         with self._lock:
             self._clients[client_id] = secret
 
+    def set_filters(
+        self, client_id: str, *, ips: tuple[str, ...] = (), profile_ids: tuple[str, ...] = ()
+    ) -> None:
+        """Give ``client_id``'s project the filters of OpenPanel's project settings.
+
+        A request whose client IP (the first public one of its IP headers, as the server reads
+        them) is in ``ips`` gets 401 ``Ingestion: IP address is blocked by project filter``;
+        one whose ``payload.profileId`` (a string, compared exactly) is in ``profile_ids``
+        gets 401 ``Ingestion: Profile id is blocked by project filter``. Both are checked
+        after the client id and before the secret, as the server does. Empty lifts them; they
+        stay across `reset`, like the clients.
+        """
+        with self._lock:
+            if ips or profile_ids:
+                self._filters[client_id] = (frozenset(ips), frozenset(profile_ids))
+            else:
+                self._filters.pop(client_id, None)
+
     def set_rate_limit(
         self,
         limit: int | None,
@@ -308,7 +339,7 @@ class ApiModel:
     def fail_next(
         self,
         count: int,
-        status: int = 503,
+        status: int | str = 503,
         body: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
@@ -317,7 +348,9 @@ class ApiModel:
         ``body=None`` picks what the real server or its proxy sends: ``Internal server error``
         for 500, an nginx HTML page for 502/504, the rate-limit JSON for 429, the reason phrase
         otherwise. The content type follows the body (JSON, HTML or plain text) unless
-        ``headers`` sets ``content-type``. `fail_next` and `drop_next` calls queue up and are
+        ``headers`` sets ``content-type``. ``status`` may name an answer of the real server
+        instead (``"bot"``, ``"duplicate"``, ``"ip-filtered"``, ``"captive-portal"``...: the
+        `NAMED_ANSWERS` of ``_answers``). `fail_next` and `drop_next` calls queue up and are
         served in the order they were made.
         """
         if count < 0:
@@ -330,7 +363,7 @@ class ApiModel:
     def fail_for(
         self,
         seconds: float,
-        status: int = 503,
+        status: int | str = 503,
         body: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
@@ -451,7 +484,7 @@ class ApiModel:
             message = validation_message(body)
             return error_400(message or ", ".join(f"body{path} Invalid input" for path in issues))
         assert isinstance(body, dict)  # validation guarantees it
-        refusal = self._authenticate(headers)
+        refusal = self._authenticate(headers, body)
         if refusal is not None:
             return text_answer(401, refusal)
         kind: str = body["type"]
@@ -469,8 +502,9 @@ class ApiModel:
                 self._profiles.add(profile)
         return accepted(kind, payload, headers, client_id, peer_ip)
 
-    def _authenticate(self, headers: Mapping[str, str]) -> str | None:
-        """The plain-text 401 message, or None when the credentials are good."""
+    def _authenticate(self, headers: Mapping[str, str], body: Mapping[str, Any]) -> str | None:
+        """The plain-text 401 message, or None when the credentials are good: in the order of
+        ``validateSdkRequest`` (the client id, the project's filters, revenue, the secret)."""
         client_id = headers.get("openpanel-client-id", "")
         if not client_id:
             return "Ingestion: Missing client id"
@@ -478,9 +512,19 @@ class ApiModel:
             return "Ingestion: Client ID must be a valid UUIDv4"
         with self._lock:
             expected = self._clients.get(client_id)
+            blocked_ips, blocked_profiles = self._filters.get(client_id, (frozenset(), frozenset()))
         if expected is None:
             return "Ingestion: Invalid client id"
+        payload = body.get("payload")
+        payload = payload if isinstance(payload, dict) else {}
+        if blocked_ips and _client_ip(headers) in blocked_ips:
+            return IP_FILTERED
+        if payload.get("profileId") in blocked_profiles:
+            return PROFILE_FILTERED
         given = headers.get("openpanel-client-secret", "")
+        properties = payload.get("properties")
+        if not given and isinstance(properties, dict) and "__revenue" in properties:
+            return REVENUE_WITHOUT_SECRET
         if not given or not hmac.compare_digest(given.encode(), expected.encode()):
             # Without an Origin header, CORS cannot pass either: the server names both.
             return "Ingestion: Invalid cors or secret"
@@ -501,3 +545,22 @@ class ApiModel:
     def _record_drop(self) -> None:
         with self._lock:
             self._dropped += 1
+
+
+def _client_ip(headers: Mapping[str, str]) -> str:
+    """The client IP as the server reads it: the first public one of its IP headers, or ""."""
+    for name in _CLIENT_IP_HEADERS:
+        value = headers.get(name, "")
+        if name == "x-forwarded-for":
+            value = value.split(",")[0].strip()
+        if value and _is_ip(value) and skipped_ip_kind(value) is None:
+            return value
+    return ""
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True

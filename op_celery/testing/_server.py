@@ -22,9 +22,13 @@ Limits, stated plainly:
   zod 4's e-mail pattern, WHATWG URLs), which agree with OpenPanel's schema run under Node on
   every row of ``tests/data/openpanel_verdicts.json``; its 400 messages still say ``Invalid
   input`` per failing field (`_validation.validation_message` has zod's exact words).
-- It does not model CORS/``Origin`` clients, bot detection (202), duplicate detection, project
-  filters, the legacy ``mixan-*`` headers or credentials in the body: every request needs the
-  client id and secret headers.
+- It models the project's filters (`set_filters`: 401 ``... blocked by project filter``) and
+  revenue sent without a secret (401), in the server's order. It does not model CORS/``Origin``
+  clients, the legacy ``mixan-*`` headers or credentials in the body: every other request needs
+  the client id and secret headers. So the bot check (202, only for requests without a secret)
+  and the duplicate check (200 ``Duplicate event``, only with an ``Origin``) never answer by
+  themselves: give them with ``fail_next(n, "bot")`` / ``fail_next(n, "duplicate")``, as a
+  captive portal's HTML 200 with ``fail_next(n, "captive-portal")``.
 - ``deviceId``/``sessionId`` in a 200 are placeholders (a hash and a random UUID), not
   OpenPanel's salted device ids; event time, IP and user-agent are recorded, not interpreted.
 - It keeps every request in memory until `StandInServer.reset`; long benchmarks should reset.
