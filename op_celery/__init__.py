@@ -37,7 +37,7 @@ Public names are the ones in ``__all__`` below; modules with a leading underscor
 """
 
 from .__about__ import __version__
-from ._client import Delivered, OpenPanelClient
+from ._client import Delivered, Dropped, OpenPanelClient
 from ._events import Event, build_event
 from ._exceptions import (
     AliasNotSupported,
@@ -56,6 +56,7 @@ from ._exceptions import (
     ServerError,
     StorageUnavailable,
     TransientError,
+    UnexpectedAnswer,
 )
 from ._settings import Project, Secret, Settings, load_settings
 from ._tasks import (
@@ -76,6 +77,7 @@ __all__ = [
     "ConfigurationError",
     "Delivered",
     "DeliveryError",
+    "Dropped",
     "Event",
     "InvalidEvent",
     "InvalidPayload",
@@ -94,6 +96,7 @@ __all__ = [
     "Settings",
     "StorageUnavailable",
     "TransientError",
+    "UnexpectedAnswer",
     "__version__",
     "alias",
     "assign_group",

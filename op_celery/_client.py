@@ -18,7 +18,7 @@ import os
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final, Literal
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -37,6 +37,7 @@ from ._exceptions import (
     ProfileNotFound,
     RateLimited,
     ServerError,
+    UnexpectedAnswer,
 )
 from ._retry import parse_retry_after
 from ._settings import (
@@ -49,7 +50,17 @@ from ._settings import (
     redact_url,
 )
 
-__all__ = ["DEFAULT_USER_AGENT", "SDK_NAME", "Delivered", "OpenPanelClient"]
+__all__ = [
+    "DEFAULT_USER_AGENT",
+    "DUPLICATE_TEXT",
+    "FILTER_TEXTS",
+    "REVENUE_TEXT",
+    "SDK_NAME",
+    "Delivered",
+    "DropReason",
+    "Dropped",
+    "OpenPanelClient",
+]
 
 log = logging.getLogger("op_celery.client")
 
@@ -60,6 +71,22 @@ SDK_NAME = "op-celery"
 DEFAULT_USER_AGENT = f"{SDK_NAME}/{__about__.__version__}"
 #: Characters of a server's answer kept in an error message (a proxy's HTML page can be long).
 MAX_SERVER_MESSAGE_CHARS = 200
+#: The text body of the server's 200 to a copy it saw within 100 ms (``duplicate.hook.ts``).
+DUPLICATE_TEXT: Final = "Duplicate event"
+#: The 401 texts of the project's own filters (``utils/auth.ts``, after ``Ingestion: ``).
+FILTER_TEXTS: Final = (
+    "IP address is blocked by project filter",
+    "Profile id is blocked by project filter",
+)
+#: The 401 text for a ``__revenue`` property on a request without a client secret.
+REVENUE_TEXT: Final = "Revenue tracking is not allowed without a client secret"
+#: 2xx text bodies of older OpenPanel servers: ``ok`` until 2025-02, then empty until its
+#: handler answered ``{"deviceId", "sessionId"}`` for every type (2026-03).
+_LEGACY_OK_BODIES: Final = ("", "ok")
+
+#: Why the server answered without storing the event: its bot check (``202 {"bot": ...}``),
+#: its duplicate check (``200 Duplicate event``), the project's filters (a 401).
+DropReason = Literal["bot", "duplicate", "filtered"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +96,25 @@ class Delivered:
     status: int
     body: Any
     #: The answer's headers (case-insensitive), for the rate-limit headers (``_learning``).
+    headers: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """The server answered and stores nothing for this event, and no retry would change that.
+
+    ``reason`` is ``"bot"`` (202: the user agent is a bot's; only without a client secret),
+    ``"duplicate"`` (200 ``Duplicate event``: the server stored a copy of it moments ago; only
+    for requests with an ``Origin``) or ``"filtered"`` (401: the project's filters block the
+    client IP or the profile id). ``message`` is the server's words: the bot it matched, or
+    its text.
+    """
+
+    status: int
+    reason: DropReason
+    message: str
+    body: Any
+    #: As :attr:`Delivered.headers`.
     headers: Mapping[str, str] | None = None
 
 
@@ -162,8 +208,10 @@ class OpenPanelClient:
             headers["x-client-ip"] = event.client_ip
         return headers
 
-    def send(self, event: Event) -> Delivered:
-        """POST the event. Returns on 2xx; raises a :class:`DeliveryError` subclass otherwise.
+    def send(self, event: Event) -> Delivered | Dropped:
+        """POST the event. Returns the server's acceptance, or its :class:`Dropped` answer (a
+        bot, a duplicate, the project's filters); raises a :class:`DeliveryError` subclass
+        otherwise (`classify`).
 
         This is ``session.post(...)`` spelled out as ``Session.request`` does it, except that
         the environment's settings (``HTTP(S)_PROXY``, ``NO_PROXY``, ``REQUESTS_CA_BUNDLE``)
@@ -209,7 +257,13 @@ class OpenPanelClient:
             # their end, so what was read can look like a whole 200. It is not an answer.
             cut = requests.ConnectionError("the deadline cut the answer off")
             raise _no_answer(event, self.api_url, cut, deadline, self._deadline_s)
-        return classify(event.operation, response.status_code, response.headers, response.text)
+        return classify(
+            event.operation,
+            response.status_code,
+            response.headers,
+            response.text,
+            secret=self._base_headers["openpanel-client-secret"],
+        )
 
 
 def _no_answer(
@@ -309,13 +363,55 @@ def _server_message(text: str) -> tuple[Any, str]:
     return body, message
 
 
-def classify(operation: str, status: int, headers: Any, text: str) -> Delivered:
-    """Map one HTTP answer to success or the right :class:`DeliveryError` (the contract's table)."""
+def _bot_message(body: Any) -> str:
+    bot = body.get("bot")
+    if isinstance(bot, dict):
+        name, kind = bot.get("name"), bot.get("type")
+        return f"{name} ({kind})" if name and kind else str(name or kind or bot)
+    return str(bot)
+
+
+def _accepted(operation: str, status: int, headers: Any, text: str) -> Delivered | Dropped:
+    """A 2xx, by its body: OpenPanel's JSON, one of its texts, or someone else's page."""
     body, message = _server_message(text)
-    if 200 <= status < 300:
+    if isinstance(body, dict):
+        if status == 202 and "bot" in body:
+            return Dropped(status, "bot", _bot_message(body), body, headers)
         return Delivered(status, body, headers)
+    stripped = text.strip()
+    if stripped == DUPLICATE_TEXT:
+        return Dropped(status, "duplicate", stripped, body, headers)
+    if stripped.lower() in _LEGACY_OK_BODIES:
+        return Delivered(status, body, headers)
+    content_type = headers.get("content-type") or "no content type"
+    raise UnexpectedAnswer(
+        f"{operation}: HTTP {status} ({content_type}) {message!r} is not OpenPanel's answer: "
+        "a proxy or captive portal answered instead of OpenPanel, and the event was not "
+        "delivered; check OPENPANEL_API_URL and the workers' proxy settings (HTTPS_PROXY, "
+        "NO_PROXY); will retry",
+        status=status,
+        server_message=message,
+    )
+
+
+def classify(
+    operation: str, status: int, headers: Any, text: str, *, secret: str | None = None
+) -> Delivered | Dropped:
+    """Map one HTTP answer to success, a :class:`Dropped` answer, or the right
+    :class:`DeliveryError` (the contract's table, and the server's hooks as its source has
+    them: ``is-bot``, ``duplicate``, the project filters of ``utils/auth.ts``).
+
+    ``secret`` is masked in the body first: a proxy's page that echoes the request's headers
+    must not carry it into an error message, a log line or a dead letter.
+    """
+    if secret and secret in text:
+        text = text.replace(secret, "********")
+    if 200 <= status < 300:
+        return _accepted(operation, status, headers, text)
+    body, message = _server_message(text)
     retry_after = parse_retry_after(headers.get("retry-after"))
     detail = f"{operation}: HTTP {status} {message!r}"
+    lowered = message.lower()
     error: DeliveryError
     if status == 429:
         error = RateLimited(
@@ -331,7 +427,7 @@ def classify(operation: str, status: int, headers: Any, text: str) -> Delivered:
             server_message=message,
             retry_after=retry_after,
         )
-    elif status == 400 and "alias is not supported" in message.lower():
+    elif status == 400 and "alias is not supported" in lowered:
         error = AliasNotSupported(
             f"{operation}: Alias is not supported by this OpenPanel server; "
             "send identify with the new profile id instead",
@@ -344,14 +440,26 @@ def classify(operation: str, status: int, headers: Any, text: str) -> Delivered:
             status=status,
             server_message=message,
         )
-    elif status in (401, 403):
+    elif status == 401 and any(text.lower() in lowered for text in FILTER_TEXTS):
+        # The project's own filters, checked before the secret: no credentials problem.
+        return Dropped(status, "filtered", message, body, headers)
+    elif status == 401 and REVENUE_TEXT.lower() in lowered:
         error = AuthenticationError(
-            f"{detail}; check OPENPANEL_CLIENT_ID and OPENPANEL_CLIENT_SECRET (and the "
-            "project's filters), then replay the dead letters",
+            f"{detail}; the server took the request as sent without a client secret: set "
+            "OPENPANEL_CLIENT_SECRET (OPENPANEL_<NAME>_CLIENT_SECRET for a named project) on "
+            "the workers, and check that no proxy strips the openpanel-client-secret header, "
+            "then replay the dead letters",
             status=status,
             server_message=message,
         )
-    elif status == 404 and "profile not found" in message.lower():
+    elif status in (401, 403):
+        error = AuthenticationError(
+            f"{detail}; check OPENPANEL_CLIENT_ID and OPENPANEL_CLIENT_SECRET, then replay "
+            "the dead letters",
+            status=status,
+            server_message=message,
+        )
+    elif status == 404 and "profile not found" in lowered:
         error = ProfileNotFound(
             f"{detail}; the profile may not be processed yet, will retry",
             status=status,

@@ -10,11 +10,12 @@ Every error the package raises derives from :class:`OpenPanelError`::
     │   ├── PermanentError      retrying cannot help; the event goes to the dead letters
     │   │   ├── InvalidPayload      400: the server rejected the payload
     │   │   ├── AliasNotSupported   400 "Alias is not supported"
-    │   │   └── AuthenticationError 401/403: wrong client id or secret
+    │   │   └── AuthenticationError 401/403: wrong client id or secret (or none at all)
     │   └── RateLimited, ServerError, NetworkError, ProfileNotFound   (also TransientError)
     └── TransientError          retrying later can help; carries the server's retry delay if any
         ├── RateLimited         429                                          (a DeliveryError)
         ├── ServerError         5xx                                          (a DeliveryError)
+        │   └── UnexpectedAnswer  a 2xx whose body is not OpenPanel's (a proxy's page)
         ├── NetworkError        connection refused or reset, timeout         (a DeliveryError)
         ├── ProfileNotFound     404 on increment/decrement before the profile exists (idem)
         └── StorageUnavailable  the package's Redis (ledger, dead letters) did not answer
@@ -52,6 +53,7 @@ __all__ = [
     "ServerError",
     "StorageUnavailable",
     "TransientError",
+    "UnexpectedAnswer",
 ]
 
 
@@ -128,7 +130,12 @@ class AliasNotSupported(PermanentError):
 
 
 class AuthenticationError(PermanentError):
-    """401/403: the client id or secret is wrong, or a project filter blocks the event."""
+    """401/403: the client id or secret is wrong, or the server took the request as sent
+    without a secret (revenue tracking needs one).
+
+    A 401 of the project's own filters ("IP address is blocked by project filter") is no
+    error: the client returns it as a :class:`~op_celery.Dropped` answer.
+    """
 
 
 class TransientError(OpenPanelError):
@@ -149,6 +156,12 @@ class RateLimited(TransientError, DeliveryError):
 
 class ServerError(TransientError, DeliveryError):
     """5xx: the server or a proxy in front of it failed."""
+
+
+class UnexpectedAnswer(ServerError):
+    """A 2xx whose body is none of OpenPanel's (its JSON, ``Duplicate event``, an empty or
+    ``ok`` body of older servers): something else answered in its place, typically a captive
+    portal's or a proxy's HTML page. The event was not delivered; it is retried like a 5xx."""
 
 
 class NetworkError(TransientError, DeliveryError):

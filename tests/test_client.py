@@ -11,6 +11,8 @@ from op_celery import (
     AliasNotSupported,
     AuthenticationError,
     ConfigurationError,
+    Delivered,
+    Dropped,
     InvalidPayload,
     NetworkError,
     OpenPanelClient,
@@ -18,8 +20,10 @@ from op_celery import (
     ProfileNotFound,
     RateLimited,
     ServerError,
+    UnexpectedAnswer,
     build_event,
 )
+from op_celery._client import classify
 from op_celery.testing import StandInServer
 
 from ._support import CLIENT_ID, CLIENT_SECRET
@@ -169,3 +173,117 @@ def test_a_header_that_cannot_be_sent_is_a_permanent_error_not_a_retry(
     with pytest.raises(InvalidPayload, match="cannot be sent as an HTTP request"):
         client.send(event)
     assert stand_in.requests == []
+
+
+# classify, answer by answer, as OpenPanel's source has them (apps/api/src/hooks/, utils/auth.ts,
+# controllers/track.controller.ts), then the same answers through HTTP from the stand-in.
+
+_JSON = {"content-type": "application/json; charset=utf-8"}
+_TEXT = {"content-type": "text/plain; charset=utf-8"}
+_HTML = {"content-type": "text/html; charset=utf-8"}
+_PORTAL = "<!DOCTYPE html><html><head><title>Sign in</title></head><body>Wi-Fi</body></html>"
+
+
+@pytest.mark.parametrize("operation", ["track", "identify", "increment", "group", "assign_group"])
+def test_the_servers_json_200_is_delivered_for_every_operation(operation: str) -> None:
+    answer = classify(operation, 200, _JSON, '{"deviceId":"d1","sessionId":""}')
+    assert isinstance(answer, Delivered) and answer.body == {"deviceId": "d1", "sessionId": ""}
+
+
+@pytest.mark.parametrize("text", ["", "ok"], ids=["empty", "ok"])
+def test_the_bodies_of_older_servers_200s_are_delivered(text: str) -> None:
+    # reply.status(200).send() until 2026-03, send('ok') until 2025-02.
+    assert isinstance(classify("identify", 200, {}, text), Delivered)
+
+
+def test_a_202_bot_is_dropped_as_a_bot_naming_the_bot() -> None:
+    answer = classify("track", 202, _JSON, '{"bot":{"name":"Googlebot","type":"Search bot"}}')
+    assert isinstance(answer, Dropped)
+    assert (answer.status, answer.reason) == (202, "bot")
+    assert answer.message == "Googlebot (Search bot)"
+
+
+def test_a_200_duplicate_event_is_dropped_as_a_duplicate() -> None:
+    answer = classify("track", 200, _TEXT, "Duplicate event")
+    assert isinstance(answer, Dropped) and answer.reason == "duplicate"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Ingestion: IP address is blocked by project filter",
+        "Ingestion: Profile id is blocked by project filter",
+    ],
+)
+def test_a_401_of_the_projects_filters_is_filtered_not_a_credentials_error(text: str) -> None:
+    answer = classify("track", 401, _TEXT, text)
+    assert isinstance(answer, Dropped)
+    assert (answer.status, answer.reason, answer.message) == (401, "filtered", text)
+
+
+def test_a_401_for_revenue_without_a_secret_names_the_secret_setting() -> None:
+    text = "Ingestion: Revenue tracking is not allowed without a client secret"
+    with pytest.raises(AuthenticationError) as caught:
+        classify("track", 401, _TEXT, text)
+    assert caught.value.status == 401 and caught.value.server_message == text
+    assert "set OPENPANEL_CLIENT_SECRET" in str(caught.value)
+    assert "on the workers" in str(caught.value)
+
+
+def test_other_401s_are_still_credentials_errors() -> None:
+    with pytest.raises(AuthenticationError, match="check OPENPANEL_CLIENT_ID"):
+        classify("track", 401, _TEXT, "Ingestion: Invalid cors or secret")
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "text"),
+    [
+        (200, _HTML, _PORTAL),
+        (200, _TEXT, "Access denied by your network administrator"),
+        (204, _HTML, "<html></html>"),
+        (200, _JSON, '["not", "openpanel"]'),
+    ],
+    ids=["captive-portal", "proxy-text", "html-204", "json-list"],
+)
+def test_a_2xx_that_is_not_openpanels_answer_is_a_transient_proxy_error(
+    status: int, headers: dict[str, str], text: str
+) -> None:
+    with pytest.raises(UnexpectedAnswer) as caught:
+        classify("track", status, headers, text)
+    error = caught.value
+    assert isinstance(error, ServerError) and error.status == status
+    assert "a proxy or captive portal answered instead of OpenPanel" in str(error)
+    assert "OPENPANEL_API_URL" in str(error)
+
+
+def test_a_page_echoing_the_secret_does_not_put_it_in_the_error() -> None:
+    page = f"<html>your headers: openpanel-client-secret: {CLIENT_SECRET}</html>"
+    with pytest.raises(UnexpectedAnswer) as caught:
+        classify("track", 200, _HTML, page, secret=CLIENT_SECRET)
+    assert CLIENT_SECRET not in str(caught.value)
+    assert CLIENT_SECRET not in str(caught.value.server_message)
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("bot", "bot"),
+        ("duplicate", "duplicate"),
+        ("ip-filtered", "filtered"),
+        ("profile-filtered", "filtered"),
+    ],
+)
+def test_the_stand_ins_named_answers_are_dropped_by_reason(
+    client: OpenPanelClient, stand_in: StandInServer, name: str, reason: str
+) -> None:
+    stand_in.fail_next(1, name)
+    answer = client.send(build_event("track", {"name": "x"}))
+    assert isinstance(answer, Dropped) and answer.reason == reason
+
+
+def test_the_stand_ins_captive_portal_is_an_unexpected_answer(
+    client: OpenPanelClient, stand_in: StandInServer
+) -> None:
+    stand_in.fail_next(1, "captive-portal")
+    with pytest.raises(UnexpectedAnswer, match=r"HTTP 200 \(text/html"):
+        client.send(build_event("track", {"name": "x"}))

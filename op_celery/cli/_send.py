@@ -186,7 +186,7 @@ def send(
     if enqueue:
         _enqueue_event(operation, message, settings)
         return
-    from .._client import OpenPanelClient
+    from .._client import Dropped, OpenPanelClient
 
     event = build_event(operation, message)
     client = OpenPanelClient.for_project(
@@ -199,6 +199,9 @@ def send(
     except DeliveryError as exc:
         raise click.ClickException(f"not accepted: {_what_now(exc)}") from None
     click.echo(f"HTTP {delivered.status} from {client.api_url}/track (event {event.event_id})")
+    if isinstance(delivered, Dropped):
+        click.echo(f"not stored by the server ({delivered.reason}): {delivered.message}")
+        return
     click.echo(_show_body(delivered.body))
 
 
