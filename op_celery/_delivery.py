@@ -11,17 +11,22 @@ One event in, one :data:`Outcome` out::
       ├── 2xx: learn from its x-ratelimit headers (``_learning``); mark it delivered in the
       │        ledger (and forget its outbox record, when the ledger's Redis is the broker's:
       │        one round trip) ─────────────────────────────────────────→ Delivered
+      ├── answered but not stored: 202 bot, 200 "Duplicate event", 401 of the project's
+      │        filters: learn and mark as above, and count the reason in the same round
+      │        trip (``Ledger.tallies``); never sent again, no dead letter → Dropped(reason)
       ├── 429: pause the pool, back the learned rate off (``_learning``) → Throttled(pause)
       │        (no retry counted; only an event older than MAX_THROTTLED_AGE_S counts it)
-      ├── transient failure, ``_retry.decide`` says again ─────────────→ Retry(countdown_s)
+      ├── transient failure (a 5xx, no answer, a 2xx that is not OpenPanel's such as a
+      │        captive portal's page), ``_retry.decide`` says again ───→ Retry(countdown_s)
       └── permanent failure, or retries used up ───────────────────────→ GiveUp(reason)
 
 Whatever ends the attempt early ends its claim too, so a retry (or a copy) can claim again.
 The caller maps the outcome to its scheduler: the Celery layer (``_tasks``) turns ``Retry`` into
 Celery's retry, ``Busy`` and ``Throttled`` into a countdown that counts no retry, ``GiveUp`` into
-a dead letter (:meth:`Delivery.dead_letter`) and acks the rest. Signals, the outbox and the
-broker are the caller's business: this module talks to the API and the package's Redis only,
-so it can be read and tested with the stand-in server and a Redis, and nothing else.
+a dead letter (:meth:`Delivery.dead_letter`) and acks the rest (``Dropped`` with a signal of its
+own). Signals, the outbox and the broker are the caller's business: this module talks to the
+API and the package's Redis only, so it can be read and tested with the stand-in server and a
+Redis, and nothing else.
 
 A 429 is the server pacing the pool, not the event failing: it never uses up an event's
 retries, so it never dead-letters an event by itself. The bound is the event's age: an event
@@ -43,7 +48,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ._client import OpenPanelClient
+from ._client import Dropped as DroppedAnswer
+from ._client import DropReason, OpenPanelClient
 from ._events import Event
 from ._exceptions import (
     ConfigurationError,
@@ -72,6 +78,7 @@ __all__ = [
     "Busy",
     "Delivered",
     "Delivery",
+    "Dropped",
     "GiveUp",
     "Outcome",
     "Retry",
@@ -107,6 +114,26 @@ class Attempt:
 class Delivered:
     """The API took the event."""
 
+    status: int
+    #: Seconds the HTTP exchange took.
+    latency_s: float
+    #: Seconds the attempt waited inline for its rate-limit slot before sending (0 if none).
+    waited_s: float = 0.0
+    #: Whether the ledger's mark also forgot the event's outbox record.
+    forgotten: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """The server answered and stores nothing for the event: ``reason`` ``"bot"`` (202),
+    ``"duplicate"`` (200 ``Duplicate event``) or ``"filtered"`` (401 of the project's filters).
+
+    Finished like a delivered event (marked in the ledger, never sent again), and no dead
+    letter: no fix and no replay would make the server store it. ``message`` is the server's.
+    """
+
+    reason: DropReason
+    message: str
     status: int
     #: Seconds the HTTP exchange took.
     latency_s: float
@@ -156,7 +183,7 @@ class GiveUp:
     reason: str
 
 
-Outcome = Delivered | AlreadyDelivered | Busy | Throttled | Retry | GiveUp
+Outcome = Delivered | Dropped | AlreadyDelivered | Busy | Throttled | Retry | GiveUp
 
 
 class Delivery:
@@ -234,17 +261,20 @@ class Delivery:
         except BaseException:
             self._release(event.event_id, claim.token)
             raise
-        if not isinstance(outcome, Delivered):
+        if not isinstance(outcome, Delivered | Dropped):
             self._release(event.event_id, claim.token)
         return outcome
 
-    def send_once(self, event: Event) -> Delivered:
+    def send_once(self, event: Event) -> Delivered | Dropped:
         """POST the event with no ledger, limiter or retries (a task called directly);
         raises what the client raises."""
         client = self.client(event.project)
         started = time.perf_counter()
         answer = client.send(event)
-        return Delivered(answer.status, time.perf_counter() - started)
+        latency_s = time.perf_counter() - started
+        if isinstance(answer, DroppedAnswer):
+            return Dropped(answer.reason, answer.message, answer.status, latency_s)
+        return Delivered(answer.status, latency_s)
 
     def _send(self, client: OpenPanelClient, event: Event, attempt: Attempt) -> Outcome:
         limit = self.limit(event.project)
@@ -273,13 +303,23 @@ class Delivery:
         except StorageUnavailable as exc:
             # Delivered; the rate is learned from a later answer.
             log.warning("op_celery: the server's rate limit headers not stored: %s", exc)
+        dropped = isinstance(answer, DroppedAnswer)
+        tally = (event.project, answer.reason) if isinstance(answer, DroppedAnswer) else None
         forgotten = False
         try:
-            self.ledger.record(event.event_id, attempt.outbox_keys, dedup_for_s=event.dedup_for_s)
+            self.ledger.record(
+                event.event_id, attempt.outbox_keys, dedup_for_s=event.dedup_for_s, tally=tally
+            )
             forgotten = attempt.outbox_keys is not None
         except StorageUnavailable as exc:
-            # Delivered; only the memory that prevents a duplicate after a crash is missing.
-            log.warning("op_celery: event %s delivered but not recorded: %s", event.event_id, exc)
+            # Finished; only the memory that prevents a resend after a crash is missing.
+            log.warning(
+                "op_celery: event %s %s but not recorded: %s",
+                event.event_id, "answered" if dropped else "delivered", exc,
+            )  # fmt: skip
+        if isinstance(answer, DroppedAnswer):
+            reason, message, status = answer.reason, answer.message, answer.status
+            return Dropped(reason, message, status, latency_s, waited_s, forgotten)
         return Delivered(answer.status, latency_s, waited_s, forgotten)
 
     def _take_slot(self, client_id: str, limit: tuple[Rate, int] | None) -> tuple[bool, float]:

@@ -19,11 +19,18 @@ once if its id is derived from the sender's (``event_id=f"stripe:{event.id}"``) 
 What remains is the window between the server's 2xx and the write of the mark: a worker killed
 exactly there leaves its event to be sent again once.
 
+An event the server answered but did not store (a bot, a duplicate, the project's filters:
+``_client.Dropped``) is finished too: it gets the same mark, so it is never sent again, and
+its reason is counted per project in the same round trip (a pipeline: the counter lives in
+another hash slot), for ``op-celery status`` (:meth:`Ledger.tallies`).
+
 Keys (the prefix is ``OP_CELERY_KEY_PREFIX``)::
 
     <prefix>:{<event id>}:delivered   the mark, for OP_CELERY_LEDGER_TTL seconds (or the
                                       event's dedup_for, when longer)
     <prefix>:{<event id>}:inflight    the claim of one attempt (its token), for its ttl
+    <prefix>:answers:<project>        hash: events the server did not store, by reason (bot,
+                                      duplicate, filtered); kept, never expires
 
 The event id in braces is a Redis Cluster hash tag: both keys of an event live in one slot, so
 each script runs on a cluster (the ``Ledger`` refuses a prefix that would break that).
@@ -38,6 +45,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
+import redis
 from redis.crc import key_slot
 
 from ._exceptions import ConfigurationError
@@ -45,7 +53,10 @@ from ._lua import Script
 from ._redis import is_cluster, redis_for, storage_errors
 from ._settings import Settings
 
-__all__ = ["Claim", "Ledger"]
+__all__ = ["TALLIED_REASONS", "Claim", "Ledger"]
+
+#: The reasons counted in ``<prefix>:answers:<project>`` (``_client.DropReason``), in order.
+TALLIED_REASONS = ("bot", "duplicate", "filtered")
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,23 +127,52 @@ class Ledger:
         with storage_errors("releasing an event's claim", self._settings.redis_url):
             self._release(self.keys(event_id)[1:], (token,))
 
+    def tally_key(self, project: str) -> str:
+        """The hash counting the project's events the server did not store, by reason."""
+        return f"{self._prefix}:answers:{project}"
+
     def record(
         self,
         event_id: str,
         outbox_keys: tuple[str, str] | None = None,
         *,
         dedup_for_s: int | None = None,
+        tally: tuple[str, str] | None = None,
     ) -> None:
-        """Remember a delivered event for ``OP_CELERY_LEDGER_TTL`` seconds; its claim ends.
+        """Remember a finished event for ``OP_CELERY_LEDGER_TTL`` seconds; its claim ends.
 
         ``dedup_for_s`` (the event's ``dedup_for``) remembers it longer, never shorter: the
         setting is what outlives the broker's redelivery of a message, so no call may go below.
         ``outbox_keys`` (the records hash and due set of the event's queue, when this Redis is
         the broker's) also forgets the event's outbox record, in the same round trip.
+        ``tally`` ``(project, reason)`` counts an event the server did not store, in the same
+        round trip too (pipelined: a cluster sends each command to its slot's node).
         """
         ttl_s = max(self._ttl_s, dedup_for_s or 0)
         if outbox_keys is not None and is_cluster(self._redis):
             outbox_keys = None  # no broker lives on a cluster: there is no record to forget
         keys = [*self.keys(event_id), *(outbox_keys or ())]
+        args = (ttl_s, event_id)
         with storage_errors("recording a delivered event", self._settings.redis_url):
-            self._record(keys, (ttl_s, event_id))
+            if tally is None:
+                self._record(keys, args)
+                return
+            pipe = self._redis.pipeline(transaction=False)
+            self._record(keys, args, client=pipe)
+            pipe.hincrby(self.tally_key(tally[0]), tally[1], 1)
+            # A failed count (a key of another type) is not worth failing the mark for.
+            marked, _ = pipe.execute(raise_on_error=False)
+            if isinstance(marked, redis.exceptions.NoScriptError):
+                self._record(keys, args)  # Redis lost the script: loaded and run again
+            elif isinstance(marked, Exception):
+                raise marked
+
+    def tallies(self, project: str) -> dict[str, int]:
+        """The project's events the server did not store, by reason (every reason, 0 if none).
+
+        Raises StorageUnavailable when Redis does not answer.
+        """
+        with storage_errors("reading the answers' counts", self._settings.redis_url):
+            counts = self._redis.hgetall(self.tally_key(project))
+        found = {k.decode() if isinstance(k, bytes) else str(k): int(v) for k, v in counts.items()}
+        return {reason: found.get(reason, 0) for reason in TALLIED_REASONS}

@@ -6,8 +6,9 @@ an event id, and for ``track`` the time of the call; a broker that stays away se
 to the spool (``_enqueue``). On the worker, ``run`` builds the event again from the message and
 hands it to the delivery pipeline (``_delivery``), then maps the pipeline's outcome to Celery:
 a retry (``Retry``), a countdown that costs no retry (``Busy``, ``Throttled``), a dead letter
-(``GiveUp``) or an ack. Once an event is finished, its outbox record goes (``_outbox``); each
-worker process runs the outbox's sweeper (``_startup``).
+(``GiveUp``) or an ack (``Delivered``; ``Dropped``, the server's bot, duplicate or filter
+answer, with a signal of its own and no dead letter). Once an event is finished, its outbox
+record goes (``_outbox``); each worker process runs the outbox's sweeper (``_startup``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from ._delivery import (
     Attempt,
     Busy,
     Delivered,
+    Dropped,
     GiveUp,
     Retry,
     Throttled,
@@ -84,6 +86,14 @@ JSON = Mapping[str, Any]
 #: Seconds of jitter added at most to a throttled event's countdown, so that events woken for
 #: the same token don't all ask at once.
 THROTTLE_JITTER_S = 0.05
+
+
+#: How the log says why the server did not store an event (`Dropped.reason`).
+_DROPPED_LOG: Mapping[str, str] = {
+    "bot": "dropped by the server as a bot's",
+    "duplicate": "answered as a duplicate of a copy the server stored moments ago",
+    "filtered": "refused by the project's own filters in OpenPanel",
+}
 
 
 #: Threads that publish for ``adelay``: a broker round trip each, so a few keep up with many
@@ -323,6 +333,12 @@ class OpenPanelTask(_TaskBase):
             )
             if not outcome.forgotten:
                 self.finished(event.event_id)
+        elif isinstance(outcome, Dropped):
+            if outcome.waited_s:
+                self.throttled(kwargs, outcome.waited_s)
+            self.dropped(event.project, event.event_id, outcome)
+            if not outcome.forgotten:
+                self.finished(event.event_id)
         elif isinstance(outcome, AlreadyDelivered):
             log.info(
                 "op_celery: %s event %s was delivered before; not sent again",
@@ -345,6 +361,23 @@ class OpenPanelTask(_TaskBase):
         else:
             assert isinstance(outcome, GiveUp)
             self.give_up(kwargs, outcome.error, outcome.reason)
+
+    def dropped(self, project: str, event_id: str, outcome: Dropped) -> None:
+        """Log (INFO: nothing to fix here) and signal an event the server did not store."""
+        what = _DROPPED_LOG[outcome.reason]
+        log.info(
+            "op_celery: %s event %s of project %r %s (HTTP %d %r); finished, not sent again",
+            self.operation, event_id, project, what, outcome.status, outcome.message,
+        )  # fmt: skip
+        signals.event_dropped.send(
+            sender=self,
+            operation=self.operation,
+            project=project,
+            event_id=event_id,
+            reason=outcome.reason,
+            status=outcome.status,
+            message=outcome.message,
+        )
 
     def outbox_keys(self) -> tuple[str, str] | None:
         """The outbox keys of the current message's queue, as the ledger's client names them:

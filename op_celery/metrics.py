@@ -17,6 +17,12 @@ The metrics:
 
 ``op_celery_events_delivered_total{project, operation}``
     Events the API accepted.
+``op_celery_events_bot_total{project, operation}``
+    Events the server dropped as a bot's (202 ``{"bot": ...}``); finished, no dead letter.
+``op_celery_events_duplicate_total{project, operation}``
+    Events the server answered ``200 Duplicate event``: it had stored a copy moments ago.
+``op_celery_events_filtered_total{project, operation}``
+    Events the project's own filters refused (401 "... blocked by project filter").
 ``op_celery_events_retried_total{reason}``
     Retries scheduled; ``reason`` is the error's class name (``ServerError``, ``RateLimited``...).
 ``op_celery_events_throttled_total`` and ``op_celery_throttle_wait_seconds_total``
@@ -81,8 +87,11 @@ except ImportError as exc:
     ) from exc
 
 __all__ = [
+    "EVENTS_BOT",
     "EVENTS_DEAD_LETTERED",
     "EVENTS_DELIVERED",
+    "EVENTS_DUPLICATE",
+    "EVENTS_FILTERED",
     "EVENTS_RETRIED",
     "EVENTS_THROTTLED",
     "EVENT_AGE",
@@ -119,6 +128,24 @@ _PREFORK_ALIASES = ("prefork", "processes")
 EVENTS_DELIVERED = Counter(
     "op_celery_events_delivered",
     "Events the OpenPanel API accepted.",
+    ["project", "operation"],
+    registry=None,
+)
+EVENTS_BOT = Counter(
+    "op_celery_events_bot",
+    "Events the OpenPanel server dropped as a bot's (202).",
+    ["project", "operation"],
+    registry=None,
+)
+EVENTS_DUPLICATE = Counter(
+    "op_celery_events_duplicate",
+    "Events the OpenPanel server answered as duplicates of a copy it had stored (200).",
+    ["project", "operation"],
+    registry=None,
+)
+EVENTS_FILTERED = Counter(
+    "op_celery_events_filtered",
+    "Events the OpenPanel project's own filters refused (401 blocked by project filter).",
     ["project", "operation"],
     registry=None,
 )
@@ -198,6 +225,9 @@ RATE_LIMIT = _RateLimitCollector()
 #: Every metric of this module, in the order they are registered.
 METRICS = (
     EVENTS_DELIVERED,
+    EVENTS_BOT,
+    EVENTS_DUPLICATE,
+    EVENTS_FILTERED,
     EVENTS_RETRIED,
     EVENTS_THROTTLED,
     THROTTLE_WAIT,
@@ -227,6 +257,16 @@ def _on_delivered(
         SEND_LATENCY.observe(latency_s)
     if age_s is not None:
         EVENT_AGE.observe(max(0.0, age_s))
+
+
+#: The counter of each reason of ``signals.event_dropped``.
+_DROPPED = {"bot": EVENTS_BOT, "duplicate": EVENTS_DUPLICATE, "filtered": EVENTS_FILTERED}
+
+
+def _on_dropped(operation: str = "", project: str = "", reason: str = "", **_: Any) -> None:
+    counter = _DROPPED.get(reason)
+    if counter is not None:
+        counter.labels(project=project, operation=operation).inc()
 
 
 def _on_retried(reason: str = "", **_: Any) -> None:
@@ -272,6 +312,7 @@ def install(
         if not _receivers_connected:
             receivers = (
                 (signals.event_delivered, _on_delivered, "delivered"),
+                (signals.event_dropped, _on_dropped, "dropped"),
                 (signals.event_retried, _on_retried, "retried"),
                 (signals.event_throttled, _on_throttled, "throttled"),
                 (signals.event_dead_lettered, _on_dead_lettered, "dead_lettered"),

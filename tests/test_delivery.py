@@ -16,12 +16,19 @@ from op_celery._delivery import (
     Busy,
     Delivered,
     Delivery,
+    Dropped,
     GiveUp,
     Retry,
     Throttled,
 )
 from op_celery._events import Event, build_event, normalize_call
-from op_celery._exceptions import InvalidPayload, RateLimited, ServerError
+from op_celery._exceptions import (
+    AuthenticationError,
+    InvalidPayload,
+    RateLimited,
+    ServerError,
+    UnexpectedAnswer,
+)
 from op_celery._settings import load_settings
 from op_celery.testing import StandInServer
 
@@ -218,3 +225,66 @@ def test_dedup_for_never_shortens_the_ledgers_memory_below_the_setting(
     event = build_event("track", normalize_call("track", ("x",), {"dedup_for": 60}))
     assert isinstance(delivery.deliver(event, Attempt()), Delivered)
     assert 7100 < redis_client.ttl(delivery.ledger.keys(event.event_id)[0]) <= 7200
+
+
+# The server's answers that store nothing (issue 15 item 5), and a 2xx that is not its answer.
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason", "status"),
+    [
+        ("bot", "bot", 202),
+        ("duplicate", "duplicate", 200),
+        ("ip-filtered", "filtered", 401),
+        ("profile-filtered", "filtered", 401),
+    ],
+)
+def test_an_answer_that_stores_nothing_is_dropped_finished_and_counted(
+    make_delivery: MakeDelivery, stand_in: StandInServer, answer: str, reason: str, status: int
+) -> None:
+    delivery = make_delivery()
+    event = _event()
+    stand_in.fail_next(1, answer)
+    outcome = delivery.deliver(event, Attempt())
+    assert isinstance(outcome, Dropped)
+    assert (outcome.reason, outcome.status) == (reason, status)
+    # Finished: never sent again, and counted for `op-celery status`.
+    assert isinstance(delivery.deliver(event, Attempt()), AlreadyDelivered)
+    assert len(stand_in.requests) == 1
+    expected = {"bot": 0, "duplicate": 0, "filtered": 0, reason: 1}
+    assert delivery.ledger.tallies("default") == expected
+
+
+def test_the_stand_ins_own_project_filter_drops_the_event(
+    make_delivery: MakeDelivery, stand_in: StandInServer
+) -> None:
+    stand_in.set_filters(CLIENT_ID, profile_ids=("blocked-user",))
+    event = build_event("identify", normalize_call("identify", ("blocked-user",), {}))
+    outcome = make_delivery().deliver(event, Attempt())
+    assert isinstance(outcome, Dropped) and outcome.reason == "filtered"
+    assert "Profile id is blocked by project filter" in outcome.message
+
+
+def test_revenue_without_a_secret_gives_up_naming_the_secret_setting(
+    make_delivery: MakeDelivery, stand_in: StandInServer
+) -> None:
+    stand_in.fail_next(1, "revenue-without-secret")
+    outcome = make_delivery().deliver(_event(), Attempt())
+    assert isinstance(outcome, GiveUp) and isinstance(outcome.error, AuthenticationError)
+    assert "OPENPANEL_CLIENT_SECRET" in str(outcome.error)
+
+
+def test_a_captive_portals_200_is_retried_then_given_up_not_delivered(
+    make_delivery: MakeDelivery, stand_in: StandInServer
+) -> None:
+    delivery = make_delivery(OP_CELERY_MAX_RETRIES="2")
+    event = _event()
+    stand_in.fail_for(60, "captive-portal")
+    first = delivery.deliver(event, Attempt())
+    assert isinstance(first, Retry) and isinstance(first.error, UnexpectedAnswer)
+    last = delivery.deliver(event, Attempt(retries=2))
+    assert isinstance(last, GiveUp) and isinstance(last.error, UnexpectedAnswer)
+    assert "captive portal" in str(last.error)
+    # Not marked delivered: a replay sends it again.
+    assert not delivery.ledger.delivered(event.event_id)
+    assert [r.status for r in stand_in.requests] == [200, 200]

@@ -49,6 +49,28 @@ def test_a_delivered_event_is_reported_delivered_not_claimed(ledger: Ledger) -> 
     assert again.delivered and not again.claimed
 
 
+def test_a_tallied_record_marks_the_event_and_counts_its_reason_per_project(
+    ledger: Ledger,
+) -> None:
+    ledger.claim("e1", ttl_s=10)
+    ledger.record("e1", tally=("shop", "filtered"))
+    ledger.record("e2", tally=("shop", "filtered"))
+    ledger.record("e3", tally=("shop", "bot"))
+    ledger.record("e4")  # delivered: not counted
+    assert ledger.claim("e1", ttl_s=10).delivered
+    assert ledger.tallies("shop") == {"bot": 1, "duplicate": 0, "filtered": 2}
+    assert ledger.tallies("default") == {"bot": 0, "duplicate": 0, "filtered": 0}
+
+
+def test_a_tallied_record_survives_redis_losing_the_script(
+    ledger: Ledger, redis_client: redis.Redis
+) -> None:
+    redis_client.script_flush()  # as after a restart: the pipelined EVALSHA gets NOSCRIPT
+    ledger.record("e1", tally=("default", "duplicate"))
+    assert ledger.delivered("e1")
+    assert ledger.tallies("default")["duplicate"] == 1
+
+
 def test_a_released_claim_can_be_taken_again(ledger: Ledger) -> None:
     first = ledger.claim("e1", ttl_s=10)
     assert first.token is not None

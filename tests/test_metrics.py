@@ -146,6 +146,24 @@ def test_dead_letters_count_by_error_type(registry: CollectorRegistry) -> None:
     assert after == before + 1
 
 
+@pytest.mark.parametrize("reason", ["bot", "duplicate", "filtered"])
+def test_each_answer_the_server_did_not_store_has_a_counter_of_its_own(
+    registry: CollectorRegistry, reason: str
+) -> None:
+    labels = {"project": "shop", "operation": "identify"}
+    names = [f"op_celery_events_{x}_total" for x in ("bot", "duplicate", "filtered")]
+    before = {name: value(registry, name, **labels) for name in names}
+    delivered_before = value(registry, "op_celery_events_delivered_total", **labels)
+    signals.event_dropped.send(
+        sender=None, operation="identify", project="shop", event_id=uuid.uuid4().hex,
+        reason=reason, status=202, message="Googlebot (Search bot)",
+    )  # fmt: skip
+    for name in names:
+        expected = before[name] + (1 if name == f"op_celery_events_{reason}_total" else 0)
+        assert value(registry, name, **labels) == expected
+    assert value(registry, "op_celery_events_delivered_total", **labels) == delivered_before
+
+
 def test_installing_again_counts_each_event_once(registry: CollectorRegistry) -> None:
     metrics.install(registry)
     metrics.install(registry)
@@ -173,6 +191,9 @@ def test_the_metric_names_are_the_documented_ones() -> None:
     names = {family.name for family in registry.collect()}
     assert names == {
         "op_celery_events_delivered",
+        "op_celery_events_bot",
+        "op_celery_events_duplicate",
+        "op_celery_events_filtered",
         "op_celery_events_retried",
         "op_celery_events_throttled",
         "op_celery_throttle_wait_seconds",

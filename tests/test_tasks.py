@@ -15,6 +15,9 @@ from celery import Celery
 
 import op_celery
 from op_celery import InvalidEvent
+from op_celery._ledger import Ledger
+from op_celery._settings import load_settings
+from op_celery.dead_letters import DeadLetterStore
 from op_celery.testing import StandInServer
 
 from ._support import (
@@ -230,3 +233,45 @@ def test_a_revenue_webhook_delayed_again_days_later_with_its_event_id_is_sent_on
     assert wait_until(lambda: "event stripe:evt_a was delivered before; not sent" in worker.log)
     ids = sorted(r.headers["request-id"] for r in stand_in.received)
     assert ids == ["stripe:evt_a", "stripe:evt_b", "stripe:evt_b"]
+
+
+def test_bot_duplicate_and_filtered_answers_end_counted_and_never_as_dead_letters(
+    producer: Celery,
+    start_worker: Callable[..., WorkerProcess],
+    stand_in: StandInServer,
+    env: dict[str, str],
+) -> None:
+    answers = ["bot", "duplicate", "ip-filtered", "profile-filtered"]
+    for answer in answers:
+        stand_in.fail_next(1, answer)
+    worker = start_worker(CONCURRENCY="1")  # one at a time: each event meets its answer
+    for n in range(len(answers)):
+        op_celery.track.delay(f"not-stored-{n}")
+    assert wait_until(lambda: worker.log.count("finished, not sent again") == 4), worker.log
+    time.sleep(1.0)  # room for a wrong resend or dead letter to show up
+    assert [r.status for r in stand_in.requests] == [202, 200, 401, 401]
+    settings = load_settings(env=env)
+    assert Ledger(settings).tallies("default") == {"bot": 1, "duplicate": 1, "filtered": 2}
+    assert list(DeadLetterStore(settings).list()) == []
+    log = worker.log
+    assert "given up" not in log
+    assert "refused by the project's own filters" in log
+    assert "IP address is blocked by project filter" in log
+    assert "Googlebot (Search bot)" in log
+
+
+def test_a_captive_portals_200_is_retried_then_dead_lettered_with_that_reason(
+    producer: Celery,
+    start_worker: Callable[..., WorkerProcess],
+    stand_in: StandInServer,
+    env: dict[str, str],
+) -> None:
+    stand_in.fail_for(600, "captive-portal")
+    worker = start_worker(OP_CELERY_MAX_RETRIES="2")
+    op_celery.track.delay("behind-a-portal")
+    assert wait_until(lambda: "given up" in worker.log), worker.log
+    assert [r.status for r in stand_in.requests] == [200, 200, 200]  # one try, two retries
+    [letter] = DeadLetterStore(load_settings(env=env)).list()
+    assert letter.error_type == "UnexpectedAnswer" and letter.replayable
+    assert "a proxy or captive portal answered instead of OpenPanel" in letter.error
+    assert "OPENPANEL_API_URL" in letter.error

@@ -1,4 +1,5 @@
-"""``op-celery status``: the queue, the dead letters, the spool and each project's limiter.
+"""``op-celery status``: the queue, the dead letters, the spool and each project's limiter, and
+the events the server answered without storing them (bots, duplicates, the project's filters).
 
 Each part is read on its own, so a broker that does not answer still leaves the dead letters
 shown, and a missing Redis still leaves the queue depth: what could not be read is said in its
@@ -185,7 +186,7 @@ def _project_status(settings: Settings, name: str) -> dict[str, Any]:
     from .._redis import redis_for
 
     entry: dict[str, Any] = {"name": name, "client_id": None, "api_url": None}
-    entry.update(rate_limit=None, limiter=None, pace=None, note=None)
+    entry.update(rate_limit=None, limiter=None, pace=None, not_stored=None, note=None)
     try:
         project = settings.project(name)
     except OpenPanelError as exc:
@@ -194,6 +195,7 @@ def _project_status(settings: Settings, name: str) -> dict[str, Any]:
     entry.update(client_id=project.client_id, api_url=redact_url(project.api_url))
     entry["rate_limit"] = project.rate_limit
     entry["pace"] = _pace(settings, name)
+    entry["not_stored"] = _not_stored(settings, name)
     if not project.rate_limit:
         entry["note"] = "no rate limit set" + (
             "; the pool learns the API's from its answers" if entry["pace"] else ""
@@ -245,6 +247,26 @@ def _pace(settings: Settings, name: str) -> dict[str, Any] | None:
         return dict(delivery_for(settings).rate_status(name))
     except (OpenPanelError, redis.RedisError):
         return None
+
+
+def _not_stored(settings: Settings, name: str) -> dict[str, int] | None:
+    """The project's events the server answered without storing them, by reason (bot,
+    duplicate, filtered), as the workers counted them in the ledger; None if unreadable."""
+    from .._ledger import Ledger
+
+    if settings.redis_url is None:
+        return None
+    try:
+        return Ledger(settings).tallies(name)
+    except (OpenPanelError, redis.RedisError):
+        return None
+
+
+def _describe_not_stored(counts: Mapping[str, int]) -> str:
+    return (
+        f"not stored by the server: {counts.get('bot', 0)} bot, "
+        f"{counts.get('duplicate', 0)} duplicate, {counts.get('filtered', 0)} filtered"
+    )
 
 
 def _describe_pace(pace: Mapping[str, Any]) -> str:
@@ -328,6 +350,8 @@ def _print_status(report: Mapping[str, Any]) -> None:
         click.echo(head)
         if project.get("pace"):
             click.echo(f"    {_describe_pace(project['pace'])}")
+        if project.get("not_stored") is not None:
+            click.echo(f"    {_describe_not_stored(project['not_stored'])}")
 
 
 @main.command()
@@ -339,7 +363,8 @@ def status(as_json: bool) -> None:
     (OP_CELERY_QUEUE, or where your app's task_routes send op_celery's tasks); its depth is
     read from Redis, or by a passive declare on RabbitMQ and other brokers. Dead letters are
     counted by project and error type. Each configured project (OPENPANEL_CLIENT_ID,
-    OPENPANEL_<NAME>_CLIENT_ID) shows its rate limiter's state when a rate is set. A part
+    OPENPANEL_<NAME>_CLIENT_ID) shows its rate limiter's state when a rate is set, and the
+    events the server answered without storing them (bots, duplicates, filtered). A part
     that cannot be read is said in its place, and the command exits 1.
     """
     settings = command_settings()

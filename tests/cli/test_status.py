@@ -193,3 +193,20 @@ def test_status_shows_the_pace_the_pool_learned_from_the_apis_headers(
     text = run("status").output
     assert "learned 20/s from the API's headers" in text
     assert "the pool learns the API's from its answers" in text
+
+
+def test_status_shows_the_events_the_server_did_not_store_by_reason(
+    cli_env: dict[str, str],
+) -> None:
+    from op_celery._ledger import Ledger
+    from op_celery._settings import load_settings
+
+    ledger = Ledger(load_settings())
+    for n, reason in enumerate(["bot", "filtered", "filtered", "duplicate", "filtered"]):
+        ledger.record(f"e{n}", tally=("default", reason))
+
+    report = json.loads(run("status", "--json").stdout)
+    [project] = report["projects"]
+    assert project["not_stored"] == {"bot": 1, "duplicate": 1, "filtered": 3}
+    text = run("status").output
+    assert "not stored by the server: 1 bot, 1 duplicate, 3 filtered" in text
