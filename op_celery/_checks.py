@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import math
 import re
 import reprlib
@@ -42,6 +43,7 @@ from ._rules import (
     header_failure,
     js_length,
     poisoned_key,
+    skipped_ip_kind,
 )
 from ._url import url_failure
 
@@ -74,6 +76,7 @@ __all__ = [
     "timestamp",
     "url",
     "user_agent",
+    "warn_skipped_ip",
 ]
 
 #: Longest user agent forwarded, in characters; longer ones are refused, not cut.
@@ -406,6 +409,32 @@ def client_ip(op: str, value: object) -> str | None:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped  # the server reads ::ffff:1.2.3.4 as no address at all
     return _header(op, "client_ip", "openpanel-client-ip", str(address))
+
+
+log = logging.getLogger("op_celery")
+#: Whether this process has warned of a client IP the server skips (`warn_skipped_ip`).
+_warned_skipped_ip = False
+
+
+def warn_skipped_ip(op: str, ip: str | None) -> None:
+    """Warn, once per process, of a client IP that OpenPanel's server skips (a private or
+    loopback one): nearly always the app's own proxy, not the end user. Still sent as given:
+    the server decides (it then takes the next public IP of the request's headers, or none)."""
+    global _warned_skipped_ip
+    if _warned_skipped_ip or ip is None:
+        return
+    kind = skipped_ip_kind(ip)
+    if kind is None:
+        return
+    _warned_skipped_ip = True
+    log.warning(
+        "op_celery: a %s event carries client_ip %s, a %s address, which OpenPanel's server "
+        "ignores (it skips private and loopback IPs), so its events get no location: this is "
+        "most likely a proxy in front of the app, not the user. Let the middleware trust the "
+        "proxy's X-Forwarded-For (trusted_proxies, OPENPANEL['TRUSTED_PROXIES'] in Django) or "
+        "pass client_ip= the real client's address. Sent as it is; said once per process",
+        op, ip, kind,
+    )  # fmt: skip
 
 
 def user_agent(op: str, value: object) -> str | None:

@@ -306,6 +306,7 @@ def normalize_call(
         bound["amount"] = payload["properties"]["__revenue"]  # 1200.0 becomes 1200
     bound["client_ip"] = event.client_ip
     bound["dedup_for"] = event.dedup_for_s  # a timedelta becomes its seconds
+    check.warn_skipped_ip(operation, event.client_ip)
     return bound
 
 

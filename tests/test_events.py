@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from op_celery import InvalidEvent, build_event
+from op_celery import InvalidEvent, _checks, build_event
 from op_celery._events import normalize_call
 
 
@@ -451,3 +452,54 @@ def test_dedup_for_outside_its_bounds_is_refused_at_delay(given: object) -> None
     with pytest.raises(InvalidEvent) as info:
         normalize_call("identify", ("u1",), {"dedup_for": given})
     assert info.value.field == "dedup_for"
+
+
+# A client IP the server skips (private, loopback): warned once per process, still sent.
+
+
+@pytest.fixture
+def fresh_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_checks, "_warned_skipped_ip", False)
+
+
+@pytest.mark.parametrize(
+    ("ip", "kind"),
+    [
+        ("127.0.0.1", "loopback"),
+        ("::1", "loopback"),
+        ("10.1.2.3", "private"),
+        ("172.20.0.4", "private"),
+        ("192.168.1.10", "private"),
+        ("fd00::7", "private"),
+        ("169.254.1.1", "link-local"),
+        ("::ffff:192.168.0.1", "private"),
+    ],
+)
+def test_a_client_ip_the_server_skips_is_warned_of_by_kind_and_still_sent(
+    fresh_warning: None, caplog: pytest.LogCaptureFixture, ip: str, kind: str
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="op_celery"):
+        message = normalize_call("track", ("x",), {"client_ip": ip})
+    assert message["client_ip"] in (ip, ip.removeprefix("::ffff:"))
+    [record] = caplog.records
+    text = record.getMessage()
+    assert f"a {kind} address" in text and "ignores" in text
+    assert "X-Forwarded-For" in text and "client_ip=" in text
+
+
+def test_the_skipped_ip_warning_is_said_once_per_process(
+    fresh_warning: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="op_celery"):
+        for ip in ("10.0.0.1", "10.0.0.2", "127.0.0.1"):
+            normalize_call("identify", ("u1",), {"client_ip": ip})
+    assert len(caplog.records) == 1
+
+
+@pytest.mark.parametrize("ip", ["203.0.113.7", "2001:db8::1", "172.32.0.1", "100.64.0.1"])
+def test_a_public_client_ip_is_not_warned_of(
+    fresh_warning: None, caplog: pytest.LogCaptureFixture, ip: str
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="op_celery"):
+        normalize_call("track", ("x",), {"client_ip": ip})
+    assert caplog.records == []

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import pytest
 from flask import Flask, Response, stream_with_context
 
 import op_celery
-from op_celery import ConfigurationError
+from op_celery import ConfigurationError, _checks
 from op_celery._context import current_request
 from op_celery.contrib.flask import EXTENSION_NAME, OpenPanel
 
@@ -61,6 +62,22 @@ def test_a_view_delay_carries_the_requests_ip_and_user_agent(published: list[Pub
     [message] = published
     assert message.task == "op_celery.track"
     assert (message.kwargs["client_ip"], message.kwargs["user_agent"]) == (CLIENT, BROWSER)
+
+
+def test_a_loopback_peer_without_a_trusted_proxy_is_warned_of_once_and_still_sent(
+    published: list[Published], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The app behind a proxy on the same host, trusted_proxies not set: the peer is the proxy.
+    monkeypatch.setattr(_checks, "_warned_skipped_ip", False)
+    app = make_app()
+    OpenPanel(app)
+    with caplog.at_level(logging.WARNING, logger="op_celery"):
+        assert get(app, "/track", peer="127.0.0.1") == 200
+        assert get(app, "/track", peer="127.0.0.1") == 200
+    assert [m.kwargs["client_ip"] for m in published] == ["127.0.0.1", "127.0.0.1"]
+    [warning] = [r for r in caplog.records if "client_ip" in r.getMessage()]
+    assert "a loopback address" in warning.getMessage()
+    assert "trusted_proxies" in warning.getMessage()
 
 
 def test_init_app_later_works_as_the_factory_pattern_does(published: list[Published]) -> None:
