@@ -147,6 +147,11 @@ def exercise_ledger(ledger: Ledger, event_ids: list[str]) -> None:
         ledger.record(event_id, outbox_keys=("records", "due"))
         assert ledger.delivered(event_id)
         assert ledger.claim(event_id, ttl_s=10).delivered
+    # A dropped answer: the mark and its count, in two slots, pipelined in one round trip.
+    before = ledger.tallies("default")["bot"]
+    ledger.record(f"{event_ids[0]}-bot", tally=("default", "bot"))
+    assert ledger.delivered(f"{event_ids[0]}-bot")
+    assert ledger.tallies("default")["bot"] == before + 1
 
 
 PREFIX = f"opc-deploy-{uuid.uuid4().hex[:6]}"
