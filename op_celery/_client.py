@@ -453,9 +453,16 @@ def classify(
             server_message=message,
         )
     elif status in (401, 403):
+        # OpenPanel refuses in plain text (or the guide's JSON); a page is someone else's.
+        proxy = (
+            " (the answer is an HTML page, not OpenPanel's: a proxy may have refused it; "
+            "check OPENPANEL_API_URL and the workers' proxy settings too)"
+            if text.lstrip().startswith("<")
+            else ""
+        )
         error = AuthenticationError(
-            f"{detail}; check OPENPANEL_CLIENT_ID and OPENPANEL_CLIENT_SECRET, then replay "
-            "the dead letters",
+            f"{detail}; check OPENPANEL_CLIENT_ID and OPENPANEL_CLIENT_SECRET{proxy}, then "
+            "replay the dead letters",
             status=status,
             server_message=message,
         )

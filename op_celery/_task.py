@@ -300,10 +300,12 @@ class OpenPanelTask(_TaskBase):
             # worker reads. An error is the caller's (the EagerResult's, or raised with
             # task_eager_propagates), and is never retried (see ``retry``).
             try:
-                delivery.send_once(event)
+                answer = delivery.send_once(event)
             except OpenPanelError as exc:
                 reason = "refused" if isinstance(exc, PermanentError) else "not retried here"
                 self.give_up(kwargs, exc, reason)
+            if isinstance(answer, Dropped):
+                self.dropped(event.project, event.event_id, answer)
             return
         attempt = Attempt(
             retries=self.request.retries or 0,

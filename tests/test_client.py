@@ -231,8 +231,16 @@ def test_a_401_for_revenue_without_a_secret_names_the_secret_setting() -> None:
 
 
 def test_other_401s_are_still_credentials_errors() -> None:
-    with pytest.raises(AuthenticationError, match="check OPENPANEL_CLIENT_ID"):
+    with pytest.raises(AuthenticationError, match="check OPENPANEL_CLIENT_ID") as caught:
         classify("track", 401, _TEXT, "Ingestion: Invalid cors or secret")
+    assert "proxy" not in str(caught.value)
+
+
+def test_a_403_html_page_is_refused_suggesting_a_proxy_too() -> None:
+    page = "<html><body><h1>403 Forbidden</h1>Blocked by the corporate proxy</body></html>"
+    with pytest.raises(AuthenticationError, match="check OPENPANEL_CLIENT_ID") as caught:
+        classify("track", 403, _HTML, page)
+    assert "a proxy may have refused it" in str(caught.value)
 
 
 @pytest.mark.parametrize(

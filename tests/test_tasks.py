@@ -210,6 +210,30 @@ def test_calling_a_task_directly_sends_in_the_caller(
         app.close()
 
 
+def test_a_direct_call_the_projects_filters_refuse_returns_and_signals_the_drop(
+    stand_in: StandInServer,
+) -> None:
+    app = Celery("direct", set_as_current=True)
+    app.conf.update(
+        openpanel_client_id=CLIENT_ID,
+        openpanel_client_secret=CLIENT_SECRET,
+        openpanel_api_url=stand_in.url,
+    )
+    seen: list[str] = []
+
+    def on_dropped(reason: str, **_: object) -> None:
+        seen.append(reason)
+
+    op_celery.signals.event_dropped.connect(on_dropped, weak=False)
+    try:
+        stand_in.fail_next(1, "ip-filtered")
+        op_celery.track("direct-filtered")  # no error: nothing to fix, nothing to retry
+        assert seen == ["filtered"]
+    finally:
+        op_celery.signals.event_dropped.disconnect(on_dropped)
+        app.close()
+
+
 def test_a_revenue_webhook_delayed_again_days_later_with_its_event_id_is_sent_once(
     producer: Celery,
     start_worker: Callable[..., WorkerProcess],
