@@ -81,7 +81,8 @@ class Exported:
 @pytest.fixture(scope="module")
 def worker_metrics() -> Iterator[str]:
     """What ``celery -A op_celery.worker worker`` serves on ``OP_CELERY_METRICS_PORT`` after a
-    retry (503), a pause (429), deliveries and a dead letter (400): every metric with a sample.
+    retry (503), a pause (429), deliveries, a dead letter (400) and a bot, a duplicate and a
+    filtered answer: every metric with a sample.
     """
     key_prefix = f"opc-test-{uuid.uuid4().hex[:10]}:"
     port = free_port()
@@ -119,6 +120,12 @@ def worker_metrics() -> Iterator[str]:
             )
             op_celery.track.delay("deploy_refused")
             assert wait_until(lambda: served("op_celery_events_dead_lettered_total", 1)), worker.log
+            for answer, reason in (("bot", "bot"), ("duplicate", "duplicate"),
+                                   ("ip-filtered", "filtered")):  # fmt: skip
+                stand_in.fail_next(1, answer)
+                op_celery.track.delay(f"deploy_{reason}")
+                counter = f"op_celery_events_{reason}_total"
+                assert wait_until(lambda counter=counter: served(counter, 1)), worker.log
             yield scrape(port)
         finally:
             worker.stop()
@@ -184,6 +191,8 @@ def test_a_worker_serves_every_metric_the_module_defines_and_no_other(
     signals.event_retried.send(sender=None, **event, reason="ServerError", countdown_s=1.0)
     signals.event_throttled.send(sender=None, **event, wait_s=0.5)
     signals.event_dead_lettered.send(sender=None, **event, error_type="InvalidPayload", status=400)
+    for reason in ("bot", "duplicate", "filtered"):
+        signals.event_dropped.send(sender=None, **event, reason=reason, status=200, message="")
     port = free_port()
     server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
     try:
