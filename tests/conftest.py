@@ -43,7 +43,10 @@ def key_prefix(redis_client: redis.Redis) -> Iterator[str]:
 
 @pytest.fixture
 def stand_in() -> Iterator[StandInServer]:
-    with StandInServer(clients={CLIENT_ID: CLIENT_SECRET}) as server:
+    # Profiles visible at once: these tests identify, then increment, and are about other
+    # things; the server's 10 s flush and the retries that span it are tested on their own
+    # (tests/test_tasks.py, tests/testing/test_profiles.py).
+    with StandInServer(clients={CLIENT_ID: CLIENT_SECRET}, profile_flush_s=0) as server:
         yield server
 
 

@@ -19,6 +19,7 @@ from op_celery._ledger import Ledger
 from op_celery._settings import load_settings
 from op_celery.dead_letters import DeadLetterStore
 from op_celery.testing import StandInServer
+from op_celery.testing._profiles import PROFILE_FLUSH_INTERVAL_S
 
 from ._support import (
     CLIENT_ID,
@@ -182,6 +183,24 @@ def test_profile_not_found_is_retried_until_the_identify_lands(
     assert stand_in.wait_for(2, timeout=20)
     assert sorted(r.type for r in stand_in.received) == ["identify", "increment"]
     assert 404 in [r.status for r in stand_in.requests]
+
+
+def test_an_increment_right_after_its_identify_is_retried_past_the_servers_profile_flush(
+    producer: Celery, start_worker: Callable[..., WorkerProcess], stand_in: StandInServer
+) -> None:
+    # As on the real server, the identified profile is visible to increments only once the
+    # profile buffer is flushed (10 s); the increment's 404s are retried until then.
+    stand_in.set_profile_flush(PROFILE_FLUSH_INTERVAL_S)
+    start_worker()
+    op_celery.identify.delay("flushed-user", properties={"visits": 41})
+    assert stand_in.wait_for(1)
+    op_celery.increment.delay("flushed-user", "visits")
+    assert wait_until(lambda: 404 in [r.status for r in stand_in.requests])
+    stand_in.advance(PROFILE_FLUSH_INTERVAL_S)  # the flush, without waiting for it
+    assert stand_in.wait_for(2, timeout=30)
+    assert [r.status for r in stand_in.requests if r.type == "increment"][-1] == 200
+    stand_in.advance(PROFILE_FLUSH_INTERVAL_S)
+    assert stand_in.profile("flushed-user", CLIENT_ID) == {"visits": 42}
 
 
 def test_a_script_without_an_app_publishes_through_the_package_app(

@@ -22,7 +22,7 @@ def main() -> int:
         profile_id="user-42", groups=["acme"], timestamp=datetime.now(timezone.utc),
         client_ip="203.0.113.7", user_agent=browser,
     )  # fmt: skip
-    op_celery.track.delay("revenue", properties={"__revenue": 12950}, profile_id="user-42")
+    op_celery.revenue.delay(12950, {"currency": "USD"}, profile_id="user-42")  # 129.50 USD
     op_celery.increment.delay("user-42", "logins")
     op_celery.decrement.delay("user-42", "credits", value=5)
     op_celery.group.delay("acme", "company", "Acme Inc", properties={"seats": 12})

@@ -121,7 +121,9 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = click.echo) -> 
             )
         else:
             client_id, secret = str(uuid.uuid4()), "sec_demo_" + uuid.uuid4().hex
-            stand_in = StandInServer({client_id: secret})
+            # Profiles visible at once: the demo measures delivery, and waiting out the
+            # server's 10 s profile flush would only add idle seconds to its last increments.
+            stand_in = StandInServer({client_id: secret}, profile_flush_s=0)
             stack.enter_context(stand_in)
             stand_in.fail_next(INJECTED_503S, 503)
             stand_in.fail_next(1, 429, headers={"retry-after": str(INJECTED_429_RETRY_AFTER_S)})

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import click
 
-from ..testing._model import RATE_LIMIT_HEADER_MODES
+from ..testing._model import PROFILE_FLUSH_INTERVAL_S, RATE_LIMIT_HEADER_MODES
 from ._main import main
 
 __all__ = ["stand_in"]
@@ -65,6 +65,12 @@ def _epilog() -> str:
     help="With --rate-limit: all (x-ratelimit-* on every answer, retry-after on 429s), "
     "retry-after (only that, on 429s) or none (a bare 429).",
 )  # fmt: skip
+@click.option(
+    "--profile-flush", type=click.FloatRange(0), default=PROFILE_FLUSH_INTERVAL_S,
+    show_default=True, metavar="SECONDS",
+    help="How long a profile write takes to be visible to increment/decrement, as the "
+    "server's profile buffer flush makes it; 0: at once.",
+)  # fmt: skip
 @click.option("-q", "--quiet", is_flag=True, help="Print no line per request.")
 @click.option(
     "--log-requests", is_flag=True,
@@ -72,7 +78,7 @@ def _epilog() -> str:
 )  # fmt: skip
 def stand_in(
     port: int, clients: list[str], rate_limit: str | None, rate_limit_headers: str,
-    quiet: bool, log_requests: bool,
+    profile_flush: float, quiet: bool, log_requests: bool,
 ) -> None:  # fmt: skip
     """Run a stand-in OpenPanel server in the foreground.
 
@@ -95,7 +101,7 @@ def stand_in(
         StandInServer(dict(parse_client(c) for c in clients))
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--client") from None
-    argv = ["--port", str(port)]
+    argv = ["--port", str(port), "--profile-flush", repr(profile_flush)]
     for client in clients:
         argv += ["--client", client]
     if rate_limit is not None:

@@ -1,7 +1,8 @@
 """Run a stand-in OpenPanel server in the foreground.
 
 ``python -m op_celery.testing --port 0 --client CLIENT_ID:SECRET [--client ...]
-[--rate-limit 50/1s [--rate-limit-headers all|retry-after|none]]`` prints one line,
+[--rate-limit 50/1s [--rate-limit-headers all|retry-after|none]] [--profile-flush 10]`` prints
+one line,
 ``OPENPANEL_API_URL=http://127.0.0.1:PORT``, flushed, then serves until SIGTERM or SIGINT and
 exits 0. Drive it with `StandInControl`; ``--help`` lists the control endpoints.
 
@@ -22,7 +23,7 @@ from types import FrameType
 from op_celery._exceptions import ConfigurationError
 from op_celery._rates import parse_rate
 from op_celery.testing._control import CONTROL_ENDPOINTS, CONTROL_PREFIX
-from op_celery.testing._model import RATE_LIMIT_HEADER_MODES
+from op_celery.testing._model import PROFILE_FLUSH_INTERVAL_S, RATE_LIMIT_HEADER_MODES
 from op_celery.testing._server import StandInServer
 
 
@@ -95,6 +96,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "answer and retry-after on 429s, as @fastify/rate-limit does; 'retry-after' only "
         "retry-after on 429s, as many proxies do; 'none' a bare 429 (default: all)",
     )
+    parser.add_argument(
+        "--profile-flush",
+        type=float,
+        default=PROFILE_FLUSH_INTERVAL_S,
+        metavar="SECONDS",
+        help="how long a profile write takes to be visible to increment/decrement, as the "
+        "server's profile buffer flush makes it (default: the server's 10); 0: at once",
+    )
     lines = parser.add_mutually_exclusive_group()
     lines.add_argument(
         "-q",
@@ -124,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rate_limit_headers=args.rate_limit_headers,
             port=args.port,
             request_log=sys.stdout if log_requests else None,
+            profile_flush_s=args.profile_flush,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -48,7 +48,12 @@ CONTROL_ENDPOINTS: Final[tuple[tuple[str, str, str, str], ...]] = (
     ("POST", "latency", '{"seconds": S}', "hold each /track answer S seconds; 0 turns it off"),
     ("POST", "rate-limit", '{"limit": N, "window": S, "headers": "all|retry-after|none"}',
      "fixed window of N requests per S seconds per client id; limit null lifts it"),
-    ("POST", "advance", '{"seconds": S}', "move the rate-limit and outage clock S seconds on"),
+    ("POST", "advance", '{"seconds": S}',
+     "move the rate-limit, outage and profile-flush clock S seconds on"),
+    ("POST", "profile-flush", '{"seconds": S}',
+     "profile writes visible to increment/decrement S seconds on (server: 10); 0: at once"),
+    ("POST", "profile", '{"client_id": ID, "profile_id": P}',
+     "the profile's properties as increment reads them now; null while not found"),
     ("POST", "clients", '{"client_id": ID, "secret": SECRET}', "accept one more client"),
 )  # fmt: skip
 
@@ -100,6 +105,13 @@ def control_answer(model: ApiModel, method: str, path: str, raw: bytes) -> Answe
             model.set_filters(
                 str(data["client_id"]), ips=tuple(ips), profile_ids=tuple(profile_ids)
             )
+        elif method == "POST" and name == "profile-flush":
+            model.set_profile_flush(float(data["seconds"]))
+        elif method == "POST" and name == "profile":
+            profile_id = data["profile_id"]
+            if not isinstance(profile_id, str | int | float) or isinstance(profile_id, bool):
+                raise TypeError("profile_id must be a string or a number")
+            return json_answer(200, model.profile(profile_id, str(data["client_id"])))
         elif method == "POST" and name == "clients":
             model.add_client(str(data["client_id"]), str(data["secret"]))
         else:
@@ -217,6 +229,17 @@ class StandInControl:
         """`StandInServer.set_filters` (``POST /__stand-in/filters``)."""
         data = {"client_id": client_id, "ips": list(ips), "profile_ids": list(profile_ids)}
         self._call("POST", "filters", data)
+
+    def set_profile_flush(self, seconds: float) -> None:
+        """`StandInServer.set_profile_flush` (``POST /__stand-in/profile-flush``)."""
+        self._call("POST", "profile-flush", {"seconds": seconds})
+
+    def profile(self, profile_id: str | int | float, client_id: str) -> dict[str, Any] | None:
+        """`StandInServer.profile` (``POST /__stand-in/profile``)."""
+        found: dict[str, Any] | None = self._call(
+            "POST", "profile", {"client_id": client_id, "profile_id": profile_id}
+        )
+        return found
 
     def add_client(self, client_id: str, secret: str) -> None:
         """`StandInServer.add_client` (``POST /__stand-in/clients``)."""

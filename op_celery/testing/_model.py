@@ -27,9 +27,16 @@ from op_celery.testing._answers import (
     accepted,
     error_400,
     fault_answer,
+    is_server_event,
     json_answer,
     rate_limited,
     text_answer,
+)
+from op_celery.testing._profiles import (
+    NOT_FOUND,
+    PROFILE_FLUSH_INTERVAL_S,
+    ProfileStore,
+    profile_writes,
 )
 from op_celery.testing._validation import (
     CLIENT_ID_RE,
@@ -40,6 +47,7 @@ from op_celery.testing._validation import (
 )
 
 __all__ = [
+    "PROFILE_FLUSH_INTERVAL_S",
     "RATE_LIMIT_HEADER_MODES",
     "ApiModel",
     "Decision",
@@ -143,15 +151,23 @@ class ApiModel:
     server does; ``rate_limit_headers`` says which rate-limit headers it sends (see
     `set_rate_limit`).
 
+    ``profile_flush_s`` (default `PROFILE_FLUSH_INTERVAL_S`, the server's 10 s) is how long a
+    profile write takes to become visible to ``increment``/``decrement``, as the server's profile
+    buffer makes it (see `op_celery.testing._profiles`); 0 makes writes visible at once.
+
     Time: ``clock`` (default ``time.monotonic``) plus whatever `advance` added is the model's
-    clock for rate-limit windows and `fail_for` outages, and for nothing else: latency sleeps,
-    `wait_for` timeouts and `Received.at` (wall time) are real time.
+    clock for rate-limit windows, `fail_for` outages and profile flushes, and for nothing else:
+    latency sleeps, `wait_for` timeouts and `Received.at` (wall time) are real time.
 
     Order of checks on ``POST /track``, as on the real server: injected faults (they stand for a
     proxy in front of it), rate limit (counted at arrival), content type and JSON, body
-    validation, authentication, then alias (400) and increment/decrement on an unknown profile
-    (404). A profile becomes known through an accepted ``identify`` or an accepted ``track``
-    carrying its ``profileId``. Every method is thread-safe.
+    validation, authentication (headers, else ``clientId``/``clientSecret`` in the body), then
+    alias (400) and increment/decrement on a profile not visible yet (404) or of a property
+    whose value is not a number (400). A profile is written by an accepted ``identify``, an
+    ``assign_group`` with a ``profileId``, a ``track`` whose ``__identify`` property says more
+    than the profile id, and a ``track`` with a ``profileId`` that is not a server event (the
+    server writes the profile when such an event opens a session; a server event opens none).
+    Every method is thread-safe.
     """
 
     def __init__(
@@ -161,6 +177,7 @@ class ApiModel:
         *,
         rate_limit_headers: RateLimitHeaders = "all",
         clock: Callable[[], float] = time.monotonic,
+        profile_flush_s: float = PROFILE_FLUSH_INTERVAL_S,
     ) -> None:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -178,7 +195,9 @@ class ApiModel:
         self._counts: Counter[int] = Counter()
         self._dropped = 0
         self._connections = 0
-        self._profiles: set[tuple[str, str]] = set()
+        self._profiles = ProfileStore()
+        self._profile_flush_s = 0.0
+        self.set_profile_flush(profile_flush_s)
         #: Per client id: the project's filters, (blocked IPs, blocked profile ids).
         self._filters: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
         for client_id, secret in (clients or {}).items():
@@ -321,8 +340,24 @@ class ApiModel:
             self._rate_limit = setting
             self._windows.clear()
 
+    def set_profile_flush(self, seconds: float) -> None:
+        """Make profile writes visible to increment/decrement ``seconds`` after they are made
+        (the server flushes its profile buffer every 10 s); 0: at once. Writes already made keep
+        the time they were given."""
+        if not seconds >= 0 or math.isinf(seconds):
+            raise ValueError(f"seconds must be finite and >= 0, got {seconds!r}")
+        with self._lock:
+            self._profile_flush_s = float(seconds)
+
+    def profile(self, profile_id: str | int | float, client_id: str) -> dict[str, Any] | None:
+        """The properties of a profile as increment/decrement would read them now (after the
+        flushes due by the server's clock), or None while the server answers 404 for it."""
+        with self._lock:
+            return self._profiles.visible((client_id, profile_key(profile_id)), self._now())
+
     def advance(self, seconds: float) -> None:
-        """Move the server's clock ``seconds`` forward, for rate-limit windows and `fail_for`.
+        """Move the server's clock ``seconds`` forward, for rate-limit windows, `fail_for` and
+        profile flushes.
 
         Nothing sleeps and nothing else moves: latency, `wait_for` and `Received.at` keep real
         time. The advance adds to ``clock``'s reading and stays across `reset`.
@@ -484,28 +519,37 @@ class ApiModel:
             message = validation_message(body)
             return error_400(message or ", ".join(f"body{path} Invalid input" for path in issues))
         assert isinstance(body, dict)  # validation guarantees it
-        refusal = self._authenticate(headers, body)
+        client_id, secret = _credentials(headers, body)
+        refusal = self._authenticate(headers, body, client_id, secret)
         if refusal is not None:
             return text_answer(401, refusal)
         kind: str = body["type"]
         payload: dict[str, Any] = body["payload"]
-        client_id = headers["openpanel-client-id"]
         if kind == "alias":
             content = {"status": 400, "error": "Bad Request", "message": "Alias is not supported"}
             return json_answer(400, content)
-        profile_id = payload.get("profileId")
-        profile = None if profile_id is None else (client_id, profile_key(profile_id))
+        server_event = is_server_event(headers.get("user-agent"))
         with self._lock:
-            if kind in ("increment", "decrement") and profile not in self._profiles:
-                return json_answer(404, {"status": 404, "message": "Profile not found"})
-            if kind in ("identify", "track") and profile is not None:
-                self._profiles.add(profile)
+            now, flush_s = self._now(), self._profile_flush_s
+            if kind in ("increment", "decrement"):
+                key = (client_id, profile_key(payload["profileId"]))
+                by = payload.get("value") or 1
+                failure = self._profiles.adjust(
+                    key, payload["property"], by if kind == "increment" else -by, now, flush_s
+                )
+                if failure is not None:
+                    status = 404 if failure == NOT_FOUND else 400
+                    return json_answer(status, {"status": status, "message": failure})
+            for profile_id, properties in profile_writes(kind, payload, server_event):
+                key = (client_id, profile_key(profile_id))
+                self._profiles.write(key, properties, now, flush_s)
         return accepted(kind, payload, headers, client_id, peer_ip)
 
-    def _authenticate(self, headers: Mapping[str, str], body: Mapping[str, Any]) -> str | None:
+    def _authenticate(
+        self, headers: Mapping[str, str], body: Mapping[str, Any], client_id: str, secret: str
+    ) -> str | None:
         """The plain-text 401 message, or None when the credentials are good: in the order of
         ``validateSdkRequest`` (the client id, the project's filters, revenue, the secret)."""
-        client_id = headers.get("openpanel-client-id", "")
         if not client_id:
             return "Ingestion: Missing client id"
         if not CLIENT_ID_RE.match(client_id):
@@ -521,11 +565,10 @@ class ApiModel:
             return IP_FILTERED
         if payload.get("profileId") in blocked_profiles:
             return PROFILE_FILTERED
-        given = headers.get("openpanel-client-secret", "")
         properties = payload.get("properties")
-        if not given and isinstance(properties, dict) and "__revenue" in properties:
+        if not secret and isinstance(properties, dict) and "__revenue" in properties:
             return REVENUE_WITHOUT_SECRET
-        if not given or not hmac.compare_digest(given.encode(), expected.encode()):
+        if not secret or not hmac.compare_digest(secret.encode(), expected.encode()):
             # Without an Origin header, CORS cannot pass either: the server names both.
             return "Ingestion: Invalid cors or secret"
         return None
@@ -564,3 +607,22 @@ def _is_ip(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _credentials(headers: Mapping[str, str], body: Mapping[str, Any]) -> tuple[str, str]:
+    """The client id and secret as ``validateSdkRequest`` reads them: the ``openpanel-*``
+    headers, else the legacy ``mixan-*`` ones, else ``clientId``/``clientSecret`` in the body
+    (validation made sure those are strings)."""
+    client_id = (
+        headers.get("openpanel-client-id")
+        or headers.get("mixan-client-id")
+        or body.get("clientId")
+        or ""
+    )
+    secret = (
+        headers.get("openpanel-client-secret")
+        or headers.get("mixan-client-secret")
+        or body.get("clientSecret")
+        or ""
+    )
+    return str(client_id), str(secret)

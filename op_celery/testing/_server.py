@@ -3,7 +3,7 @@
 `StandInServer` is a real HTTP/1.1 server on a free loopback port that answers ``POST /track``
 the way OpenPanel's server does (see ``openpanel-api.md``): zod-like body validation before
 authentication, 401s with plain-text bodies, ``Alias is not supported``, 404 for increments on
-unknown profiles, and an optional fixed-window rate limit with the ``@fastify/rate-limit``
+profiles not flushed yet, and an optional fixed-window rate limit with the ``@fastify/rate-limit``
 headers. Tests can inject faults (canned answers, time-boxed outages, dropped connections,
 latency) and read back every request it answered.
 
@@ -12,9 +12,9 @@ with ``python -m op_celery.testing``) through the ``/__stand-in/...`` control en
 
 It is built from one module per concept: `_validation` (fastify's body parsing and the zod
 schemas), `_answers` (what it answers), `_model` (`ApiModel`: the rules and state of the API,
-no sockets), `_http` (the loopback HTTP server and its framing), `_control` (the control
-endpoints and `StandInControl`), `_log` (one line per request), and this module, which puts
-the model behind the server.
+no sockets), `_profiles` (the profile buffer), `_http` (the loopback HTTP server and its
+framing), `_control` (the control endpoints and `StandInControl`), `_log` (one line per
+request), and this module, which puts the model behind the server.
 
 Limits, stated plainly:
 
@@ -23,14 +23,18 @@ Limits, stated plainly:
   every row of ``tests/data/openpanel_verdicts.json``; its 400 messages still say ``Invalid
   input`` per failing field (`_validation.validation_message` has zod's exact words).
 - It models the project's filters (`set_filters`: 401 ``... blocked by project filter``) and
-  revenue sent without a secret (401), in the server's order. It does not model CORS/``Origin``
-  clients, the legacy ``mixan-*`` headers or credentials in the body: every other request needs
-  the client id and secret headers. So the bot check (202, only for requests without a secret)
+  revenue sent without a secret (401), in the server's order, and reads the credentials as the
+  server does (the ``openpanel-*`` headers, the legacy ``mixan-*`` ones, or ``clientId`` and
+  ``clientSecret`` in the body). It does not model CORS/``Origin`` clients: every request needs
+  a client id and its secret. So the bot check (202, only for requests without a secret)
   and the duplicate check (200 ``Duplicate event``, only with an ``Origin``) never answer by
   themselves: give them with ``fail_next(n, "bot")`` / ``fail_next(n, "duplicate")``, as a
   captive portal's HTML 200 with ``fail_next(n, "captive-portal")``.
-- ``deviceId``/``sessionId`` in a 200 are placeholders (a hash and a random UUID), not
-  OpenPanel's salted device ids; event time, IP and user-agent are recorded, not interpreted.
+- Profiles follow the server's profile buffer (`_profiles`): visible to increment/decrement
+  ``profile_flush_s`` (10 s) after a write, values read as ``parseInt`` reads them (400
+  ``Property value is not a number``), without the geo and device properties the server adds.
+- ``deviceId`` in a 200 is the event's ``__deviceId`` as the server takes it, else a hash, not
+  OpenPanel's salted one; ``sessionId`` is derived as the server derives it (never empty).
 - It keeps every request in memory until `StandInServer.reset`; long benchmarks should reset.
 - One thread per connection (stdlib ``http.server``): fine for thousands of requests per
   second on keep-alive connections, not for thousands of simultaneous connections.
@@ -46,7 +50,7 @@ from typing import TextIO
 
 from op_celery.testing._http import HOST, JOIN_TIMEOUT_SECONDS, LoopbackHTTPServer
 from op_celery.testing._log import RequestLog
-from op_celery.testing._model import ApiModel, RateLimitHeaders
+from op_celery.testing._model import PROFILE_FLUSH_INTERVAL_S, ApiModel, RateLimitHeaders
 
 __all__ = ["StandInServer"]
 
@@ -56,7 +60,9 @@ class StandInServer(ApiModel):
 
     The API's rules, state and controls are `ApiModel`'s, which this class extends with a real
     HTTP server: ``clients``, ``rate_limit``, ``rate_limit_headers`` and ``clock`` are the
-    model's (see `ApiModel` and `set_rate_limit`); ``port`` 0 lets the OS pick.
+    model's (see `ApiModel` and `set_rate_limit`), and so is ``profile_flush_s``: a profile
+    is visible to increment/decrement 10 s after its identify, as on the real server, unless a
+    test sets 0 or advances the clock; ``port`` 0 lets the OS pick.
     ``request_log``, a text stream such as ``sys.stdout``, gets one line per request: time,
     method, path, status, client id, event type and name, never the secret (see
     `op_celery.testing._log`); it is written from a thread of its own, so a slow stream never
@@ -81,8 +87,15 @@ class StandInServer(ApiModel):
         port: int = 0,
         clock: Callable[[], float] = time.monotonic,
         request_log: TextIO | None = None,
+        profile_flush_s: float = PROFILE_FLUSH_INTERVAL_S,
     ) -> None:
-        super().__init__(clients, rate_limit, rate_limit_headers=rate_limit_headers, clock=clock)
+        super().__init__(
+            clients,
+            rate_limit,
+            rate_limit_headers=rate_limit_headers,
+            clock=clock,
+            profile_flush_s=profile_flush_s,
+        )
         self._port = port
         self._request_log_stream = request_log
         self._request_log: RequestLog | None = None

@@ -19,6 +19,8 @@ OTHER_AUTH = {"openpanel-client-id": OTHER_CLIENT_ID, "openpanel-client-secret":
 #: Every request in these tests gives up after this many seconds rather than hang the suite.
 TIMEOUT_S = 5.0
 TRACK = {"type": "track", "payload": {"name": "signup"}}
+#: A browser's user agent: its events are not server events.
+BROWSER = "Mozilla/5.0 (X11; Linux x86_64; rv:140.0) Gecko/20100101 Firefox/140.0"
 
 
 class FakeClock:

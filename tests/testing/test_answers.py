@@ -8,7 +8,7 @@ import pytest
 from op_celery.testing import StandInControl, StandInServer
 from op_celery.testing._answers import IP_FILTERED, PROFILE_FILTERED, REVENUE_WITHOUT_SECRET
 
-from ._support import AUTH, CLIENT_ID, TIMEOUT_S, TRACK, post
+from ._support import AUTH, BROWSER, CLIENT_ID, TIMEOUT_S, TRACK, post
 
 # --- Accepted events. ----------------------------------------------------------------------
 
@@ -123,3 +123,55 @@ def test_filters_are_set_through_the_control_api_and_outlive_a_reset(
     server.reset()
     body = {"type": "track", "payload": {"name": "x", "profileId": "u9"}}
     assert post(server, body).text == PROFILE_FILTERED
+
+
+def test_a_server_event_gets_a_session_id_as_the_servers_answer_gives_it(
+    server: StandInServer,
+) -> None:
+    # The API answers the session id it derives (getSessionId) for every event; only the
+    # stored event of a server event has none. Same device, same 30-minute window: same id.
+    first, second = (post(server, TRACK).json() for _ in range(2))
+    assert first["sessionId"] and first == second
+    browser = post(server, TRACK, headers={**AUTH, "user-agent": BROWSER}).json()
+    assert browser["sessionId"] and browser["deviceId"] != first["deviceId"]
+    assert browser["sessionId"] != first["sessionId"]
+
+
+def test_the_session_id_follows_the_events_time_window() -> None:
+    from op_celery.testing._answers import _session_id
+
+    window_ms = 30 * 60 * 1000
+    start = 1000 * window_ms
+    assert _session_id("c", "d", start + 10_000) == _session_id("c", "d", start + window_ms - 1)
+    assert _session_id("c", "d", start + 4_999) == _session_id("c", "d", start - 1)  # grace
+    assert _session_id("c", "d", start + 5_000) != _session_id("c", "d", start - 1)
+    assert len(_session_id("c", "d", start)) == 22  # 16 bytes, base64url without padding
+
+
+@pytest.mark.parametrize(
+    ("sent", "answered"),
+    [("  dev-1  ", "dev-1"), ("x" * 64, "x" * 64), ("x" * 65, None), ("   ", None), (7, None)],
+)
+def test_a_device_id_property_is_answered_as_the_server_sanitizes_it(
+    server: StandInServer, sent: object, answered: str | None
+) -> None:
+    body = {"type": "track", "payload": {"name": "x", "properties": {"__deviceId": sent}}}
+    device_id = post(server, body).json()["deviceId"]
+    if answered is None:  # ignored: the device id derived from IP and user agent
+        assert device_id == post(server, TRACK).json()["deviceId"]
+    else:
+        assert device_id == answered
+
+
+@pytest.mark.parametrize(
+    ("user_agent", "server_event"),
+    [(None, True), ("python-requests/2.32.3", True), ("Go Http Client/1.0", True),
+     ("op-celery/1.0 (+https://example.com)", True), (BROWSER, False),
+     ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X)", False)],
+)  # fmt: skip
+def test_server_events_are_told_by_the_servers_user_agent_rules(
+    user_agent: str | None, server_event: bool
+) -> None:
+    from op_celery.testing._answers import is_server_event
+
+    assert is_server_event(user_agent) is server_event

@@ -12,9 +12,11 @@ import pytest
 import requests
 
 from op_celery.testing import Received, StandInControl, StandInServer
+from op_celery.testing._profiles import PROFILE_FLUSH_INTERVAL_S
 
 from ._support import (
     AUTH,
+    BROWSER,
     CLIENT_ID,
     OTHER_AUTH,
     OTHER_SECRET,
@@ -132,6 +134,46 @@ def test_a_client_added_while_running_is_accepted(server: StandInServer) -> None
     assert post(server, TRACK, headers=headers).status_code == 200
 
 
+def test_credentials_in_the_body_are_accepted_as_the_server_reads_them(
+    server: StandInServer, clock: FakeClock
+) -> None:
+    body = {**TRACK, "clientId": CLIENT_ID, "clientSecret": SECRET}
+    response = post(server, body, headers={})
+    assert response.status_code == 200
+    assert post(server, {**TRACK, "clientId": CLIENT_ID}, headers={}).text == (
+        "Ingestion: Invalid cors or secret"
+    )
+    # Headers win over the body; the body fills in what the headers lack.
+    wrong = {**TRACK, "clientId": CLIENT_ID, "clientSecret": "wrong"}
+    assert post(server, wrong).status_code == 200
+    half = {**TRACK, "clientSecret": SECRET}
+    assert post(server, half, headers={"openpanel-client-id": CLIENT_ID}).status_code == 200
+    # The body's client owns what it writes.
+    identify = {"type": "identify", "payload": {"profileId": "b1"}, "clientId": CLIENT_ID,
+                "clientSecret": SECRET}  # fmt: skip
+    assert post(server, identify, headers={}).status_code == 200
+    clock.advance(PROFILE_FLUSH_INTERVAL_S)
+    assert server.profile("b1", CLIENT_ID) == {}
+
+
+def test_credentials_in_the_body_must_be_strings(server: StandInServer) -> None:
+    response = post(server, {**TRACK, "clientId": 7, "clientSecret": SECRET}, headers={})
+    assert response.status_code == 400
+    assert response.json()["message"] == (
+        "body/clientId Invalid input: expected string, received number"
+    )
+
+
+def test_the_legacy_mixan_headers_are_read_too(server: StandInServer) -> None:
+    headers = {"mixan-client-id": CLIENT_ID, "mixan-client-secret": SECRET}
+    assert post(server, TRACK, headers=headers).status_code == 200
+
+
+def test_null_groups_are_accepted_as_the_server_accepts_them(server: StandInServer) -> None:
+    body = {"type": "track", "payload": {"name": "x", "groups": None}}
+    assert post(server, body).status_code == 200
+
+
 # --- Alias and profiles. -------------------------------------------------------------------
 
 ALIAS = {"type": "alias", "payload": {"profileId": "u1", "alias": "anon-1"}}
@@ -159,33 +201,63 @@ def test_increment_on_a_profile_never_seen_gets_404(server: StandInServer, kind:
 
 
 @pytest.mark.parametrize("kind", ["increment", "decrement"])
-def test_increment_succeeds_once_an_identify_was_accepted(server: StandInServer, kind: str) -> None:
+def test_increment_succeeds_once_an_identify_was_flushed(
+    server: StandInServer, clock: FakeClock, kind: str
+) -> None:
     body = {"type": kind, "payload": {"profileId": "u1", "property": "n", "value": 2}}
     assert post(server, body).status_code == 404
     assert post(server, {"type": "identify", "payload": {"profileId": "u1"}}).status_code == 200
+    assert post(server, body).status_code == 404  # in the profile buffer, not flushed yet
+    clock.advance(PROFILE_FLUSH_INTERVAL_S)
     assert post(server, body).status_code == 200
 
 
-def test_a_track_with_a_profile_id_makes_the_profile_known(server: StandInServer) -> None:
-    post(server, {"type": "track", "payload": {"name": "a", "profileId": "u2"}})
+def test_a_browser_track_with_a_profile_id_makes_the_profile_known(
+    server: StandInServer, clock: FakeClock
+) -> None:
+    # The server writes the profile when a browser's event opens its session.
+    headers = {**AUTH, "user-agent": BROWSER}
+    post(server, {"type": "track", "payload": {"name": "a", "profileId": "u2"}}, headers=headers)
+    clock.advance(PROFILE_FLUSH_INTERVAL_S)
     body = {"type": "increment", "payload": {"profileId": "u2", "property": "n"}}
     assert post(server, body).status_code == 200
 
 
-def test_a_numeric_profile_id_matches_its_string_form(server: StandInServer) -> None:
+def test_a_server_track_with_a_profile_id_leaves_the_profile_unknown(
+    server: StandInServer, clock: FakeClock
+) -> None:
+    # A server event opens no session, so the server never writes its profile.
+    headers = {**AUTH, "user-agent": "python-requests/2.32.3"}
+    post(server, {"type": "track", "payload": {"name": "a", "profileId": "u5"}}, headers=headers)
+    post(server, {"type": "track", "payload": {"name": "a", "profileId": "u5"}})  # no user agent
+    clock.advance(PROFILE_FLUSH_INTERVAL_S)
+    body = {"type": "increment", "payload": {"profileId": "u5", "property": "n"}}
+    assert post(server, body).status_code == 404
+
+
+def test_a_numeric_profile_id_matches_its_string_form(
+    server: StandInServer, clock: FakeClock
+) -> None:
     post(server, {"type": "identify", "payload": {"profileId": 42}})
+    clock.advance(PROFILE_FLUSH_INTERVAL_S)
     body = {"type": "increment", "payload": {"profileId": "42", "property": "n"}}
     assert post(server, body).status_code == 200
 
 
-def test_a_refused_identify_does_not_make_the_profile_known(server: StandInServer) -> None:
+def test_a_refused_identify_does_not_make_the_profile_known(
+    server: StandInServer, clock: FakeClock
+) -> None:
     post(server, {"type": "identify", "payload": {"profileId": "u3"}}, headers={})
+    clock.advance(PROFILE_FLUSH_INTERVAL_S)
     body = {"type": "increment", "payload": {"profileId": "u3", "property": "n"}}
     assert post(server, body).status_code == 404
 
 
-def test_profiles_belong_to_the_client_that_identified_them(server: StandInServer) -> None:
+def test_profiles_belong_to_the_client_that_identified_them(
+    server: StandInServer, clock: FakeClock
+) -> None:
     post(server, {"type": "identify", "payload": {"profileId": "u4"}}, headers=OTHER_AUTH)
+    clock.advance(PROFILE_FLUSH_INTERVAL_S)
     body = {"type": "increment", "payload": {"profileId": "u4", "property": "n"}}
     assert post(server, body).status_code == 404
     assert post(server, body, headers=OTHER_AUTH).status_code == 200
