@@ -42,6 +42,7 @@ from ._rules import (
     email_failure,
     header_failure,
     js_length,
+    js_trim,
     poisoned_key,
     skipped_ip_kind,
 )
@@ -313,9 +314,10 @@ def device_id(op: str, value: object) -> str | None:
     # caller passed on purpose and the server would drop is a bug to see at .delay().
     if value is None:
         return None
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str) or not js_trim(value):
         raise fail(op, "device_id", f"must be a non-empty string, got {show(value)}")
-    units = js_length(value.strip())
+    trimmed = js_trim(value)
+    units = js_length(trimmed)
     if units > MAX_DEVICE_ID_UNITS:
         raise fail(
             op,

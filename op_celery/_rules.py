@@ -28,6 +28,7 @@ __all__ = [
     "email_failure",
     "header_failure",
     "js_length",
+    "js_trim",
     "poisoned_key",
     "skipped_ip_kind",
 ]
@@ -101,6 +102,20 @@ def js_length(text: str) -> int:
     if text.isascii():
         return len(text)
     return len(text) + sum(1 for char in text if char > "\uffff")
+
+
+#: What JavaScript's ``String.prototype.trim`` removes: WhiteSpace (tab, VT, FF, space, NBSP,
+#: the BOM, every Zs) and LineTerminator. Not Python's ``str.strip()``, which also takes
+#: ``\x1c``-``\x1f`` and ``\x85`` and leaves the BOM.
+_JS_WHITESPACE: Final = (
+    "\t\n\x0b\x0c\r \xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
+    "\u2009\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+)
+
+
+def js_trim(text: str) -> str:
+    """``text.trim()`` in JavaScript."""
+    return text.strip(_JS_WHITESPACE)
 
 
 def blocked_name(name: str) -> str | None:

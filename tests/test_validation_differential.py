@@ -162,3 +162,32 @@ def test_the_revenue_task_agrees_with_openpanel_on_every_revenue_row(case: dict[
     unsafe = isinstance(amount, (int, float)) and abs(amount) > 2**53 - 1
     assert accepted == (case["status"] == 200 and not unsafe), (case["note"], message)
     assert len(REVENUES) >= 12
+
+
+DEVICE_IDS = json.loads((Path(__file__).parent / "data" / "openpanel_device_ids.json").read_text())
+
+
+@pytest.mark.parametrize("case", DEVICE_IDS["cases"], ids=lambda case: repr(case["value"])[:24])
+def test_device_id_is_refused_exactly_where_the_server_would_ignore_it(
+    case: dict[str, Any],
+) -> None:
+    """``device_id=`` at ``.delay()`` and the stand-in's answer, against the server's own
+    ``sanitizeOverrideDeviceId`` run under Node (JavaScript's trim, UTF-16 lengths)."""
+    from op_celery.testing._answers import _override_device_id
+
+    value, kept = case["value"], case["kept"]
+    try:
+        build_event("track", {"name": "x", "device_id": value})
+    except InvalidEvent:
+        accepted = False
+    else:
+        accepted = True
+    assert accepted == (kept is not None) or value is None, case
+    payload = {"name": "x", "properties": {"__deviceId": value}}
+    assert _override_device_id("track", payload) == kept
+
+
+def test_the_device_id_table_names_its_source_and_holds_both_verdicts() -> None:
+    assert DEVICE_IDS["source"]["commit"] == TABLE["source"]["commit"]
+    kept = [case["kept"] for case in DEVICE_IDS["cases"]]
+    assert len(kept) >= 30 and None in kept and any(k is not None for k in kept)

@@ -29,7 +29,7 @@ from datetime import datetime
 from http import HTTPStatus
 from typing import Any, Final
 
-from op_celery._rules import js_length
+from op_celery._rules import js_length, js_trim
 
 __all__ = [
     "IP_FILTERED",
@@ -211,7 +211,7 @@ def _override_device_id(kind: str, payload: Mapping[str, Any]) -> str | None:
     raw = properties.get("__deviceId") if kind == "track" and isinstance(properties, dict) else None
     if not isinstance(raw, str):
         return None
-    trimmed = raw.strip()
+    trimmed = js_trim(raw)
     return trimmed if trimmed and js_length(trimmed) <= _MAX_DEVICE_ID_UNITS else None
 
 
