@@ -2,11 +2,12 @@
 
 One event in, one :data:`Outcome` out::
 
-    claim the event in the ledger ── delivered before ──────────────→ AlreadyDelivered
-      │                          └── a copy is being sent elsewhere ─→ Busy(wait_s)
     take a slot of the project's shared rate limit: the lower of OPENPANEL_RATE_LIMIT and the
       │  rate learned from the server (a slot within OP_CELERY_MAX_INLINE_WAIT is slept for;
-      │  the pool paused meanwhile, or a slot further off) ───────────→ Throttled(wait_s)
+      │  the pool paused meanwhile, or a slot further off: the event's turn in the project's
+      │  waiting line) ────────────────────────────────────────────→ Throttled(wait_s)
+    claim the event in the ledger ── delivered before ──────────────→ AlreadyDelivered
+      │                          └── a copy is being sent elsewhere ─→ Busy(wait_s)
     POST it (``_client``)
       ├── 2xx: learn from its x-ratelimit headers (``_learning``); mark it delivered in the
       │        ledger (and forget its outbox record, when the ledger's Redis is the broker's:
@@ -20,7 +21,10 @@ One event in, one :data:`Outcome` out::
       │        captive portal's page), ``_retry.decide`` says again ───→ Retry(countdown_s)
       └── permanent failure, or retries used up ───────────────────────→ GiveUp(reason)
 
-Whatever ends the attempt early ends its claim too, so a retry (or a copy) can claim again.
+The slot comes before the claim, so a throttled event, the common case under a backlog, costs
+one round trip to Redis and no ledger traffic; a slot taken by an event that then turns out to
+be delivered already (or busy) is one slot unused. Whatever ends the attempt early ends its
+claim too, so a retry (or a copy) can claim again.
 The caller maps the outcome to its scheduler: the Celery layer (``_tasks``) turns ``Retry`` into
 Celery's retry, ``Busy`` and ``Throttled`` into a countdown that counts no retry, ``GiveUp`` into
 a dead letter (:meth:`Delivery.dead_letter`) and acks the rest (``Dropped`` with a signal of its
@@ -71,6 +75,7 @@ from .dead_letters import DeadLetter, DeadLetterStore
 
 __all__ = [
     "DEFAULT_PAUSE_S",
+    "MAX_LINE_S",
     "MAX_THROTTLED_AGE_S",
     "PAUSE_RECHECK_S",
     "AlreadyDelivered",
@@ -94,6 +99,12 @@ MAX_THROTTLED_AGE_S = 6 * 3600.0
 #: A booked slot at least this many seconds ahead is checked against a pause (a 429 elsewhere)
 #: after the sleep, before sending into it; nearer slots are sent without the extra round trip.
 PAUSE_RECHECK_S = 0.02
+#: Longest wait, in seconds, a throttled event is given as its turn in the project's waiting
+#: line (``_limiter``): a backlog is woken one event per slot instead of all at once each slot,
+#: so it costs about one refusal per event, not one per event per slot, and another project's
+#: events on the same queue are not stuck behind its churn. Events further back come back
+#: after this long and queue again, so the line follows a rate that changes meanwhile.
+MAX_LINE_S = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,9 +255,13 @@ class Delivery:
         return limit
 
     def deliver(self, event: Event, attempt: Attempt) -> Outcome:
-        """Claim, pace, send and mark one event; see the module docstring for the outcomes."""
+        """Pace, claim, send and mark one event; see the module docstring for the outcomes."""
         try:
             client = self.client(event.project)
+            limit = self.limit(event.project)
+            granted, waited_s = self._take_slot(client.client_id, limit)
+            if not granted:
+                return Throttled(waited_s)
             claim = self.ledger.claim(event.event_id, self.settings.claim_ttl_s)
         except ConfigurationError as exc:
             return GiveUp(exc, "refused")
@@ -257,7 +272,7 @@ class Delivery:
         if claim.token is None:
             return Busy(claim.busy_s)
         try:
-            outcome = self._send(client, event, attempt)
+            outcome = self._send(client, event, attempt, limit, waited_s)
         except BaseException:
             self._release(event.event_id, claim.token)
             raise
@@ -276,12 +291,15 @@ class Delivery:
             return Dropped(answer.reason, answer.message, answer.status, latency_s)
         return Delivered(answer.status, latency_s)
 
-    def _send(self, client: OpenPanelClient, event: Event, attempt: Attempt) -> Outcome:
-        limit = self.limit(event.project)
+    def _send(
+        self,
+        client: OpenPanelClient,
+        event: Event,
+        attempt: Attempt,
+        limit: tuple[Rate, int] | None,
+        waited_s: float,
+    ) -> Outcome:
         try:
-            granted, waited_s = self._take_slot(client.client_id, limit)
-            if not granted:
-                return Throttled(waited_s)
             started = time.perf_counter()
             try:
                 answer = client.send(event)
@@ -328,7 +346,11 @@ class Delivery:
         pool was paused while this attempt slept for its slot."""
         rate, burst = (None, DEFAULT_BURST) if limit is None else limit
         acquisition = self.limiter.acquire(
-            client_id, rate, burst, max_wait_s=self.settings.max_inline_wait_s
+            client_id,
+            rate,
+            burst,
+            max_wait_s=self.settings.max_inline_wait_s,
+            line_s=min(MAX_LINE_S, self.settings.max_countdown_s),
         )
         if not acquisition.granted:
             return False, acquisition.wait_s

@@ -52,6 +52,7 @@ Keys (the prefix is configurable, :data:`DEFAULT_KEY_PREFIX` by default)::
     <prefix>:{<client_id>}:learned  the rate learned from headers (limit, window, interval)
     <prefix>:{<client_id>}:backoff  the rate learned from 429s (rate and time of the last one)
     <prefix>:{<client_id>}:tally    admissions counted while nothing paces the project
+    <prefix>:{<client_id>}:line     when the next refused event that waits in line comes back
 
 The client id in braces is a Redis Cluster hash tag: every key of a project lives in one slot.
 The prefix defaults to the package's key namespace (``OP_CELERY_KEY_PREFIX``).
@@ -117,7 +118,7 @@ _MICROSECONDS_PER_S = 1_000_000
 #: Replies of acquire.lua below this are reservations (µs to wait), above it admission times.
 _RESERVATION_CEILING_US = 10**12
 #: Indexes of a project's keys in the tuple of ``_keys``.
-_BUCKET, _PAUSE, _LEARNED, _BACKOFF, _TALLY = range(5)
+_BUCKET, _PAUSE, _LEARNED, _BACKOFF, _TALLY, _LINE = range(6)
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,7 +218,7 @@ class RateLimiter:
         #: clock comes from another node than the keys).
         self._pool: Any = None if is_cluster(client) else client.connection_pool
         self._key_cache: dict[str, tuple[bytes, ...]] = {}
-        self._packed: dict[tuple[str, int, int, int], Any] = {}
+        self._packed: dict[tuple[str, int, int, int, int], Any] = {}
         self._acquire = Script(client, "acquire.lua")
         self._pause = Script(client, "pause.lua")
         self._learn = Script(client, "learn.lua")
@@ -230,6 +231,7 @@ class RateLimiter:
         burst: int = DEFAULT_BURST,
         *,
         max_wait_s: float = 0.0,
+        line_s: float = 0.0,
         now_s: float | None = None,
     ) -> Acquisition:
         """Admit one request for ``client_id``, or say how long to wait.
@@ -240,21 +242,26 @@ class RateLimiter:
         module docstring for what it costs. With ``max_wait_s``, a slot at most that far ahead
         is booked for the caller (granted, ``wait_s`` until it): callers that then sleep until
         their slot keep the schedule exactly, where callers that ask again after a wait race for
-        each slot and lose some. ``now_s`` replaces the Redis clock (tests that drive time).
-        Raises :class:`LimiterUnavailable` when Redis does not answer.
+        each slot and lose some. With ``line_s``, a refused caller joins the project's waiting
+        line (see ``lua/acquire.lua``): its ``wait_s`` is its turn, an interval after the
+        caller refused before it, at most ``line_s`` away, so that a backlog of refused callers
+        that come back when told come back one at a time, not all at once. ``now_s`` replaces
+        the Redis clock (tests that drive time). Raises :class:`LimiterUnavailable` when Redis
+        does not answer.
         """
         if burst < 1:
             raise ConfigurationError(f"burst must be at least 1, got {burst!r}")
         interval_us = 0 if rate is None else _interval_us(rate)
         reserve_us = min(_RESERVATION_CEILING_US - 1, max(0, int(max_wait_s * _MICROSECONDS_PER_S)))
+        line_us = min(_RESERVATION_CEILING_US - 1, max(0, int(line_s * _MICROSECONDS_PER_S)))
         try:
             if now_s is None:
-                answer = self._send_packed(client_id, (interval_us, burst, reserve_us))
+                answer = self._send_packed(client_id, (interval_us, burst, reserve_us, line_us))
             else:
                 answer = int(
                     self._acquire(
                         self._cached_keys(client_id),
-                        (interval_us, burst, reserve_us, *_backoff_args(), _us(now_s)),
+                        (interval_us, burst, reserve_us, *_backoff_args(), _us(now_s), line_us),
                     )
                 )
         except redis.RedisError as exc:
@@ -265,7 +272,7 @@ class RateLimiter:
             return Acquisition(True, answer / _MICROSECONDS_PER_S)
         return Acquisition(False, -answer / _MICROSECONDS_PER_S)
 
-    def _send_packed(self, client_id: str, args: tuple[int, int, int]) -> int:
+    def _send_packed(self, client_id: str, args: tuple[int, int, int, int]) -> int:
         """One EVALSHA of acquire.lua, its bytes packed once per project and arguments.
 
         The command of a project never changes, so redis-py's per-call argument encoding and
@@ -273,7 +280,8 @@ class RateLimiter:
         once. A stale pooled connection (after a Redis restart) or a script flushed from Redis
         falls back to the ordinary call, with redis-py's own retries and script loading.
         """
-        full_args = (*args, *_backoff_args(), 0)
+        interval_us, burst, reserve_us, line_us = args
+        full_args = (interval_us, burst, reserve_us, *_backoff_args(), 0, line_us)
         pool = self._pool
         if pool is None:
             return int(self._acquire(self._cached_keys(client_id), full_args))
@@ -493,14 +501,21 @@ class RateLimiter:
         )
         return keys
 
-    def _keys(self, client_id: str) -> tuple[str, str, str, str, str]:
+    def _keys(self, client_id: str) -> tuple[str, str, str, str, str, str]:
         if not client_id or "{" in client_id or "}" in client_id:
             raise ConfigurationError(
                 f"client id {client_id!r} cannot key a rate limit: it must be non-empty and "
                 "hold no braces"
             )
         tag = f"{self._prefix}:{{{client_id}}}"
-        return f"{tag}:bucket", f"{tag}:pause", f"{tag}:learned", f"{tag}:backoff", f"{tag}:tally"
+        return (
+            f"{tag}:bucket",
+            f"{tag}:pause",
+            f"{tag}:learned",
+            f"{tag}:backoff",
+            f"{tag}:tally",
+            f"{tag}:line",
+        )
 
     def _unavailable(self, operation: str, exc: redis.RedisError) -> LimiterUnavailable:
         """The one mapping of a ``redis`` error to ours; the message carries no password."""

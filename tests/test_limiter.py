@@ -196,9 +196,10 @@ def test_a_worker_with_a_skewed_clock_obeys_the_shared_limit(
     assert not skewed.granted
     assert 59 < skewed.wait_s <= 60
     # Nothing time-related went to Redis: the command sent is the keys, the interval, the
-    # burst and no reservation (and the backoff's constants, and 0 for "Redis TIME"), packed once.
+    # burst, no reservation and no line (and the backoff's constants, and 0 for "Redis TIME"),
+    # packed once.
     [(client_id, *args)] = skewed_limiter._packed
-    assert (client_id, args) == ("c", [60_000_000, 1, 0])
+    assert (client_id, args) == ("c", [60_000_000, 1, 0, 0])
     [packed] = skewed_limiter._packed.values()
     sent = b"".join(packed) if isinstance(packed, list) else packed
     assert str(int(real_time())).encode()[:6] not in sent
@@ -391,6 +392,55 @@ def test_a_pause_is_never_reserved_through(redis_client: redis.Redis, prefix: st
     limiter.pause("c", 0.3)
     answer = limiter.acquire("c", parse_rate("100/s"), max_wait_s=5.0)
     assert not answer.granted and 0.2 < answer.wait_s <= 0.3
+
+
+# -- the waiting line of refused callers (time driven through now_s) ----------------------------
+
+
+def test_refused_callers_in_line_are_told_turns_one_interval_apart(limiter: RateLimiter) -> None:
+    rate, t = parse_rate("5/s"), 1_800_000_000.0
+    assert limiter.acquire("c", rate, max_wait_s=1.0, line_s=300, now_s=t).granted
+    booked = [limiter.acquire("c", rate, max_wait_s=1.0, line_s=300, now_s=t) for _ in range(5)]
+    assert [a.granted for a in booked] == [True] * 5  # the slots within the inline wait
+    refused = [limiter.acquire("c", rate, max_wait_s=1.0, line_s=300, now_s=t) for _ in range(4)]
+    assert not any(a.granted for a in refused)
+    # The first is told when the next slot is (1.2 s: after the six admitted), each next one a
+    # 200 ms slot later, where callers outside the line are all told the same time.
+    assert [round(a.wait_s, 3) for a in refused] == [1.2, 1.4, 1.6, 1.8]
+    outside = [limiter.acquire("c", rate, max_wait_s=1.0, now_s=t) for _ in range(2)]
+    assert [round(a.wait_s, 3) for a in outside] == [1.2, 1.2]
+
+
+def test_a_caller_back_at_its_turn_in_line_is_admitted(limiter: RateLimiter) -> None:
+    rate, t = parse_rate("10/s"), 1_800_000_000.0
+    assert limiter.acquire("c", rate, now_s=t).granted
+    turns = [limiter.acquire("c", rate, line_s=300, now_s=t).wait_s for _ in range(20)]
+    # Each comes back at its turn (in order) and is admitted there, with no second refusal.
+    for wait_s in turns:
+        assert limiter.acquire("c", rate, line_s=300, now_s=t + wait_s).granted
+
+
+def test_the_line_does_not_seat_a_caller_further_than_its_longest_wait(
+    limiter: RateLimiter,
+) -> None:
+    rate, t = parse_rate("1/s"), 1_800_000_000.0
+    assert limiter.acquire("c", rate, now_s=t).granted
+    turns = [limiter.acquire("c", rate, line_s=3.5, now_s=t).wait_s for _ in range(6)]
+    # Three turns fit within 3.5 s; the others come back after 3.5 s and ask again, without
+    # taking a place that would push the line further ahead.
+    assert [round(w, 3) for w in turns] == [1.0, 2.0, 3.0, 3.5, 3.5, 3.5]
+
+
+def test_a_pause_seats_the_line_from_its_end(limiter: RateLimiter) -> None:
+    rate, t = parse_rate("10/s"), 1_800_000_000.0
+    assert limiter.acquire("c", rate, now_s=t).granted
+    limiter.backoff("c", 5.0, rate, now_s=t)
+    turns = [limiter.acquire("c", rate, line_s=300, now_s=t).wait_s for _ in range(3)]
+    assert turns[0] == pytest.approx(5.0, abs=0.001)
+    # After the pause the rate learned from the 429 (lower than 10/s) spaces the turns.
+    assert turns[1] - turns[0] >= 0.1 and turns[2] - turns[1] == pytest.approx(
+        turns[1] - turns[0], abs=1e-6
+    )
 
 
 # -- the rate learned from the server (time driven through now_s, never slept) ----------------

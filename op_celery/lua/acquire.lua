@@ -11,6 +11,8 @@
 --          fields wmax (requests/s at the last 429) and t0 (its time, microseconds).
 -- KEYS[5]  tally key, ...:tally: a hash counting admissions while nothing paces the project
 --          (fields n, ts: this second's count and start; p, ps: the one before), for backoff.lua.
+-- KEYS[6]  line key, ...:line: the waiting line of refused callers that joined it (ARGV[8]):
+--          the time in microseconds at which the next one to join is told to come back.
 -- ARGV[1]  configured emission interval in microseconds (period / limit, rounded up); 0 = none.
 -- ARGV[2]  burst, an integer >= 1: requests admitted at once after idling.
 -- ARGV[3]  longest reservation in microseconds, an integer >= 0: when the next slot is at most
@@ -19,6 +21,8 @@
 -- ARGV[5]  probing gain, gamma > 0: how fast the rate grows past wmax (see below).
 -- ARGV[6]  backoff period K in microseconds: the rate is back at wmax K after the 429.
 -- ARGV[7]  the time in microseconds, for tests that drive time; 0 = Redis TIME (always in use).
+-- ARGV[8]  longest place in the waiting line in microseconds, an integer >= 0; 0 = refused
+--          callers do not join it.
 --
 -- The rate learned from 429s follows CUBIC's curve (RFC 9438), scaled to wmax so that K is a
 -- time: with x = (t - t0) / K, rate = wmax * (1 + beta * (x - 1)^3) up to K (concave: quickly
@@ -31,7 +35,20 @@
 --   1..10^12  granted later: a slot was booked this many microseconds from now (a reservation;
 --             never more than ARGV[3], far below 10^12 = 11.6 days);
 --   < 0       refused: minus the microseconds until a request can be admitted (until the pause
---             ends, when paused). A pause is never booked through.
+--             ends, when paused). A pause is never booked through. A caller that joins the
+--             waiting line is told instead when its turn comes: one interval after the one who
+--             joined before it, and never before a request can be admitted.
+--
+-- The waiting line: refused callers that come back when told "a request can be admitted in w"
+-- all come back at once, one of them is admitted and the rest are refused again, so a backlog
+-- of N throttled events costs N refusals per interval (a worker busy with nothing but them,
+-- and another project's events queued behind them). In line, each is told a different time, an
+-- interval apart, and comes back about when its slot is free: about one refusal per event. The
+-- line only spaces the callers out; admission is still the bucket's alone, so a pause or a
+-- slower rate meanwhile refuses them again (and they join the line's end). A caller whose turn
+-- would be further than ARGV[8] away is told to come back then without taking a place, so a
+-- line never runs far ahead of a rate that changes; the line expires when its last turn has
+-- come.
 --
 -- A request is admitted when TAT - now <= tolerance = (burst - 1) * interval; admitting moves
 -- TAT to max(TAT, now) + interval. Hence in any half-open span of one period there are at most
@@ -49,17 +66,6 @@ if now_us <= 0 then
   now_us = tonumber(time[1]) * 1000000 + tonumber(time[2])
 end
 
-local pause = redis.call('GET', KEYS[2])
-if pause then
-  local pause_end_us = tonumber(pause) or 0
-  if pause_end_us < 1e12 then
-    pause_end_us = now_us + redis.call('PTTL', KEYS[2]) * 1000
-  end
-  if pause_end_us > now_us then
-    return -(pause_end_us - now_us)
-  end
-end
-
 local interval_us = configured_us
 local learned_us = tonumber(redis.call('HGET', KEYS[3], 'interval_us'))
 if learned_us then
@@ -75,6 +81,38 @@ else
     local rate = wmax * (1 + gain * (x - 1) ^ 3)
     local backoff_us = math.ceil(1000000 / rate)
     if backoff_us > interval_us then interval_us = backoff_us end
+  end
+end
+
+local line_max_us = tonumber(ARGV[8])
+
+-- Refused: the caller waits wait_us, or joins the waiting line behind the ones already in it.
+local function refuse(wait_us)
+  if line_max_us <= 0 or interval_us <= 0 then
+    return -wait_us
+  end
+  local turn_us = now_us + wait_us
+  local line_us = tonumber(redis.call('GET', KEYS[6]))
+  if line_us and line_us > turn_us then
+    turn_us = line_us
+  end
+  if turn_us - now_us > line_max_us then
+    return -math.max(wait_us, line_max_us)
+  end
+  local next_us = turn_us + interval_us
+  redis.call('SET', KEYS[6], string.format('%.0f', next_us),
+             'PX', math.max(1, math.ceil((next_us - now_us) / 1000)))
+  return -(turn_us - now_us)
+end
+
+local pause = redis.call('GET', KEYS[2])
+if pause then
+  local pause_end_us = tonumber(pause) or 0
+  if pause_end_us < 1e12 then
+    pause_end_us = now_us + redis.call('PTTL', KEYS[2]) * 1000
+  end
+  if pause_end_us > now_us then
+    return refuse(pause_end_us - now_us)
   end
 end
 
@@ -104,7 +142,7 @@ end
 
 local wait_us = tat_us - tolerance_us - now_us
 if wait_us > max_reserve_us or (wait_us > 0 and max_reserve_us <= 0) then
-  return -wait_us
+  return refuse(wait_us)
 end
 
 local new_tat_us = tat_us + interval_us
