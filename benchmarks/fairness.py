@@ -5,6 +5,7 @@ events waiting on the queue; project ``default`` has no limit and sends ``--fast
 events per second for ``--seconds`` (60), starting when the backlog is on the queue. How long
 does a ``default`` event take from ``.delay()`` to the server, and at what rate do they arrive?
 Target of issue 14: the unthrottled project's median latency under the backlog stays under 1 s.
+``--project-queue`` gives the throttled project a queue of its own (``OP_CELERY_PROJECT_QUEUES``).
 
 Method: the stand-in OpenPanel server in its own process, accepting both projects' client ids;
 ``--backlog`` ``slow`` track events enqueued on a fresh queue, then one ``celery -A
@@ -70,6 +71,11 @@ def main() -> None:
         "down); streaming: it builds up while the run lasts (the project sends faster than "
         "its limit), mixed with the other project's events",
     )
+    parser.add_argument(
+        "--project-queue",
+        action="store_true",
+        help="route the throttled project to a queue of its own (OP_CELERY_PROJECT_QUEUES=slow)",
+    )
     parser.add_argument("--label", default="")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
@@ -85,6 +91,7 @@ def main() -> None:
             "OPENPANEL_SLOW_CLIENT_SECRET": SLOW_SECRET,
             "OPENPANEL_SLOW_RATE_LIMIT": args.slow_rate,
             "OPENPANEL_API_URL": stand_in.url,
+            **({"OP_CELERY_PROJECT_QUEUES": "slow"} if args.project_queue else {}),
         }
         os.environ.update(settings)
         import op_celery
@@ -133,6 +140,7 @@ def main() -> None:
         "label": args.label,
         "backlog": args.backlog,
         "backlog_mode": args.backlog_mode,
+        "project_queue": args.project_queue,
         "slow_rate": args.slow_rate,
         "fast_sent": sent,
         "fast_delivered": len(fast),

@@ -127,7 +127,7 @@ def _store(app: Celery, message: Any, reason: str, error_type: str = "PoisonMess
     settings = settings_for(app)
     delivery = getattr(message, "delivery_info", None) or {}
     queue = delivery.get("routing_key")
-    if queue is not None and queue != settings.queue:
+    if queue is not None and queue not in settings.queues:
         return  # someone else's queue, someone else's business
     event = _event_of(message)
     store = DeadLetterStore(settings)

@@ -70,7 +70,8 @@ def queue_for(
     app: Any, task_name: str, settings: Settings, kwargs: Mapping[str, Any] | None = None
 ) -> str:
     """The queue of a call that names none: the one the app's ``task_routes`` give the task,
-    else ``OP_CELERY_QUEUE`` (``openpanel``).
+    else the project's own queue (``OP_CELERY_PROJECT_QUEUES``), else ``OP_CELERY_QUEUE``
+    (``openpanel``).
 
     The app's ``task_default_queue`` is not used: many projects set it for their own tasks,
     and their workers for it may not import op_celery (route ``op_celery.*`` there to say so).
@@ -85,7 +86,7 @@ def queue_for(
             queue = queue.name
         if isinstance(queue, str) and queue:
             return queue
-    return settings.queue
+    return settings.queue_of(str((kwargs or {}).get("project") or "default"))
 
 
 def spool_for(settings: Settings) -> Spool:

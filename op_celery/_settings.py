@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,6 +122,12 @@ class Settings:
     redis_sentinel_master: str = DEFAULT_REDIS_SENTINEL_MASTER
     redis_sentinel_password: Secret | None = None
     queue: str = DEFAULT_QUEUE
+    #: ``OP_CELERY_PROJECT_QUEUES``: the named projects whose events go to a queue of their own,
+    #: ``<queue>.<project>``, which every worker that consumes ``queue`` consumes too (a comma-
+    #: separated list; a list in the Celery config). A project throttled far below its traffic
+    #: then never holds up another project's events on the shared queue. Set the same list
+    #: on the web apps and the workers.
+    project_queues: tuple[str, ...] = ()
     visibility_timeout_s: float = DEFAULT_VISIBILITY_TIMEOUT_S
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
@@ -147,6 +154,17 @@ class Settings:
     #: kept as :class:`Secret`.
     _env: tuple[tuple[str, Any], ...] = field(default=(), repr=False)
     _conf: tuple[tuple[str, Any], ...] = field(default=(), repr=False)
+
+    def queue_of(self, project: str) -> str:
+        """The queue of ``project``'s events when no route names one: its own queue when it is
+        in :attr:`project_queues`, else :attr:`queue`."""
+        return f"{self.queue}.{project}" if project in self.project_queues else self.queue
+
+    @property
+    def queues(self) -> tuple[str, ...]:
+        """Every queue the package's events go to by default: :attr:`queue` and the
+        projects' own queues."""
+        return (self.queue, *(f"{self.queue}.{name}" for name in self.project_queues))
 
     @property
     def max_countdown_s(self) -> float:
@@ -323,6 +341,30 @@ def _as_bool(name: str, value: object) -> bool:
     raise ConfigurationError(f"{name} must be true or false, got {value!r}")
 
 
+#: What a project's name may be (``_checks.project``, which ``.delay()`` applies, says the same).
+_PROJECT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _project_names(name: str, value: object) -> tuple[str, ...]:
+    """A comma-separated list of project names (or a list of them), each checked once."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple | set | frozenset):
+        raise ConfigurationError(f"{name} must be a list of project names, got {value!r}")
+    names: list[str] = []
+    for item in items:
+        text = str(item).strip()
+        if not text and isinstance(value, str):
+            continue
+        if not _PROJECT_NAME.fullmatch(text) or text == "default":
+            raise ConfigurationError(
+                f"{name}: {text!r} is not a named project (letters, digits, '_', '-' or '.', "
+                "at most 64; the default project always uses the package's queue)"
+            )
+        if text not in names:
+            names.append(text)
+    return tuple(names)
+
+
 def load_settings(
     conf: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
 ) -> Settings:
@@ -367,6 +409,9 @@ def load_settings(
             else None
         ),
         queue=str(get("OP_CELERY_QUEUE") or DEFAULT_QUEUE),
+        project_queues=_project_names(
+            "OP_CELERY_PROJECT_QUEUES", get("OP_CELERY_PROJECT_QUEUES") or ()
+        ),
         visibility_timeout_s=number("OP_CELERY_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT_S),
         connect_timeout_s=number("OP_CELERY_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT_S),
         read_timeout_s=number("OP_CELERY_READ_TIMEOUT", DEFAULT_READ_TIMEOUT_S),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery.signals import worker_init, worker_ready
+from celery.signals import celeryd_after_setup, worker_init, worker_ready
 from kombu.serialization import prepare_accept_content
 
 from ._app import adopt, settings_for
@@ -33,6 +33,22 @@ def _adopt(sender: Any = None, **_: Any) -> None:
     app = getattr(sender, "app", None)
     if app is not None and "op_celery.track" in app.tasks:
         _adopted[id(app)] = adopt(app)
+
+
+@celeryd_after_setup.connect(weak=False)
+def _consume_project_queues(sender: Any = None, instance: Any = None, **_: Any) -> None:
+    """Once ``-Q`` is applied: a worker that consumes the package's queue consumes the queues
+    of the projects in ``OP_CELERY_PROJECT_QUEUES`` too, so routing a project to its own queue
+    needs no change to any worker's command line."""
+    app = getattr(instance, "app", None)
+    if app is None or "op_celery.track" not in app.tasks:
+        return
+    settings = settings_for(app)
+    queues = app.amqp.queues
+    if queues.consume_from and settings.queue not in queues.consume_from:
+        return  # a worker for other queues (or for some projects only): -Q says what it wants
+    for name in settings.queues[1:]:
+        queues.select_add(name)
 
 
 @worker_ready.connect(weak=False)

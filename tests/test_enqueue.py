@@ -104,3 +104,24 @@ def test_replay_of_a_letter_that_names_no_queue_follows_todays_routing(
 ) -> None:
     publish_dead_letter(letter())
     assert names_in(redis_client, env, env["OP_CELERY_QUEUE"] + "-routed") == ["replayed"]
+
+
+def test_a_project_with_a_queue_of_its_own_goes_there_and_the_others_do_not(
+    producer: Celery, redis_client: redis.Redis, env: dict[str, str]
+) -> None:
+    producer.conf.op_celery_project_queues = ["shop"]
+    _app.reset_settings()
+    op_celery.track.delay("shop-event", project="shop")
+    op_celery.track.delay("blog-event", project="blog")
+    op_celery.track.delay("default-event")
+    assert names_in(redis_client, env, env["OP_CELERY_QUEUE"] + ".shop") == ["shop-event"]
+    assert names_in(redis_client, env, env["OP_CELERY_QUEUE"]) == ["blog-event", "default-event"]
+
+
+def test_a_route_wins_over_a_projects_own_queue(
+    routed_app: Celery, redis_client: redis.Redis, env: dict[str, str]
+) -> None:
+    routed_app.conf.op_celery_project_queues = "shop"
+    _app.reset_settings()
+    op_celery.track.delay("shop-event", project="shop")
+    assert names_in(redis_client, env, env["OP_CELERY_QUEUE"] + "-routed") == ["shop-event"]

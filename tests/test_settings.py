@@ -151,3 +151,20 @@ def test_an_api_url_password_never_reaches_an_error_text_or_the_clients_repr() -
     with pytest.raises(ConfigurationError) as refused:
         load_settings(env={**ENV, "OPENPANEL_API_URL": "ftp://u:hunter2@h"}).project()
     assert "hunter2" not in str(refused.value)
+
+
+def test_project_queues_are_a_list_of_named_projects_each_with_its_queue() -> None:
+    settings = load_settings(
+        env={"OP_CELERY_QUEUE": "op", "OP_CELERY_PROJECT_QUEUES": "shop, blog,"}
+    )
+    assert settings.project_queues == ("shop", "blog")
+    assert settings.queues == ("op", "op.shop", "op.blog")
+    assert (settings.queue_of("shop"), settings.queue_of("other")) == ("op.shop", "op")
+    from_conf = load_settings({"op_celery_project_queues": ["shop"]}, env={})
+    assert from_conf.project_queues == ("shop",)
+
+
+@pytest.mark.parametrize("value", ["default", "shop,bad name", "a" * 65])
+def test_project_queues_refuse_what_is_not_a_named_project(value: str) -> None:
+    with pytest.raises(ConfigurationError, match=r"OP_CELERY_PROJECT_QUEUES: .* is not a named"):
+        load_settings(env={"OP_CELERY_PROJECT_QUEUES": value})

@@ -328,3 +328,23 @@ def test_a_route_elsewhere_for_some_operations_names_them(
     [(level, line)] = problems(app, _app.settings_for(app), [queue])
     assert level == logging.WARNING
     assert "'profiles', where op_celery's identify events go" in line
+
+
+def test_a_worker_of_other_queues_is_not_given_the_projects_own_queues() -> None:
+    from types import SimpleNamespace
+
+    from op_celery._startup import _consume_project_queues
+
+    app = Celery("other-queues", set_as_current=False)
+    app.conf.update(op_celery_queue="op", op_celery_project_queues=["shop"])
+    try:
+        assert "op_celery.track" in app.tasks  # the package's tasks are on every app
+        app.amqp.queues.select_add("reports")
+        _consume_project_queues(instance=SimpleNamespace(app=app))
+        assert "op.shop" not in app.amqp.queues.consume_from
+        app.amqp.queues.select_add("op")
+        _consume_project_queues(instance=SimpleNamespace(app=app))
+        assert {"reports", "op", "op.shop"} <= set(app.amqp.queues.consume_from)
+    finally:
+        app.close()
+        _app.reset_settings()

@@ -318,3 +318,35 @@ def test_a_captive_portals_200_is_retried_then_dead_lettered_with_that_reason(
     assert letter.error_type == "UnexpectedAnswer" and letter.replayable
     assert "a proxy or captive portal answered instead of OpenPanel" in letter.error
     assert "OPENPANEL_API_URL" in letter.error
+
+
+SHOP_CLIENT_ID = "5a3c7e91-2b4d-4f6a-8c1e-9d0b2a4c6e8f"
+
+
+def test_a_worker_of_the_package_queue_also_consumes_the_projects_own_queues(
+    producer: Celery,
+    start_worker: Callable[..., WorkerProcess],
+    stand_in: StandInServer,
+    redis_client: redis.Redis,
+    env: dict[str, str],
+) -> None:
+    from op_celery import _app
+
+    stand_in.add_client(SHOP_CLIENT_ID, "sec_shop")
+    producer.conf.op_celery_project_queues = ["shop"]
+    _app.reset_settings()
+    op_celery.track.delay("shop-event", project="shop")
+    op_celery.track.delay("default-event")
+    shop_queue = env["OP_CELERY_BROKER_KEY_PREFIX"] + env["OP_CELERY_QUEUE"] + ".shop"
+    assert redis_client.llen(shop_queue) == 1
+    # The worker's command line names no project queue: the setting adds it.
+    worker = start_worker(
+        OP_CELERY_PROJECT_QUEUES="shop",
+        OPENPANEL_SHOP_CLIENT_ID=SHOP_CLIENT_ID,
+        OPENPANEL_SHOP_CLIENT_SECRET="sec_shop",
+    )
+    assert stand_in.wait_for(2, timeout=20)
+    clients = {r.payload["name"]: r.headers["openpanel-client-id"] for r in stand_in.received}
+    assert clients == {"shop-event": SHOP_CLIENT_ID, "default-event": CLIENT_ID}
+    assert redis_client.llen(shop_queue) == 0
+    assert f"{env['OP_CELERY_QUEUE']}.shop" in worker.log  # the banner lists it
