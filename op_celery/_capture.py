@@ -24,7 +24,7 @@ __all__ = ["CapturedEvent", "Recorder", "active_recorder", "capturing"]
 class CapturedEvent:
     """One event a task call would have sent."""
 
-    #: ``track``, ``identify``, ``alias``, ``increment``, ``decrement``, ``group``,
+    #: ``track``, ``revenue``, ``identify``, ``alias``, ``increment``, ``decrement``, ``group``,
     #: ``assign_group``.
     operation: str
     #: The JSON payload OpenPanel would receive (``properties.__timestamp`` included for track).
@@ -81,13 +81,18 @@ class Recorder(list[CapturedEvent]):
         return [event for event in self if event.operation == operation]
 
     def tracked(self, name: str | None = None) -> list[CapturedEvent]:
-        """The ``track`` events, or those named ``name``."""
-        return [e for e in self.of("track") if name is None or e.name == name]
+        """The ``track`` events (a ``revenue`` is one, named ``revenue``), or those named
+        ``name``."""
+        return [e for e in self if e.operation in _TRACKS and (name is None or e.name == name)]
 
     @property
     def names(self) -> list[str]:
         """The names of the tracked events, in order: ``assert events.names == ["signup"]``."""
-        return [e.name for e in self.of("track") if e.name is not None]
+        return [e.name for e in self.tracked() if e.name is not None]
+
+
+#: The operations that send a track event: ``revenue`` sends one named ``revenue``.
+_TRACKS = frozenset({"track", "revenue"})
 
 
 _recorders: list[Recorder] = []

@@ -58,6 +58,18 @@ def test_capture_records_the_payload_openpanel_would_receive_and_publishes_nothi
     assert len({e.event_id for e in events}) == 4
 
 
+def test_a_captured_revenue_is_a_tracked_event_named_revenue(unreachable_app: Celery) -> None:
+    with capture() as events:
+        op_celery.track.delay("checkout")
+        op_celery.revenue.delay(1299, {"currency": "USD"}, device_id="cookie-abc")
+    assert events.names == ["checkout", "revenue"]
+    [revenue] = events.of("revenue")
+    assert events.tracked("revenue") == [revenue]
+    assert revenue.properties["__revenue"] == 1299
+    assert revenue.properties["__deviceId"] == "cookie-abc"
+    assert revenue.kwargs["amount"] == 1299
+
+
 def test_capture_still_refuses_bad_input_at_delay(unreachable_app: Celery) -> None:
     with capture() as events, pytest.raises(op_celery.InvalidEvent):
         op_celery.track.delay("")
