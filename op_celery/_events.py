@@ -307,7 +307,16 @@ def normalize_call(
     bound["client_ip"] = event.client_ip
     bound["dedup_for"] = event.dedup_for_s  # a timedelta becomes its seconds
     check.warn_skipped_ip(operation, event.client_ip)
+    # Arguments younger than the message format travel only when given, so that a worker of
+    # the version before them (a rolling upgrade: web apps first) still takes the message.
+    for key in _SENT_WHEN_GIVEN:
+        if bound.get(key, 0) is None:
+            del bound[key]
     return bound
+
+
+#: Arguments left out of a message when None (older workers do not know them).
+_SENT_WHEN_GIVEN = ("device_id", "dedup_for")
 
 
 #: The properties each operation's builder adds from its other arguments (``device_id`` adds

@@ -48,7 +48,7 @@ DEFAULT_PROFILE_NOT_FOUND_RETRIES = 5
 #: Namespace of every Redis key op-celery writes (ledger, dead letters, limiter).
 DEFAULT_KEY_PREFIX = "op-celery"
 #: Seconds a delivered event's id is remembered; longer than the visibility timeout, so a
-#: redelivered event is still recognised.
+#: redelivered event is still recognised. A call's ``dedup_for`` raises it for that event.
 DEFAULT_LEDGER_TTL_S = 3600.0
 #: Seconds ``.delay()`` keeps retrying a broker that does not answer before it spools the event.
 DEFAULT_PUBLISH_TIMEOUT_S = 1.0

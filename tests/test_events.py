@@ -441,7 +441,7 @@ def test_dedup_for_travels_in_the_message_as_whole_seconds(
     given: object, seconds: int | None
 ) -> None:
     message = normalize_call("track", ("x",), {"event_id": "stripe:evt_1", "dedup_for": given})
-    assert message["dedup_for"] == seconds
+    assert message.get("dedup_for") == seconds
     assert build_event("track", message).dedup_for_s == seconds
 
 
@@ -503,3 +503,12 @@ def test_a_public_client_ip_is_not_warned_of(
     with caplog.at_level(logging.WARNING, logger="op_celery"):
         normalize_call("track", ("x",), {"client_ip": ip})
     assert caplog.records == []
+
+
+def test_device_id_and_dedup_for_travel_only_when_given_so_older_workers_take_the_message() -> None:
+    # A worker of the version before them refuses a message with an argument it does not know.
+    assert not {"device_id", "dedup_for"} & normalize_call("track", ("x",), {}).keys()
+    assert "dedup_for" not in normalize_call("revenue", (5,), {})
+    message = normalize_call("track", ("x",), {"device_id": "d", "dedup_for": 60})
+    assert (message["device_id"], message["dedup_for"]) == ("d", 60)
+    assert build_event("track", normalize_call("track", ("x",), {})).dedup_for_s is None

@@ -269,6 +269,9 @@ def test_a_revenue_webhook_delayed_again_days_later_with_its_event_id_is_sent_on
     on_webhook("stripe:evt_b")  # the default ledger TTL: an hour
     assert stand_in.wait_for(2)
     assert {r.payload["properties"]["__revenue"] for r in stand_in.received} == {1299}
+    # The worker marks an event delivered just after the server's 200: wait for both marks.
+    marks = [f"{key_prefix}op-celery:{{stripe:evt_{x}}}:delivered" for x in "ab"]
+    assert wait_until(lambda: redis_client.exists(*marks) == 2)
     age_keys(redis_client, key_prefix, 3 * 86_400)  # Stripe's retries of both, 3 days on
     on_webhook("stripe:evt_a", dedup_for=timedelta(days=30))
     on_webhook("stripe:evt_b")
