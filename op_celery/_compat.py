@@ -40,19 +40,23 @@ import redis
 from celery import Celery
 from celery.app import amqp as celery_amqp
 from celery.app import app_or_default
+from celery.worker import state as worker_state
 from kombu.exceptions import OperationalError
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual as kombu_virtual
 from kombu.utils.uuid import uuid
 
 __all__ = [
     "CHECKED",
     "Support",
     "active_apps",
+    "add_consumer_connection_errors",
     "amqp_is_celerys",
     "callback_publish_retry",
     "default_app",
     "exec_options",
     "fast_publish_support",
+    "forget_delivered",
     "next_delivery_tag",
     "pool_acquire_timeout_s",
     "redis_channel_support",
@@ -69,6 +73,8 @@ __all__ = [
     "task_id_of_unacked",
     "task_is_v2_compat",
     "thread_current_app",
+    "worker_should_stop",
+    "wrap_consumer_connect",
     "wrap_decode_error_handler",
     "wrap_task_strategies",
 ]
@@ -559,9 +565,99 @@ def wrap_decode_error_handler(consumer: Any, handler: Callable[[Any, Exception],
     return True
 
 
-#: The QoS methods of kombu's Redis channel that push back or settle unacked messages.
+#: ``Consumer.connection_errors``: the errors after which Celery's consumer reconnects and
+#: starts its steps again rather than stop the worker ("Unrecoverable error"). Set from the
+#: transport's in ``Consumer.__init__`` before the consumer steps are made, read again by
+#: ``Consumer.start`` at each (re)start, and captured by each task's strategy for its acks.
+#: Checked: celery 5.6.0, 5.7.0 (the same code in both).
+CONSUMER_CONNECTION_ERRORS = "connection_errors"
+
+
+def add_consumer_connection_errors(consumer: Any, errors: tuple[type[BaseException], ...]) -> bool:
+    """Have the worker ``consumer`` reconnect after ``errors`` too, as after a lost connection;
+    False if this Celery's consumer has no such tuple.
+
+    Semi-private: ``Consumer.connection_errors`` (see :data:`CONSUMER_CONNECTION_ERRORS`), so
+    this must run before the consumer starts (from a consumer step's ``__init__``). Only this
+    consumer changes: kombu's transport classes, which other code reads, are left as they are.
+    Fallback: nothing is added (False); a worker meeting one of ``errors`` in its consumer
+    then stops, as without op-celery, and its supervisor must start it again.
+    """
+    current = getattr(consumer, CONSUMER_CONNECTION_ERRORS, None)
+    if not isinstance(current, tuple):
+        return False
+    missing = tuple(error for error in errors if error not in current)
+    setattr(consumer, CONSUMER_CONNECTION_ERRORS, current + missing)
+    return True
+
+
+#: ``Consumer.connect()``: public, what the Connection step calls for the consumer's
+#: connection, at start and at each restart. Checked: celery 5.6.0, 5.7.0.
+CONSUMER_CONNECT = "connect"
+
+
+def wrap_consumer_connect(consumer: Any, before: Callable[[], None]) -> bool:
+    """Have the worker ``consumer`` call ``before()`` each time it is about to connect (at start
+    and after each lost connection), before anything of the connection is used; False if it
+    has no ``connect``.
+
+    Public method, replaced on this one consumer instance. Before, not after: Celery's
+    ``connect`` itself already writes to a Redis broker (kombu's ``register_with_event_loop``
+    takes the unacked-restore lock). Checked: celery 5.6.0, 5.7.0. Fallback: nothing is
+    wrapped (False).
+    """
+    original = getattr(consumer, CONSUMER_CONNECT, None)
+    if not callable(original):
+        return False
+
+    def connect() -> Any:
+        before()
+        return original()
+
+    setattr(consumer, CONSUMER_CONNECT, connect)
+    return True
+
+
+#: ``celery.worker.state.maybe_shutdown()``: raises the worker's shutdown (``WorkerShutdown``,
+#: ``WorkerTerminate``) once a signal asked for it; Celery's consumer calls it between
+#: reconnection attempts. Public module function, not documented. Checked: celery 5.6.0,
+#: 5.7.0. Fallback: no check (a wait ends at its own pace, then the worker stops).
+WORKER_MAYBE_SHUTDOWN = "maybe_shutdown"
+
+
+def worker_should_stop() -> None:
+    """Raise Celery's worker shutdown if a signal asked for one; else return."""
+    check = getattr(worker_state, WORKER_MAYBE_SHUTDOWN, None)
+    if callable(check):
+        check()
+
+
+#: The QoS methods of kombu's Redis channel that push back or settle unacked messages
+#: (``restore_visible``: its periodic sweep of messages past the visibility timeout, run
+#: from a timer of the worker's event loop and from ``register_with_event_loop``).
 #: Checked: kombu 5.5.2, 5.5.4, 5.6.2, 5.7.0.
-KOMBU_QOS_METHODS = ("restore_unacked_once", "ack", "reject")
+KOMBU_QOS_METHODS = ("restore_unacked_once", "ack", "reject", "restore_visible")
+#: ``kombu.transport.virtual.QoS.ack``: the virtual QoS's own ack, which only forgets a
+#: delivered message in this process (the Redis QoS's ``ack`` first removes it from Redis'
+#: unacked hash, then calls it). Public method of the base class, called on a Redis QoS.
+#: Checked: kombu 5.7.0.
+KOMBU_VIRTUAL_QOS_ACK = "ack"
+
+
+def forget_delivered(qos: Any, delivery_tag: Any) -> None:
+    """Have a Redis ``qos`` forget a message it delivered, without touching Redis: the
+    message stays in the unacked hash (and comes back after the visibility timeout), and it
+    no longer counts against the prefetch limit, which would otherwise stop this channel
+    taking messages for good. Semi-private, see :data:`KOMBU_VIRTUAL_QOS_ACK`. Fallback: none
+    needed while kombu's Redis QoS derives from the virtual one (asserted by a test)."""
+    getattr(kombu_virtual.QoS, KOMBU_VIRTUAL_QOS_ACK)(qos, delivery_tag)
+
+
+#: The loggers through which kombu reports, with a traceback, a failed timer of the worker's
+#: event loop (``Error in timer``) and a failed refresh of expiring bindings
+#: (``maybe_refresh_binding_expiry``, kombu 5.7.0, once a second per channel). Checked:
+#: kombu 5.7.0.
+KOMBU_TIMER_LOGGERS = ("kombu.asynchronous.hub", "kombu.transport.redis")
 
 
 def redis_qos(consumer: Any) -> Any:

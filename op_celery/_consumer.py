@@ -26,8 +26,27 @@ The step also keeps the outbox (``_outbox``) true to what happened to each messa
   run. A refusal of an event is a configuration error of that worker: the event is kept as one
   replayable dead letter (replay it once the worker is fixed), not published every grace period.
 
-The step reaches into Celery's consumer (its strategies and decode-error handler) and kombu's
-Redis QoS through ``_compat``; on a Celery without them it does less, and Celery does the rest.
+The step also keeps the worker alive through a broker's Redis that answers but refuses writes
+(full at ``maxmemory`` under ``noeviction``, or a read-only replica; ``_redis.WRITE_REFUSALS``),
+which Celery takes for an unrecoverable error and exits on:
+
+- those refusals count as lost connections for this consumer: it reconnects instead;
+- once (re)connected, before any step takes a message, the consumer waits until the broker's
+  Redis takes a write (a probe every ``WRITE_PROBE_FIRST_S``, doubling to
+  ``WRITE_PROBE_MAX_S``), saying so once, and once more when it carries on. Taking messages
+  meanwhile would lose each one: kombu pops it, then fails to write it to its unacked hash;
+- an ack (or a push back) that Redis refuses is said once, not per message: the message stays
+  in kombu's unacked hash and comes back after the visibility timeout, and the ledger drops it
+  then if its event was delivered and marked (an event delivered whose mark was refused too
+  is sent once more).
+
+At most one message per consumer is popped in the instant Redis fills (kombu's pop succeeds,
+its unacked write fails): the consumer's reconnection is a possible loss for the outbox, whose
+sweeper publishes it again once Redis takes writes (with ``OP_CELERY_OUTBOX=off`` it is lost).
+
+The step reaches into Celery's consumer (its strategies, decode-error handler, connection
+errors and ``connect``) and kombu's Redis QoS through ``_compat``; on a Celery without them it
+does less, and Celery does the rest.
 """
 
 from __future__ import annotations
@@ -39,6 +58,7 @@ import socket
 import time
 from typing import Any
 
+import redis
 from celery import Celery, bootsteps, signals
 from celery import states as celery_states
 
@@ -47,16 +67,29 @@ from ._app import settings_for
 from ._events import OPERATIONS
 from ._exceptions import OpenPanelError
 from ._outbox import BROKER_ERRORS as OUTBOX_ERRORS
-from ._outbox import Writer
+from ._outbox import Writer, broker_refusals
 from ._outbox_liveness import Liveness
 from ._publish import outbox_writer, redis_broker
-from ._redis import redis_for
-from ._settings import Settings, _redis_url_of
+from ._redis import FULL, WRITE_REFUSALS, redis_for, write_refusal
+from ._settings import Settings, _redis_url_of, redact_url
 from .dead_letters import DeadLetter, DeadLetterStore, purge_listeners
 
 __all__ = ["PoisonGuard", "forget_record", "install"]
 
 log = logging.getLogger("op_celery")
+
+#: Seconds between the first two probes of a broker's Redis that refuses writes; each wait
+#: doubles, up to ``WRITE_PROBE_MAX_S``, so a worker carries on within seconds of the fix.
+WRITE_PROBE_FIRST_S = 0.5
+WRITE_PROBE_MAX_S = 5.0
+#: Percent of ``maxmemory`` a broker's Redis that was full must have free before the worker
+#: takes messages again (one message more must not fill it again at once).
+WRITE_HEADROOM_PCT = 1.0
+#: Seconds between two looks, while waiting, at whether the worker was asked to stop.
+STOP_CHECK_S = 0.25
+#: The probe: a key of a few bytes, written at each (re)connection, that expires by itself.
+WRITE_PROBE_KEY = "_op_celery.write_probe"
+WRITE_PROBE_TTL_MS = 10_000
 
 
 def forget_record(app: Celery, queue: str, event_id: str, why: str) -> None:
@@ -194,6 +227,12 @@ class PoisonGuard(bootsteps.StartStopStep):
             name = f"{getattr(consumer, 'hostname', None) or socket.gethostname()}:{os.getpid()}"
             self.liveness = Liveness(app.connection_for_write, f"{name}:{id(self):x}")
             _alive.append(self.liveness)
+            if not _compat.add_consumer_connection_errors(consumer, WRITE_REFUSALS):
+                _compat.step_aside("surviving a full or read-only broker", "this Celery's "
+                                   "consumer has no connection_errors", "the worker stops on "
+                                   "one, and its supervisor must start it again")  # fmt: skip
+            _compat.wrap_consumer_connect(consumer, lambda: wait_for_writes(app))
+            _install_refusal_filter()
 
     def start(self, consumer: Any) -> None:
         # The Tasks step has just filled consumer.strategies; the message handler looks them
@@ -215,27 +254,116 @@ class PoisonGuard(bootsteps.StartStopStep):
             self.liveness.started(reconnected=(getattr(consumer, "restart_count", 0) or 0) > 0)
 
 
+def wait_for_writes(app: Celery) -> None:
+    """Hold the worker's consumer, about to (re)connect to ``app``'s Redis broker, until that
+    Redis takes a write; said once (and once more when it does), however long it takes.
+
+    A Redis that was full must also have :data:`WRITE_HEADROOM_PCT` of its ``maxmemory``
+    free: at the very edge, the next message taken would fill it again. The probe has its own
+    connection, closed after. Any other error of it (a broker away) is left to the consumer's
+    own connection, which meets it too and which Celery retries as it would without this. A
+    worker asked to stop meanwhile stops.
+    """
+    notice = broker_refusals()
+    pause_s = WRITE_PROBE_FIRST_S
+    with app.connection_for_read() as connection:
+        where = redact_url(connection.as_uri())
+        while True:
+            try:
+                if _takes_writes(connection, was_full=notice.state == FULL):
+                    notice.accepted(where, settled=True)
+                    return
+            except WRITE_REFUSALS as exc:
+                notice.refused(write_refusal(exc) or FULL, where)
+            except (*connection.connection_errors, *connection.channel_errors):
+                return
+            until = time.monotonic() + pause_s
+            while time.monotonic() < until:
+                _compat.worker_should_stop()
+                time.sleep(STOP_CHECK_S)
+            pause_s = min(pause_s * 2, WRITE_PROBE_MAX_S)
+
+
+def _takes_writes(connection: Any, was_full: bool) -> bool:
+    """Write the probe key through ``connection`` (raising what Redis answers); False if the
+    Redis ``was_full`` and is still within :data:`WRITE_HEADROOM_PCT` of its ``maxmemory``."""
+    channel = connection.default_channel
+    client = _compat.redis_client(channel)
+    client.set(_compat.redis_key_prefix(channel) + WRITE_PROBE_KEY, "1", px=WRITE_PROBE_TTL_MS)
+    if not was_full:
+        return True
+    try:
+        memory = client.info("memory")
+    except redis.ResponseError:  # INFO refused (a managed Redis): the write is all we know
+        return True
+    maxmemory = int(memory.get("maxmemory") or 0)
+    used = int(memory.get("used_memory") or 0)
+    return not maxmemory or used <= maxmemory * (1 - WRITE_HEADROOM_PCT / 100)
+
+
+class _RefusalFilter(logging.Filter):
+    """Turns kombu's tracebacks of a timer refused by a full or read-only Redis (once a second
+    per channel: its bindings' expiry refresh, its unacked restore) into the broker notice's
+    one line; every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        state = write_refusal(exc)
+        if state is None:
+            return True
+        broker_refusals().refused(state, "(kombu's event loop)")
+        return False
+
+
+_refusal_filter = _RefusalFilter()
+
+
+def _install_refusal_filter() -> None:
+    for name in _compat.KOMBU_TIMER_LOGGERS:
+        logger = logging.getLogger(name)
+        if _refusal_filter not in logger.filters:
+            logger.addFilter(_refusal_filter)
+
+
 def _survive_restore_on_lost_connection(qos: Any) -> None:
-    """Work around kombu's Redis transport stopping the worker when the broker goes away.
+    """Work around kombu's Redis transport stopping the worker when the broker goes away or
+    refuses writes.
 
     On a lost connection Celery closes the channel, whose QoS then pushes the unacked messages
     back, and acks of events finishing meanwhile, through that same connection, already torn
     down: kombu raises AttributeError ("'NoneType' object has no attribute 'hostname'"), which
-    Celery treats as an unrecoverable error, and the worker exits. Those messages stay in
-    Redis' unacked set and come back through the visibility-timeout sweep (an event delivered
-    meanwhile is then skipped by the ledger), so the failure is logged and the worker carries on.
+    Celery treats as an unrecoverable error, and the worker exits. A full or read-only Redis
+    refuses the same acks and pushes (``WRITE_REFUSALS``), with the same end. Either way those
+    messages stay in Redis' unacked set and come back through the visibility-timeout sweep (an
+    event delivered meanwhile is then skipped by the ledger), so the failure is logged (a
+    refusal once, not per message) and the worker carries on.
     """
     if getattr(qos, "_op_survives", False):
         return
     for name in _compat.KOMBU_QOS_METHODS:
-        setattr(qos, name, _logging_attribute_errors(name, getattr(qos, name)))
+        setattr(qos, name, _logging_attribute_errors(name, getattr(qos, name), qos))
     qos._op_survives = True
 
 
-def _logging_attribute_errors(name: str, original: Any) -> Any:
+def _qos_where(qos: Any) -> str:
+    """The redacted URL of the broker a QoS's channel talks to."""
+    try:
+        return redact_url(qos.channel.connection.client.as_uri())
+    except AttributeError:  # a channel torn down: its URL does not matter any more
+        return "(its connection is closed)"
+
+
+def _logging_attribute_errors(name: str, original: Any, qos: Any = None) -> Any:
     def call(*args: Any, **kwargs: Any) -> Any:
         try:
             return original(*args, **kwargs)
+        except WRITE_REFUSALS as exc:
+            broker_refusals().refused(write_refusal(exc) or FULL, _qos_where(qos))
+            if name in ("ack", "reject") and args and qos is not None:
+                # Still in Redis' unacked hash, no longer held here: else the prefetch
+                # limit, counting it forever, would stop this channel taking messages.
+                _compat.forget_delivered(qos, args[0])
+            return None
         except AttributeError as exc:
             log.warning(
                 "op_celery: %s on the lost broker connection failed (%s); the events concerned "

@@ -104,7 +104,8 @@ class Ledger:
 
     def delivered(self, event_id: str) -> bool:
         """Whether the event was already delivered; raises StorageUnavailable if unknown."""
-        with storage_errors("checking the delivered-events ledger", self._settings.redis_url):
+        url = self._settings.redis_url
+        with storage_errors("checking the delivered-events ledger", url, writes=False):
             return bool(self._redis.exists(self.keys(event_id)[0]))
 
     def claim(self, event_id: str, ttl_s: float) -> Claim:

@@ -73,7 +73,7 @@ import redis
 from ._exceptions import ConfigurationError, LimiterUnavailable
 from ._lua import Script
 from ._rates import DEFAULT_BURST, Rate
-from ._redis import is_cluster
+from ._redis import is_cluster, note_refusal, refusal_message
 from ._settings import DEFAULT_KEY_PREFIX
 
 __all__ = [
@@ -519,6 +519,10 @@ class RateLimiter:
 
     def _unavailable(self, operation: str, exc: redis.RedisError) -> LimiterUnavailable:
         """The one mapping of a ``redis`` error to ours; the message carries no password."""
+        state = note_refusal(exc, self._where)
+        if state is not None:  # full or read-only: said once, as for the ledger's writes
+            return LimiterUnavailable(refusal_message(f"{operation} (rate limiter)", self._where,
+                                                      state, exc))  # fmt: skip
         detail = f"{type(exc).__name__}: {exc}"
         password = _connection_kwargs(self._client).get("password")
         if password:

@@ -87,8 +87,16 @@ import redis
 from kombu.exceptions import OperationalError
 
 from ._lua import lua
+from ._redis import RefusalNotice, refusal_notice
 
-__all__ = ["BROKER_ERRORS", "Writer", "close_quietly", "outbox_keys", "record_json"]
+__all__ = [
+    "BROKER_ERRORS",
+    "Writer",
+    "broker_refusals",
+    "close_quietly",
+    "outbox_keys",
+    "record_json",
+]
 
 log = logging.getLogger("op_celery")
 
@@ -96,6 +104,17 @@ log = logging.getLogger("op_celery")
 MAX_CACHED_QUEUES = 256
 #: Errors of the broker's Redis, as redis-py and kombu raise them.
 BROKER_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, OperationalError, OSError)
+
+
+def broker_refusals() -> RefusalNotice:
+    """The process's one notice of a broker's Redis that refuses writes (full or read-only),
+    shared by the consumer step, the QoS it guards, and the sweeper."""
+    return refusal_notice(
+        "the broker's Redis",
+        "this worker takes no message until it takes writes again; those it holds are retried "
+        "(kept in the spool if the broker refuses them too) or come back after the "
+        "visibility timeout",
+    )
 
 
 _str: Callable[[str], str] = json.encoder.encode_basestring_ascii

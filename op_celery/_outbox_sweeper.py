@@ -24,8 +24,10 @@ import redis
 
 from . import _compat
 from ._lua import Script
-from ._outbox import BROKER_ERRORS, close_quietly, outbox_keys
+from ._outbox import BROKER_ERRORS, broker_refusals, close_quietly, outbox_keys
 from ._outbox_liveness import ALIVE_TTL_S, Losses, losses
+from ._redis import write_refusal
+from ._settings import redact_url
 
 __all__ = ["SweepResult", "Sweeper"]
 
@@ -84,6 +86,11 @@ class SweepResult:
         )
 
 
+def _where(connection: Any) -> str:
+    """The redacted URL of a kombu connection (of the sweeper: None until it connects)."""
+    return redact_url(connection.as_uri()) if connection is not None else "(not connected)"
+
+
 class Sweeper:
     """Finds the events the broker lost and publishes them again, every ``grace_s / 2``.
 
@@ -132,8 +139,14 @@ class Sweeper:
                 if connection is None:
                     connection = self._connect()
                 self.sweep(connection)
+                broker_refusals().accepted(_where(connection))
             except BROKER_ERRORS as exc:
-                log.warning("op_celery: outbox sweep skipped, the broker did not answer: %s", exc)
+                state = write_refusal(exc)
+                if state is not None:  # full or read-only: said once, not every pass
+                    broker_refusals().refused(state, _where(connection))
+                else:
+                    log.warning("op_celery: outbox sweep skipped, the broker did not answer: %s",
+                                exc)  # fmt: skip
                 if connection is not None:
                     close_quietly(connection)
                     connection = None

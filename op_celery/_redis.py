@@ -20,12 +20,20 @@ share the tag ``{client id}``, an event's ledger keys the tag ``{event id}``), s
 cluster. While a master fails over, commands fail for a few seconds: redis-py's errors become
 :class:`StorageUnavailable` here, which the tasks take as "retry shortly", never "give up".
 
+A Redis can also answer and still refuse every write (:data:`WRITE_REFUSALS`): at
+``maxmemory`` under the ``noeviction`` policy (``OOM``), or a read-only replica (``READONLY``).
+That lasts until someone acts (memory freed, the replica promoted), so it is said once per
+process and Redis (:class:`RefusalNotice`), with what to do, and once more when writes are
+taken again; meanwhile each write becomes a :class:`StorageUnavailable` as above, and the
+event waits on the broker, never dead-lettered for it.
+
 One client per deployment and process: redis-py's pools notice a ``fork()`` and reconnect, and
 their connections are safe to share between the threads of a thread-pool worker.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -47,15 +55,25 @@ from ._exceptions import ConfigurationError, StorageUnavailable
 from ._settings import EMBEDDED_URL, Settings, redact_url
 
 __all__ = [
+    "FULL",
+    "READ_ONLY",
+    "WRITE_REFUSALS",
     "Deployment",
+    "RefusalNotice",
     "deployment_of",
     "is_cluster",
+    "note_refusal",
     "redact",
     "redact_url",
     "redis_for",
+    "refusal_message",
+    "refusal_notice",
     "storage_errors",
+    "write_refusal",
 ]
 # redact_url lives in _settings; it is re-exported here, where the Redis URLs are.
+
+log = logging.getLogger("op_celery")
 
 #: Seconds to wait for Redis before calling it unavailable; short, so a task fails fast to retry.
 REDIS_TIMEOUT_S = 5.0
@@ -90,6 +108,97 @@ _CROSS_SLOT = (
     redis.exceptions.ClusterCrossSlotError,
     redis.exceptions.CrossSlotTransactionError,
 )
+
+
+#: Redis' refusals of a write that last until someone acts, not until a reconnection: memory at
+#: ``maxmemory`` under the ``noeviction`` policy, and a read-only replica. Reads still work.
+#: Both are ``ResponseError``s, which kombu files as channel errors and Celery's consumer takes
+#: for unrecoverable (the worker exits); the consumer step waits them out (``_consumer``).
+WRITE_REFUSALS: tuple[type[redis.RedisError], ...] = (
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+)
+#: Seconds without a refusal before a write taken says the Redis takes writes again: at the
+#: edge of maxmemory writes pass and fail by turns, which is one episode, said once.
+REFUSAL_SETTLE_S = 5.0
+#: What a Redis that refuses writes is, as :func:`write_refusal` says it.
+FULL = "full"
+READ_ONLY = "read-only"
+#: What to do about each, for the log line.
+_ADVICE = {
+    FULL: "its memory is at maxmemory and its policy is noeviction: free memory, raise "
+    "maxmemory, or give it an evicting policy for keys other than the broker's",
+    READ_ONLY: "it is a read-only replica: point the URL at the master, or promote this server",
+}
+#: Errors followed through ``__cause__``/``__context__`` looking for a refusal (kombu wraps).
+_MAX_CAUSES = 5
+
+
+def write_refusal(exc: BaseException | None) -> str | None:
+    """:data:`FULL` or :data:`READ_ONLY` when ``exc`` is Redis refusing a write, or wraps one
+    (kombu's ``OperationalError``, our ``StorageUnavailable``); else None."""
+    for _ in range(_MAX_CAUSES):
+        if exc is None:
+            return None
+        if isinstance(exc, redis.exceptions.OutOfMemoryError):
+            return FULL
+        if isinstance(exc, redis.exceptions.ReadOnlyError):
+            return READ_ONLY
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+class RefusalNotice:
+    """One log line when a Redis starts refusing writes, one when it takes them again.
+
+    A full Redis refuses every write of every event; a line per refusal would bury the one
+    that says what to do. ``subject`` names the Redis ("the broker's Redis"), ``meanwhile``
+    what the package does until it takes writes again.
+    """
+
+    def __init__(self, subject: str, meanwhile: str) -> None:
+        self.subject = subject
+        self.meanwhile = meanwhile
+        self.state: str | None = None
+        self._refused_at = 0.0
+        self._lock = threading.Lock()
+
+    def refused(self, state: str, where: str) -> None:
+        """The Redis at ``where`` (a redacted URL) refused a write for being ``state``."""
+        self._refused_at = time.monotonic()
+        with self._lock:
+            if self.state == state:
+                return
+            self.state = state
+        log.warning("op_celery: %s %s is %s (%s); %s", self.subject, where, state,
+                    _ADVICE.get(state, "it refuses writes"), self.meanwhile)  # fmt: skip
+
+    def accepted(self, where: str, *, settled: bool = False) -> None:
+        """The Redis at ``where`` took a write: say so if it had refused one, once no write
+        was refused for :data:`REFUSAL_SETTLE_S` (or at once, if the caller knows it is
+        ``settled``)."""
+        if self.state is None:  # the usual case, without the lock
+            return
+        if not settled and time.monotonic() - self._refused_at < REFUSAL_SETTLE_S:
+            return  # at the edge of maxmemory, writes pass and fail by turns: not over yet
+        with self._lock:
+            if self.state is None:
+                return
+            state, self.state = self.state, None
+        log.warning("op_celery: %s %s takes writes again (it was %s)", self.subject, where, state)
+
+
+_notices: dict[str, RefusalNotice] = {}
+_notices_lock = threading.Lock()
+
+
+def refusal_notice(subject: str, meanwhile: str) -> RefusalNotice:
+    """The process's one notice for ``subject`` (made with the first ``meanwhile`` given)."""
+    notice = _notices.get(subject)
+    if notice is None:
+        with _notices_lock:
+            notice = _notices.setdefault(subject, RefusalNotice(subject, meanwhile))
+    return notice
 
 
 _clients: dict[tuple[Any, ...], Any] = {}
@@ -331,14 +440,21 @@ def _malformed(url: str, why: str) -> ConfigurationError:
 
 
 @contextmanager
-def storage_errors(what: str, url: str | None) -> Iterator[None]:
+def storage_errors(what: str, url: str | None, *, writes: bool = True) -> Iterator[None]:
     """Turn redis-py's errors into :class:`StorageUnavailable`, never showing a password.
 
     Includes a cluster client's own errors (``RedisClusterException``: no node answered, a slot
-    not covered while a master fails over), which are not ``RedisError``.
+    not covered while a master fails over), which are not ``RedisError``. A refused write
+    (:data:`WRITE_REFUSALS`) is said once (:class:`RefusalNotice`); a block that ``writes``
+    and succeeds says, once, that writes are taken again.
     """
+    notice = _storage_notice()
     try:
         yield
+    except WRITE_REFUSALS as exc:
+        where = redact(url) if url else "Redis"
+        state = note_refusal(exc, where) or FULL
+        raise StorageUnavailable(refusal_message(what, where, state, exc)) from exc
     except _CROSS_SLOT as exc:
         where = redact(url) if url else "Redis"
         raise StorageUnavailable(
@@ -353,3 +469,34 @@ def storage_errors(what: str, url: str | None) -> Iterator[None]:
             f"{what}: {where} did not answer ({type(exc).__name__}); the event will be retried. "
             "Check that Redis runs and OP_CELERY_REDIS_URL is right"
         ) from exc
+    else:
+        if writes and notice.state is not None:
+            notice.accepted(redact(url) if url else "Redis")
+
+
+#: What the workers do while the package's Redis refuses writes.
+_STORAGE_MEANWHILE = (
+    "events wait on the broker and are retried (none is dead-lettered for it) until it takes "
+    "writes again"
+)
+
+
+def _storage_notice() -> RefusalNotice:
+    return refusal_notice("the package's Redis", _STORAGE_MEANWHILE)
+
+
+def note_refusal(exc: BaseException, where: str) -> str | None:
+    """If ``exc`` is the package's Redis at ``where`` refusing a write: say so once
+    (:class:`RefusalNotice`) and return what it is (:data:`FULL`, :data:`READ_ONLY`)."""
+    state = write_refusal(exc)
+    if state is not None:
+        _storage_notice().refused(state, where)
+    return state
+
+
+def refusal_message(what: str, where: str, state: str, exc: BaseException) -> str:
+    """The text of the error a refused write of the package's Redis becomes."""
+    return (
+        f"{what}: {where} is {state} ({type(exc).__name__}); the event will be retried until "
+        f"it takes writes again: {_ADVICE.get(state, 'it refuses writes')}"
+    )

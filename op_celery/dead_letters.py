@@ -90,8 +90,8 @@ class DeadLetterStore:
         self._hash = f"{self._settings.key_prefix}:{name}"
         self._index = f"{self._settings.key_prefix}:{name}:by-time"
 
-    def _errors(self, what: str) -> Any:
-        return storage_errors(what, self._settings.redis_url)
+    def _errors(self, what: str, *, writes: bool = True) -> Any:
+        return storage_errors(what, self._settings.redis_url, writes=writes)
 
     def add(self, letter: DeadLetter) -> None:
         """Store a dead letter (replacing one with the same id, keeping its first time)."""
@@ -133,11 +133,11 @@ class DeadLetterStore:
         return letter
 
     def __len__(self) -> int:
-        with self._errors("counting dead letters"):
+        with self._errors("counting dead letters", writes=False):
             return int(self._redis.hlen(self._hash))
 
     def get(self, letter_id: str) -> DeadLetter | None:
-        with self._errors("reading a dead letter"):
+        with self._errors("reading a dead letter", writes=False):
             raw = self._redis.hget(self._hash, letter_id)
         return None if raw is None else DeadLetter.from_json(raw)
 
@@ -151,7 +151,7 @@ class DeadLetterStore:
         seen = 0
         start = 0
         while limit is None or seen < limit:
-            with self._errors("listing dead letters"):
+            with self._errors("listing dead letters", writes=False):
                 ids = cast(
                     "list[bytes]", self._redis.zrange(self._index, start, start + SCAN_BATCH - 1)
                 )
