@@ -3,7 +3,8 @@
 op-celery reads a few internals of the projects under it: to publish Celery's own message
 without Celery's per-call cost (``_publish``), to find kombu's keys and read kombu's stored
 messages for the outbox sweeper (``_outbox``), to tell which Celery app a call publishes through
-(``_app``), and to guard the worker's message consumer (``_consumer``). Each such use is one
+(``_app``), and to guard the worker's message consumer (``_consumer``: poison messages, a
+broker that goes away, a Redis that refuses writes). Each such use is one
 function here, and its comment says:
 
 - the private name it reads (also kept in a module constant, so a test can take it away);
@@ -635,7 +636,8 @@ def worker_should_stop() -> None:
 #: The QoS methods of kombu's Redis channel that push back or settle unacked messages
 #: (``restore_visible``: its periodic sweep of messages past the visibility timeout, run
 #: from a timer of the worker's event loop and from ``register_with_event_loop``).
-#: Checked: kombu 5.5.2, 5.5.4, 5.6.2, 5.7.0.
+#: Checked: kombu 5.5.2, 5.5.4, 5.6.2, 5.7.0 (``restore_visible`` and its use from the event
+#: loop: kombu 5.7.0).
 KOMBU_QOS_METHODS = ("restore_unacked_once", "ack", "reject", "restore_visible")
 #: ``kombu.transport.virtual.QoS.ack``: the virtual QoS's own ack, which only forgets a
 #: delivered message in this process (the Redis QoS's ``ack`` first removes it from Redis'

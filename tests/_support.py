@@ -53,7 +53,9 @@ class WorkerProcess:
         self.log_path = Path(tempfile.mkstemp(prefix="op-celery-worker-", suffix=".log")[1])
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, ready: bool = True) -> None:
+        """Start the worker and wait until it says it is ready (not with ``ready=False``: a
+        worker that waits for its broker before it can be)."""
         command = [
             sys.executable, "-m", "celery", "-A", "op_celery.worker", "worker",
             "--pool", self.pool, "--concurrency", self.concurrency, "--loglevel", "INFO",
@@ -65,6 +67,8 @@ class WorkerProcess:
                 command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )  # fmt: skip
+        if not ready:
+            return
         deadline = time.monotonic() + WORKER_START_TIMEOUT_S
         while time.monotonic() < deadline:
             if " ready." in self.log:

@@ -529,3 +529,66 @@ def test_the_versions_read_are_the_installed_ones() -> None:
     assert celery.__version__ == _compat.CELERY_VERSION_TEXT
     assert kombu.__version__ == _compat.KOMBU_VERSION_TEXT
     assert redis.__version__ == _compat.REDIS_VERSION_TEXT
+
+
+# --- Surviving a Redis that refuses writes. ---------------------------------------------------
+
+
+def test_the_consumers_connection_errors_take_more_for_that_consumer_only(consumer: Any) -> None:
+    added = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)
+    assert isinstance(consumer.connection_errors, tuple)  # what Celery's consumer has
+    assert _compat.add_consumer_connection_errors(consumer, added) is True
+    assert set(added) <= set(consumer.connection_errors)
+    plain = SimpleNamespace(connection_errors=(OSError,))
+    assert _compat.add_consumer_connection_errors(plain, added) is True
+    assert _compat.add_consumer_connection_errors(plain, added) is True  # not twice
+    assert plain.connection_errors == (OSError, *added)
+    # kombu's transport, which every other connection reads, is left as it was.
+    assert redis.exceptions.OutOfMemoryError not in kombu_redis.Transport.connection_errors
+    assert _compat.add_consumer_connection_errors(SimpleNamespace(), added) is False
+
+
+def test_the_wrapped_connect_runs_the_hook_before_celerys_connect(consumer: Any) -> None:
+    assert callable(getattr(Consumer, _compat.CONSUMER_CONNECT))
+    calls: list[str] = []
+    consumer.connect = lambda: calls.append("connect") or "connection"
+    assert _compat.wrap_consumer_connect(consumer, lambda: calls.append("before")) is True
+    assert consumer.connect() == "connection"
+    assert calls == ["before", "connect"]
+    assert _compat.wrap_consumer_connect(SimpleNamespace(), lambda: None) is False
+
+
+def test_worker_should_stop_raises_celerys_shutdown_once_a_signal_asked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from celery.exceptions import WorkerShutdown
+
+    assert callable(getattr(worker_state, _compat.WORKER_MAYBE_SHUTDOWN))
+    _compat.worker_should_stop()  # nothing asked: returns
+    monkeypatch.setattr(worker_state, "should_stop", 0)
+    with pytest.raises(WorkerShutdown):
+        _compat.worker_should_stop()
+
+
+def test_forget_delivered_frees_the_prefetch_slot_and_leaves_the_message_unacked_in_redis(
+    app: Celery, channel: Any, redis_client: redis.Redis, key_prefix: str
+) -> None:
+    from kombu.transport import virtual as kombu_virtual
+
+    assert issubclass(kombu_redis.QoS, kombu_virtual.QoS)
+    queue = app.conf.task_default_queue
+    app.send_task("compat.echo")
+    message = held(channel, queue)
+    qos = channel.qos
+    qos.prefetch_count = 1
+    assert not qos.can_consume()
+    _compat.forget_delivered(qos, message.delivery_tag)
+    assert qos.can_consume()
+    assert redis_client.hexists(key_prefix + channel.unacked_key, message.delivery_tag)
+
+
+def test_the_kombu_loggers_filtered_are_kombus() -> None:
+    import kombu.asynchronous.hub
+
+    names = {kombu.asynchronous.hub.logger.name, kombu_redis.logger.name}
+    assert set(_compat.KOMBU_TIMER_LOGGERS) == names
