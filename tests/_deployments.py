@@ -300,7 +300,8 @@ class SentinelGroup(_Processes):
         return int(port)
 
     def failover(self) -> None:
-        """Ask the sentinels to promote the replica (the graceful way, no data lost)."""
+        """Ask the sentinels to promote the replica now; replication is asynchronous, so a write
+        the replica has not received yet is lost (tests wait for it first)."""
         self.sentinel().execute_command("SENTINEL FAILOVER", self.master_name)
 
     def wait_for_new_master(self, old: int) -> int:
