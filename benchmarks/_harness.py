@@ -180,11 +180,17 @@ class Worker:
     """One ``celery -A <app> worker`` subprocess in its own process group, stopped by PID."""
 
     def __init__(
-        self, app: str, queue: str, pool: str, concurrency: int, env: Mapping[str, str]
+        self,
+        app: str,
+        queue: str,
+        pool: str,
+        concurrency: int,
+        env: Mapping[str, str],
+        loglevel: str = "WARNING",
     ) -> None:
         self.command = [
             sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queue,
-            "--pool", pool, "--concurrency", str(concurrency), "--loglevel", "WARNING",
+            "--pool", pool, "--concurrency", str(concurrency), "--loglevel", loglevel,
             "--without-gossip", "--without-mingle", "--without-heartbeat",
             "--hostname", f"bench-{uuid.uuid4().hex[:8]}@%h",
         ]  # fmt: skip
