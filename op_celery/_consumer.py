@@ -248,6 +248,7 @@ class PoisonGuard(bootsteps.StartStopStep):
         qos = _compat.redis_qos(consumer)
         if qos is not None:
             _survive_restore_on_lost_connection(qos)
+            _compat.reuse_channel_client(qos.channel)
         if self.liveness is not None:
             # Celery starts the steps again after a broken connection: ``restart_count`` (a
             # public attribute of its consumer) is 0 at the first start.

@@ -525,6 +525,28 @@ def test_redis_qos_is_the_task_consumers_channels_with_the_methods_wrapped(chann
     assert _compat.redis_qos(SimpleNamespace(task_consumer=None)) is None
 
 
+def test_a_reused_channel_client_is_made_once_per_pool_and_acks_through_it(
+    app: Celery, channel: Any, redis_client: redis.Redis
+) -> None:
+    assert callable(getattr(kombu_redis.Channel, _compat.KOMBU_CHANNEL_CREATE_CLIENT))
+    assert _compat.reuse_channel_client(channel) is True
+    assert _compat.reuse_channel_client(channel) is False  # once per channel
+    with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+        assert first is second
+    queue = app.conf.task_default_queue
+    app.send_task("compat.echo")
+    held(channel, queue).ack()  # the QoS writes and removes the unacked entry through it
+    _, unacked = _compat.redis_message_keys(channel, queue)
+    assert redis_client.hlen(unacked) == 0
+    channel._pool = None  # a new pool (kombu makes one after a reconnection): a new client
+    with channel.conn_or_acquire() as third:
+        assert third is not first
+
+
+def test_reuse_channel_client_leaves_a_channel_without_the_method_as_it_is() -> None:
+    assert _compat.reuse_channel_client(SimpleNamespace()) is False
+
+
 def test_the_versions_read_are_the_installed_ones() -> None:
     assert celery.__version__ == _compat.CELERY_VERSION_TEXT
     assert kombu.__version__ == _compat.KOMBU_VERSION_TEXT
