@@ -5,13 +5,15 @@ Usable without Celery::
     client = OpenPanelClient(client_id="...", client_secret="...")
     client.send(build_event("track", {"name": "signup"}))
 
-``requests`` exceptions become op-celery's here and nowhere else. A ``requests.Session`` is
-kept per thread and per process: sessions are not thread-safe, and a pooled connection
+On urllib3 (requests' own HTTP layer) directly; its exceptions become op-celery's here and
+nowhere else. A keep-alive connection is kept per thread and per process: a pooled connection
 inherited across ``fork()`` would be shared by parent and child.
 """
 
 from __future__ import annotations
 
+import codecs
+import http.client
 import json
 import logging
 import os
@@ -20,8 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-import requests
-from requests.adapters import HTTPAdapter
+import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
@@ -30,6 +31,7 @@ from ._events import Event
 from ._exceptions import (
     AliasNotSupported,
     AuthenticationError,
+    ConfigurationError,
     DeliveryError,
     InvalidPayload,
     NetworkError,
@@ -40,6 +42,7 @@ from ._exceptions import (
     UnexpectedAnswer,
 )
 from ._retry import parse_retry_after
+from ._rules import header_failure
 from ._settings import (
     DEFAULT_API_URL,
     DEFAULT_CONNECT_TIMEOUT_S,
@@ -120,10 +123,52 @@ class Dropped:
 
 class _Sessions(threading.local):
     pid: int = -1
-    session: requests.Session | None = None
-    #: What ``Session.request`` would take from the environment for the track URL (proxies,
-    #: CA bundle), read once per session; see `OpenPanelClient.send`.
-    environment: Mapping[str, Any] | None = None
+    session: Any = None
+
+
+def _pool_manager(url: str) -> urllib3.PoolManager:
+    """A keep-alive pool manager for ``url`` with what requests would take from the environment
+    for it: the proxy of ``HTTP(S)_PROXY``/``ALL_PROXY`` unless ``NO_PROXY`` names the host,
+    and the CA bundle of ``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE`` or ``SSL_CERT_FILE``
+    (certifi's otherwise, as requests). Its connections keep the request deadline."""
+    from requests.utils import get_auth_from_url, get_environ_proxies, select_proxy
+
+    bundle = (
+        os.environ.get("REQUESTS_CA_BUNDLE")
+        or os.environ.get("CURL_CA_BUNDLE")
+        or os.environ.get("SSL_CERT_FILE")
+        or _default_ca_bundle()
+    )
+    tls: dict[str, Any] = {"cert_reqs": "CERT_REQUIRED"}
+    tls["ca_cert_dir" if os.path.isdir(bundle) else "ca_certs"] = bundle
+    # One connection per host: the manager is this thread's alone.
+    options: dict[str, Any] = {"num_pools": 4, "maxsize": 1, "block": False, **tls}
+    proxy = select_proxy(url, get_environ_proxies(url))
+    manager: urllib3.PoolManager
+    if proxy:
+        if not proxy.lower().startswith(("http://", "https://")):
+            raise ConfigurationError(
+                f"the proxy {redact_url(proxy)} of the environment (HTTPS_PROXY, HTTP_PROXY or "
+                "ALL_PROXY) is not an http:// or https:// proxy, the only kinds the client "
+                "supports; set NO_PROXY for the API's host or use an HTTP proxy"
+            )
+        username, password = get_auth_from_url(proxy)
+        headers = (
+            urllib3.util.make_headers(proxy_basic_auth=f"{username}:{password}")
+            if username
+            else None
+        )
+        manager = urllib3.ProxyManager(proxy, proxy_headers=headers, **options)
+    else:
+        manager = urllib3.PoolManager(**options)
+    _use_deadline_pools(manager)
+    return manager
+
+
+def _default_ca_bundle() -> str:
+    import certifi  # requests' own dependency, and its default bundle
+
+    return str(certifi.where())
 
 
 class OpenPanelClient:
@@ -138,7 +183,7 @@ class OpenPanelClient:
         connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
         read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
         allow_insecure_http: bool = False,
-        session_factory: Callable[[], requests.Session] = requests.Session,
+        pool_factory: Callable[[str], urllib3.PoolManager] = _pool_manager,
     ) -> None:
         self.client_id = client_id
         self._secret = client_secret if isinstance(client_secret, Secret) else Secret(client_secret)
@@ -146,12 +191,12 @@ class OpenPanelClient:
         self._track_url = f"{checked}/track"
         #: The API URL as messages, logs and dead letters show it: credentials in it are hidden.
         self.api_url = redact_url(checked)
-        self._timeout = (connect_timeout_s, read_timeout_s)
+        self._timeout = urllib3.Timeout(connect=connect_timeout_s, read=read_timeout_s)
         #: The whole request's bound (``_deadline``): one connect and one read timeout. The
         #: ledger's claim outlives it (``Settings.claim_ttl_s`` adds a margin to the same sum),
         #: so no request is still running when another worker may claim its event.
         self._deadline_s = connect_timeout_s + read_timeout_s
-        self._session_factory = session_factory
+        self._pool_factory = pool_factory
         self._sessions = _Sessions()
         self._base_headers = {
             "content-type": "application/json",
@@ -183,20 +228,16 @@ class OpenPanelClient:
         return f"OpenPanelClient(client_id={self.client_id!r}, api_url={self.api_url!r})"
 
     @property
-    def session(self) -> requests.Session:
-        """This thread's session in this process (a new one after ``fork()``)."""
+    def session(self) -> urllib3.PoolManager:
+        """This thread's keep-alive connections in this process (new ones after ``fork()``):
+        the ``pool_factory``'s manager for the track URL, made on first use."""
         sessions = self._sessions
         pid = os.getpid()
         if sessions.session is None or sessions.pid != pid:
-            session = self._session_factory()
-            for prefix in ("https://", "http://"):
-                # Only the stock adapter: a test's or user's own adapter is left as it is.
-                if type(session.adapters.get(prefix)) is HTTPAdapter:
-                    session.mount(prefix, _DeadlineAdapter())
-            sessions.session = session
+            sessions.session = self._pool_factory(self._track_url)
             sessions.pid = pid
-            sessions.environment = None
-        return sessions.session
+        manager: urllib3.PoolManager = sessions.session
+        return manager
 
     def headers_for(self, event: Event) -> dict[str, str]:
         headers = dict(self._base_headers)
@@ -213,76 +254,101 @@ class OpenPanelClient:
         bot, a duplicate, the project's filters); raises a :class:`DeliveryError` subclass
         otherwise (`classify`).
 
-        This is ``session.post(...)`` spelled out as ``Session.request`` does it, except that
-        the environment's settings (``HTTP(S)_PROXY``, ``NO_PROXY``, ``REQUESTS_CA_BUNDLE``)
-        are read when the session is made, once per thread and process, instead of on every
-        request: requests scans the whole environment twice per request, about a fifth of the
-        client's CPU time per event (see ``benchmarks/RESULTS.md``).
+        On urllib3 directly, with this thread's keep-alive connection: requests' session
+        machinery (preparing, merging settings, hooks, the response object) cost about as much
+        CPU per event as the HTTP exchange itself (``benchmarks/cpu.py``). What it took from
+        the environment is read once per thread and process instead (`_pool_manager`).
         """
-        session = self.session
-        sessions = self._sessions
-        request = requests.Request(
-            "POST",
-            self._track_url,
-            headers=self.headers_for(event),
-            data=json.dumps(event.body, separators=(",", ":")),
-            params={},
-        )
+        headers = self.headers_for(event)
+        for name in ("user-agent", "openpanel-client-ip"):
+            value = headers.get(name)
+            if value is not None and header_failure(value) is not None:
+                # Validation at .delay() refuses what cannot be a header; an event from
+                # elsewhere (an old message, a replay edited by hand) still must not loop.
+                raise _unsendable(event, name)
+        manager = self.session
+        data = json.dumps(event.body, separators=(",", ":")).encode()
         deadline = _deadline.arm(self._deadline_s)
         try:
-            prepared = session.prepare_request(request)
-            environment = sessions.environment
-            if environment is None:
-                environment = dict(
-                    session.merge_environment_settings(prepared.url, {}, None, None, None)
-                )
-                sessions.environment = environment
-            response = session.send(
-                prepared, timeout=self._timeout, allow_redirects=False, **environment
+            response = manager.urlopen(
+                "POST",
+                self._track_url,
+                body=data,
+                headers=headers,
+                timeout=self._timeout,
+                retries=_NO_RETRIES,
+                redirect=False,
+                preload_content=True,
             )
-        except (requests.exceptions.InvalidHeader, UnicodeError) as exc:
-            # Validation at .delay() refuses what cannot be a header; an event from elsewhere
-            # (an old message, a replay edited by hand) still must not loop on retries.
-            raise InvalidPayload(
-                f"{event.operation}: the event cannot be sent as an HTTP request "
-                f"({type(exc).__name__}: a header value is not latin-1 text without control "
-                "characters); fix its user_agent or client_ip, then replay the dead letter"
-            ) from None
-        except requests.RequestException as exc:
+        except UnicodeError:
+            raise _unsendable(event, "a") from None
+        except _NO_ANSWER_ERRORS as exc:
             raise _no_answer(event, self.api_url, exc, deadline, self._deadline_s) from None
         finally:
             deadline.disarm()
         if deadline.expired:
             # Cut off mid-answer: http.client takes an end of stream inside the headers for
             # their end, so what was read can look like a whole 200. It is not an answer.
-            cut = requests.ConnectionError("the deadline cut the answer off")
+            cut = urllib3.exceptions.ProtocolError("the deadline cut the answer off")
             raise _no_answer(event, self.api_url, cut, deadline, self._deadline_s)
+        headers_in = response.headers
         return classify(
             event.operation,
-            response.status_code,
-            response.headers,
-            response.text,
+            response.status,
+            headers_in,
+            response.data.decode(_charset(headers_in.get("content-type")), "replace"),
             secret=self._base_headers["openpanel-client-secret"],
         )
 
 
+#: No retry inside urllib3 (Celery's retry is the one), and a read error raised as itself.
+_NO_RETRIES = urllib3.util.Retry(0, read=False, redirect=False)
+#: What a request that got no (complete) answer raises (urllib3 wraps most; a socket error
+#: or http.client's may come through).
+_NO_ANSWER_ERRORS = (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)
+
+
+def _charset(content_type: str | None) -> str:
+    """The answer's charset (UTF-8, OpenPanel's, when it names none or one Python lacks)."""
+    if content_type:
+        for part in content_type.split(";")[1:]:
+            name, _, value = part.strip().partition("=")
+            if name.lower() == "charset" and value:
+                charset = value.strip("\"' ")
+                try:
+                    codecs.lookup(charset)
+                except LookupError:
+                    break
+                return charset
+    return "utf-8"
+
+
+def _unsendable(event: Event, what: str) -> InvalidPayload:
+    return InvalidPayload(
+        f"{event.operation}: the event cannot be sent as an HTTP request ({what} header value "
+        "is not latin-1 text without control characters); fix its user_agent or client_ip, "
+        "then replay the dead letter"
+    )
+
+
 def _no_answer(
-    event: Event, where: str, exc: requests.RequestException, deadline: Any, deadline_s: float
+    event: Event, where: str, exc: BaseException, deadline: Any, deadline_s: float
 ) -> NetworkError:
     """The NetworkError of a request that got no (complete) answer, saying whether the server
     may have received it: after the request was sent, a retry can deliver it twice."""
-    name = type(exc).__name__
+    reason = exc.reason if isinstance(exc, urllib3.exceptions.MaxRetryError) else exc
+    name = type(reason).__name__
     if deadline.expired:
         what = f"no complete answer within the request's {deadline_s:g} s deadline ({name})"
         maybe = True
-    elif isinstance(exc, requests.ConnectTimeout | requests.exceptions.ProxyError):
+    elif isinstance(reason, urllib3.exceptions.NewConnectionError):
+        what, maybe = f"no answer ({name})", False  # refused, or no such host
+    elif isinstance(reason, urllib3.exceptions.ConnectTimeoutError | urllib3.exceptions.ProxyError):
         what, maybe = f"could not connect ({name})", False
-    elif isinstance(exc, requests.ConnectionError) and not isinstance(
-        exc, requests.exceptions.ChunkedEncodingError
-    ):
-        what, maybe = f"no answer ({name})", _sent(exc)
-    elif isinstance(exc, requests.Timeout):
+    elif isinstance(reason, urllib3.exceptions.ReadTimeoutError | TimeoutError):
         what, maybe = f"timed out waiting for the answer ({name})", True
+    elif isinstance(reason, urllib3.exceptions.ProtocolError | OSError):
+        what, maybe = f"no answer ({name})", _sent(reason)
     else:
         what, maybe = f"no complete answer ({name})", True
     tail = "; the server may have received it, so the retry may deliver it twice" if maybe else ""
@@ -291,7 +357,7 @@ def _no_answer(
     return error
 
 
-def _sent(exc: requests.RequestException) -> bool:
+def _sent(exc: BaseException) -> bool:
     """Whether a connection error came after the request went out (a reset mid-answer)."""
     text = str(exc)
     return not any(
@@ -325,19 +391,6 @@ class _DeadlinePool(HTTPConnectionPool):
 
 class _DeadlineHTTPSPool(HTTPSConnectionPool):
     ConnectionCls = _DeadlineHTTPSConnection
-
-
-class _DeadlineAdapter(HTTPAdapter):
-    """requests' adapter, its pools making connections that keep the request deadline."""
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        _use_deadline_pools(self.poolmanager)
-
-    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
-        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
-        _use_deadline_pools(manager)
-        return manager
 
 
 def _use_deadline_pools(manager: Any) -> None:
