@@ -26,10 +26,10 @@ status) and *will a retry help?* (:class:`TransientError` or :class:`PermanentEr
 outage is transient but no answer of the API, so the storage errors are not DeliveryErrors;
 Celery's autoretry, ``_retry.decide`` and the pipeline all ask the second question only.
 
-``requests`` exceptions are mapped to these in ``_client.py`` only; ``redis`` ones in
-``_limiter.py`` (limiter calls) and ``_redis.py`` (ledger and dead letters) only; broker errors
-at publish in ``OpenPanelTask.apply_async``. No message contains the client secret or a Redis
-password.
+``urllib3`` exceptions (the HTTP client's) are mapped to these in ``_client.py`` only;
+``redis`` ones in ``_limiter.py`` (limiter calls) and ``_redis.py`` (ledger and dead letters)
+only; broker errors at publish in ``OpenPanelTask.apply_async``. No message contains the client
+secret or a Redis password.
 """
 
 from __future__ import annotations
