@@ -37,8 +37,8 @@ which Celery takes for an unrecoverable error and exits on:
   meanwhile would lose each one: kombu pops it, then fails to write it to its unacked hash;
 - an ack (or a push back) that Redis refuses is said once, not per message: the message stays
   in kombu's unacked hash and comes back after the visibility timeout, and the ledger drops it
-  then if its event was delivered and marked (an event delivered whose mark was refused too
-  is sent once more).
+  then if its event was delivered and marked (a mark refused too is kept and written once
+  Redis takes writes: ``_ledger``).
 
 At most one message per consumer is popped in the instant Redis fills (kombu's pop succeeds,
 its unacked write fails): the consumer's reconnection is a possible loss for the outbox, whose

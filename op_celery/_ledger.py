@@ -17,7 +17,11 @@ once if its id is derived from the sender's (``event_id=f"stripe:{event.id}"``) 
 ``dedup_for`` covers the retries, since the mark of a default event lasts only the setting.
 
 What remains is the window between the server's 2xx and the write of the mark: a worker killed
-exactly there leaves its event to be sent again once.
+exactly there leaves its event to be sent again once. A mark that Redis refuses (full or
+read-only, ``_redis.WRITE_REFUSALS``) is kept in the process and written again every
+:data:`PENDING_MARK_RETRY_S` until Redis takes it, so the event's copies (its message, back
+after the visibility timeout) find it; only a worker that stops first, or a copy that comes
+before the mark, sends such an event again.
 
 An event the server answered but did not store (a bot, a duplicate, the project's filters:
 ``_client.Dropped``) is finished too: it gets the same mark, so it is never sent again, and
@@ -42,21 +46,80 @@ so means another copy may be sent while the first is in flight. Neither loses an
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import redis
 from redis.crc import key_slot
+from redis.exceptions import RedisClusterException
 
-from ._exceptions import ConfigurationError
+from ._exceptions import ConfigurationError, StorageUnavailable
 from ._lua import Script
-from ._redis import is_cluster, redis_for, storage_errors
+from ._redis import is_cluster, redis_for, storage_errors, write_refusal
 from ._settings import Settings
 
 __all__ = ["TALLIED_REASONS", "Claim", "Ledger"]
 
+log = logging.getLogger("op_celery")
+
+#: Seconds between two attempts to write the delivered marks a refusing Redis did not take.
+PENDING_MARK_RETRY_S = 0.5
+#: Marks kept at most for that; past it the oldest is dropped (its event may be sent again).
+MAX_PENDING_MARKS = 10_000
+
 #: The reasons counted in ``<prefix>:answers:<project>`` (``_client.DropReason``), in order.
 TALLIED_REASONS = ("bot", "duplicate", "filtered")
+
+
+class _PendingMarks:
+    """Delivered marks a Redis refusing writes did not take, written again by a daemon thread
+    every :data:`PENDING_MARK_RETRY_S` until it takes them (the thread ends when none is left).
+    """
+
+    def __init__(self, write: Callable[[Sequence[str], Sequence[object]], object]) -> None:
+        self._write = write
+        #: delivered key -> (the script's keys, its arguments), oldest first.
+        self._marks: dict[str, tuple[Sequence[str], Sequence[object]]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def __len__(self) -> int:
+        return len(self._marks)
+
+    def keep(self, keys: Sequence[str], args: Sequence[object]) -> None:
+        with self._lock:
+            if len(self._marks) >= MAX_PENDING_MARKS:
+                self._marks.pop(next(iter(self._marks)))
+            self._marks[keys[0]] = (keys, args)
+            if self._thread is None or not self._thread.is_alive():  # (or lost in a fork)
+                self._thread = threading.Thread(
+                    target=self._run, name="op-celery-marks", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        written = 0
+        while True:
+            time.sleep(PENDING_MARK_RETRY_S)
+            with self._lock:
+                items = list(self._marks.items())
+                if not items:
+                    self._thread = None
+                    break
+            for key, (keys, args) in items:
+                try:
+                    self._write(keys, args)
+                except (redis.RedisError, RedisClusterException):
+                    break  # still refused (or away): all of them wait for the next round
+                written += 1
+                with self._lock:
+                    if self._marks.get(key) == (keys, args):
+                        del self._marks[key]
+        log.info("op_celery: %d delivered marks written once Redis took writes again", written)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +148,8 @@ class Ledger:
         self._claim = Script(self._redis, "claim.lua")
         self._release = Script(self._redis, "release.lua")
         self._record = Script(self._redis, "delivered.lua")
+        #: Marks a full or read-only Redis refused, written again once it takes writes.
+        self._pending = _PendingMarks(lambda keys, args: self._record(keys, args))
 
     def keys(self, event_id: str) -> tuple[str, str]:
         """The event's delivered and in-flight keys, in one hash slot."""
@@ -154,6 +219,16 @@ class Ledger:
             outbox_keys = None  # no broker lives on a cluster: there is no record to forget
         keys = [*self.keys(event_id), *(outbox_keys or ())]
         args = (ttl_s, event_id)
+        try:
+            self._record_now(keys, args, tally)
+        except StorageUnavailable as exc:
+            if write_refusal(exc) is not None:  # full or read-only: written once it takes writes
+                self._pending.keep(keys, args)
+            raise
+
+    def _record_now(
+        self, keys: list[str], args: tuple[int, str], tally: tuple[str, str] | None
+    ) -> None:
         with storage_errors("recording a delivered event", self._settings.redis_url):
             if tally is None:
                 self._record(keys, args)

@@ -253,6 +253,25 @@ def test_the_ledger_on_a_full_redis_raises_storage_unavailable_saying_what_to_do
     free(client)
 
 
+def test_a_delivered_mark_a_full_redis_refused_is_written_once_it_takes_writes(
+    small_redis: RedisServer,
+) -> None:
+    client = redis.Redis.from_url(small_redis.url)
+    settings = load_settings(env={"OP_CELERY_REDIS_URL": small_redis.url,
+                                  "OP_CELERY_KEY_PREFIX": f"t{uuid.uuid4().hex[:6]}"})  # fmt: skip
+    ledger = Ledger(settings)
+    event_id = uuid.uuid4().hex
+    claim = ledger.claim(event_id, 60.0)
+    fill(client)
+    with pytest.raises(StorageUnavailable, match="is full"):
+        ledger.record(event_id)
+    assert not ledger.delivered(event_id)
+    free(client)
+    # The copy that comes back (after the visibility timeout) finds it delivered, not sends it.
+    assert wait_until(lambda: ledger.delivered(event_id), timeout=WAIT_S)
+    assert claim.claimed and ledger.claim(event_id, 60.0).delivered
+
+
 def test_write_refusal_names_oom_and_readonly_through_wrapping_errors() -> None:
     try:
         try:
