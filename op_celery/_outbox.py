@@ -111,9 +111,9 @@ def broker_refusals() -> RefusalNotice:
     shared by the consumer step, the QoS it guards, and the sweeper."""
     return refusal_notice(
         "the broker's Redis",
-        "this worker takes no message until it takes writes again; those it holds are retried "
-        "(kept in the spool if the broker refuses them too) or come back after the "
-        "visibility timeout",
+        "workers take no message until it takes writes again (those they hold are retried, or "
+        "come back after the visibility timeout), and .delay() keeps what it refuses in the "
+        "spool, published once it takes writes",
     )
 
 

@@ -68,9 +68,9 @@ from ._exceptions import (
     TransientError,
 )
 from ._outbox import BROKER_ERRORS as OUTBOX_ERRORS
-from ._outbox import outbox_keys
+from ._outbox import broker_refusals, outbox_keys
 from ._publish import outbox_writer, publish, redis_broker
-from ._redis import redact_url
+from ._redis import redact_url, write_refusal
 from ._retry import Decision, backoff_s, decide
 from ._settings import Settings, _redis_url_of
 
@@ -277,7 +277,11 @@ class OpenPanelTask(_TaskBase):
             spool = spool_for(settings)
             spool.write(self.name, message, {"queue": options["queue"], "task_id": task_id})
             spool.start_flusher(republish)
-            log.warning(
+            refusal = write_refusal(exc)
+            if refusal is not None:  # full or read-only: said once, then each event at INFO
+                broker_refusals().refused(refusal, redact_url(settings.broker_url))
+            log.log(
+                logging.INFO if refusal else logging.WARNING,
                 "op_celery: broker unavailable (%s); %s event %s kept in the spool %s",
                 type(exc).__name__, self.operation, message["event_id"], spool.directory,
             )  # fmt: skip

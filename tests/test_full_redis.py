@@ -220,10 +220,11 @@ def test_a_worker_whose_redis_refuses_writes_mid_run_stays_alive_and_delivers_al
     assert_survived(figures, worker, 2 * SENT)
 
 
-def test_delay_spools_an_event_the_brokers_redis_refuses(
-    setup: tuple[dict[str, str], redis.Redis], tmp_path: Path
+def test_delay_spools_an_event_the_brokers_redis_refuses_saying_so_once(
+    setup: tuple[dict[str, str], redis.Redis], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     _, client = setup
+    caplog.set_level(logging.INFO, logger="op_celery")
     fill(client)
     op_celery.track.delay("fast-path")  # op-celery's own publish
     op_celery.track.apply_async(("celery-path",), countdown=1)  # Celery's (a countdown)
@@ -233,6 +234,10 @@ def test_delay_spools_an_event_the_brokers_redis_refuses(
     spooled = list((tmp_path / "app-spool").glob("*.json"))
     client.replicaof("NO", "ONE")
     assert len(spooled) == 3
+    spool_lines = [r for r in caplog.records if "kept in the spool" in r.getMessage()]
+    assert [r.levelno for r in spool_lines] == [logging.INFO] * 3  # one per event, at INFO
+    said = [r.getMessage() for r in caplog.records if REFUSAL_LINE.search(r.getMessage())]
+    assert len(said) == 2 and "is full (" in said[0] and "is read-only (" in said[1]
 
 
 def test_the_ledger_on_a_full_redis_raises_storage_unavailable_saying_what_to_do_once(
