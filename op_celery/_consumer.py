@@ -61,6 +61,7 @@ from typing import Any
 import redis
 from celery import Celery, bootsteps, signals
 from celery import states as celery_states
+from kombu.exceptions import OperationalError
 
 from . import _compat
 from ._app import settings_for
@@ -269,6 +270,11 @@ def wait_for_writes(app: Celery) -> None:
     pause_s = WRITE_PROBE_FIRST_S
     with app.connection_for_read() as connection:
         where = redact_url(connection.as_uri())
+        away: tuple[type[BaseException], ...] = (OperationalError, *connection.connection_errors)
+        try:  # one attempt: a broker away is the consumer's own connection's to retry
+            connection.ensure_connection(max_retries=0)
+        except away:
+            return
         while True:
             try:
                 if _takes_writes(connection, was_full=notice.state == FULL):
@@ -276,7 +282,7 @@ def wait_for_writes(app: Celery) -> None:
                     return
             except WRITE_REFUSALS as exc:
                 notice.refused(write_refusal(exc) or FULL, where)
-            except (*connection.connection_errors, *connection.channel_errors):
+            except (*away, *connection.channel_errors):
                 return
             until = time.monotonic() + pause_s
             while time.monotonic() < until:

@@ -179,7 +179,8 @@ class ProfileNotFound(TransientError, DeliveryError):
 
 
 class StorageUnavailable(TransientError):
-    """The package's Redis (delivered ids, claims, dead letters) did not answer; retried later."""
+    """The package's Redis (delivered ids, claims, dead letters) did not answer, or refused the
+    write (full at maxmemory, a read-only replica: the message says which); retried later."""
 
 
 class LimiterUnavailable(StorageUnavailable):

@@ -8,6 +8,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from celery.concurrency import get_implementation
+from celery.concurrency.base import BasePool
+from celery.concurrency.solo import TaskPool as SoloPool
+from celery.concurrency.thread import TaskPool as ThreadPool
 from celery.signals import celeryd_after_setup, worker_init, worker_ready
 from kombu.serialization import prepare_accept_content
 
@@ -33,6 +37,26 @@ def _adopt(sender: Any = None, **_: Any) -> None:
     app = getattr(sender, "app", None)
     if app is not None and "op_celery.track" in app.tasks:
         _adopted[id(app)] = adopt(app)
+        _keep_what_the_pool_cannot_stop(app, getattr(sender, "pool_cls", None))
+
+
+def _keep_what_the_pool_cannot_stop(app: Any, pool_cls: Any) -> None:
+    """Turn off ``worker_cancel_long_running_tasks_on_connection_loss`` on a pool that cannot
+    stop a running task (threads, solo): Celery would ask it to, on every lost connection (a
+    full Redis counts as one, ``_consumer``), and 5.6 then stops the worker with
+    "Unrecoverable error: NotImplementedError" (5.7 logs a traceback per task instead). Those
+    tasks finish; their acks fail on the old connection, and their messages come back after
+    the visibility timeout, where the ledger drops the delivered ones."""
+    if not app.conf.worker_cancel_long_running_tasks_on_connection_loss or pool_cls is None:
+        return
+    try:
+        pool = get_implementation(pool_cls)
+    except (KeyError, ImportError, AttributeError, ValueError):
+        return  # Celery says what is wrong with the pool when it starts it
+    # Prefork sets its terminate_job when it starts; these two never have one but BasePool's.
+    unstoppable = isinstance(pool, type) and issubclass(pool, (ThreadPool, SoloPool))
+    if unstoppable and getattr(pool, "terminate_job", None) is BasePool.terminate_job:
+        app.conf.worker_cancel_long_running_tasks_on_connection_loss = False
 
 
 @celeryd_after_setup.connect(weak=False)

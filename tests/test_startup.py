@@ -348,3 +348,17 @@ def test_a_worker_of_other_queues_is_not_given_the_projects_own_queues() -> None
     finally:
         app.close()
         _app.reset_settings()
+
+
+@pytest.mark.parametrize(("pool", "cancels"), [("threads", False), ("solo", False),
+                                                ("prefork", True)])  # fmt: skip
+def test_a_pool_that_cannot_stop_a_task_is_not_asked_to_on_a_lost_connection(
+    pool: str, cancels: bool
+) -> None:
+    from op_celery._startup import _keep_what_the_pool_cannot_stop
+
+    app = Celery(f"pools-{pool}", set_as_current=False)
+    app.conf.worker_cancel_long_running_tasks_on_connection_loss = True
+    _keep_what_the_pool_cannot_stop(app, pool)
+    assert app.conf.worker_cancel_long_running_tasks_on_connection_loss is cancels
+    app.close()
