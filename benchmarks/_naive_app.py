@@ -2,16 +2,20 @@
 
 One Celery task that POSTs the event body with a bare ``requests.post`` (a new connection per
 event, no retries, the answer ignored), on the same broker, queue prefix and worker settings as
-op-celery's app. Run by the benchmark as ``celery -A _naive_app worker ...`` with the benchmark
-directory on ``PYTHONPATH`` and the settings in the environment.
+op-celery's app; and ``naive.track_urllib3``, the same on one keep-alive urllib3 connection per
+process (the least a Celery task can do per event). Run by the benchmark as
+``celery -A _naive_app worker ...`` with the benchmark directory on ``PYTHONPATH`` and the
+settings in the environment.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import requests
+import urllib3
 from celery import Celery
 
 app = Celery("naive", set_as_current=True)
@@ -40,3 +44,16 @@ def track(body: dict[str, Any], user_agent: str | None = None) -> None:
     if user_agent:
         headers["user-agent"] = user_agent
     requests.post(TRACK_URL, json=body, headers=headers, timeout=10)
+
+
+_pool = urllib3.PoolManager(maxsize=1)
+
+
+@app.task(name="naive.track_urllib3", ignore_result=True)
+def track_urllib3(body: dict[str, Any], user_agent: str | None = None) -> None:
+    """The least a Celery task can do per event: one POST on a keep-alive urllib3 connection
+    (``benchmarks/cpu.py``'s floor of Celery and kombu's own cost per message)."""
+    headers = {**HEADERS, "content-type": "application/json"}
+    if user_agent:
+        headers["user-agent"] = user_agent
+    _pool.request("POST", TRACK_URL, body=json.dumps(body).encode(), headers=headers, timeout=10)

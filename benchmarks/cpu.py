@@ -12,6 +12,8 @@ no rate limit). Measured, in one run, each ``--repeat`` times in a rotated order
   then ``celery -A op_celery.worker worker -l INFO`` with the package's defaults;
 - ``naive``: the same events as a bare ``requests.post`` task (``_naive_app.py``), same worker
   options;
+- ``celery-urllib3``: the same as a task that POSTs on a keep-alive urllib3 connection and does
+  nothing else: Celery and kombu's own cost per message, plus the urllib3 loop's;
 - ``requests``: one process POSTing the events in a loop on one ``requests.Session``;
 - ``urllib3``: one process POSTing them in a loop on one keep-alive ``urllib3`` connection pool.
 
@@ -64,7 +66,7 @@ TIMEOUT_PER_EVENT_S = 0.05
 #: How often the stand-in's count is polled while a kind runs, in seconds.
 POLL_S = 0.05
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
-WORKER_KINDS = ("op-celery", "naive")
+WORKER_KINDS = ("op-celery", "naive", "celery-urllib3")
 LOOP_KINDS = ("requests", "urllib3")
 
 
@@ -93,18 +95,21 @@ def _stat_fields(pid: int) -> list[str] | None:
     return text[text.rindex(")") + 2 :].split()
 
 
-def group_cpu_s(pgid: int) -> float:
-    """utime + stime (and those of reaped children) of every process in group ``pgid``, in s."""
-    ticks = 0
+def group_cpu_s(pgid: int) -> tuple[float, float]:
+    """(utime, stime), with those of reaped children, of every process in group ``pgid``, in
+    seconds."""
+    user = system = 0
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         fields = _stat_fields(int(entry))
-        # fields[0] is field 3 (state): pgrp is field 5, utime..cstime are fields 14..17.
+        # fields[0] is field 3 (state): pgrp is field 5, utime, stime, cutime, cstime are
+        # fields 14 to 17.
         if fields is None or int(fields[2]) != pgid:
             continue
-        ticks += sum(int(value) for value in fields[11:15])
-    return ticks / CLOCK_TICKS_PER_S
+        user += int(fields[11]) + int(fields[13])
+        system += int(fields[12]) + int(fields[14])
+    return user / CLOCK_TICKS_PER_S, system / CLOCK_TICKS_PER_S
 
 
 # --- The raw loops (run as ``cpu.py --loop KIND``, in their own process). ------------------------
@@ -138,13 +143,15 @@ def run_loop(kind: str, url: str, events: int, skip: int) -> dict[str, float]:
 
     for i in range(skip):
         post(i)
-    start_cpu, start_wall = sum(os.times()[:2]), time.monotonic()
+    start, start_wall = os.times(), time.monotonic()
     for i in range(skip, events):
         status = post(i)
         if status != 200:
             raise RuntimeError(f"the stand-in answered {status}")
+    end = os.times()
     return {
-        "cpu_s": sum(os.times()[:2]) - start_cpu,
+        "cpu_s": end.user + end.system - start.user - start.system,
+        "system_s": end.system - start.system,
         "wall_s": time.monotonic() - start_wall,
         "counted": events - skip,
     }
@@ -172,7 +179,7 @@ def enqueue(kind: str, queue: str, count: int) -> None:
                 )
             else:
                 app.send_task(
-                    "naive.track",
+                    "naive.track" if kind == "naive" else "naive.track_urllib3",
                     kwargs={"body": body(i), "user_agent": USER_AGENT},
                     queue=queue,
                     producer=producer,
@@ -203,7 +210,7 @@ def measure_worker(
     env = worker_env(namespace, queue, stand_in)
     worker = Worker(app, queue, name, int(concurrency or 1), env, loglevel="INFO")
     deadline = time.monotonic() + 60 + events * TIMEOUT_PER_EVENT_S
-    samples: list[tuple[int, float, float]] = []  # (accepted, cpu_s, monotonic)
+    samples: list[tuple[int, tuple[float, float], float]] = []  # (accepted, cpu, monotonic)
     with worker:
         for target in (skip, events):
             while True:
@@ -216,8 +223,9 @@ def measure_worker(
                 worker.check_alive()
                 time.sleep(POLL_S)
     namespace.delete(queue)
-    (n0, cpu0, t0), (n1, cpu1, t1) = samples
-    return {"cpu_s": cpu1 - cpu0, "wall_s": t1 - t0, "counted": n1 - n0}
+    (n0, (user0, system0), t0), (n1, (user1, system1), t1) = samples
+    cpu_s = user1 + system1 - user0 - system0
+    return {"cpu_s": cpu_s, "system_s": system1 - system0, "wall_s": t1 - t0, "counted": n1 - n0}
 
 
 def measure_loop(kind: str, args: argparse.Namespace, stand_in: StandIn) -> dict[str, float]:
@@ -321,28 +329,39 @@ def main() -> int:
                     figures = measure_loop(kind, args, stand_in)
                 results[name].append(figures)
                 per_event_ms = 1000 * figures["cpu_s"] / figures["counted"]
+                system_pct = 100 * figures["system_s"] / figures["cpu_s"]
                 print(
                     f"run {run + 1}, {name}: {per_event_ms:.3f} ms CPU per event "
-                    f"({figures['counted']:.0f} counted, "
+                    f"({system_pct:.0f} % in the kernel, {figures['counted']:.0f} counted, "
                     f"{figures['counted'] / figures['wall_s']:.0f} events/s wall)",
                     flush=True,
                 )
 
-    baseline = median([r["cpu_s"] / r["counted"] for r in results.get("urllib3", [])])
+    # The machine is shared, and a loaded core costs every process more CPU per event (caches,
+    # switches): each kind is compared with the urllib3 loop of the same run, and the median
+    # of those ratios is reported next to the median of the CPU times.
+    loops = results.get("urllib3", [])
     print(f"\nmedian of {args.repeat} run(s), {args.events:,} events each, the first "
-          f"{args.skip:.0%} not counted")  # fmt: skip
+          f"{args.skip:.0%} not counted; x urllib3: median of each run's ratio to the "
+          "urllib3 loop of that run")  # fmt: skip
     print(f"{'delivering process':24s} {'CPU ms/event':>13s} {'x urllib3':>10s} "
           f"{'events/s per core':>18s} {'events/s wall':>14s}")  # fmt: skip
     summary: dict[str, dict[str, float]] = {}
     for name, runs in results.items():
         per_event_s = median([r["cpu_s"] / r["counted"] for r in runs])
+        ratio = median(
+            [
+                (r["cpu_s"] / r["counted"]) / (loop["cpu_s"] / loop["counted"])
+                for r, loop in zip(runs, loops, strict=False)
+            ]
+        )
         wall = median([r["counted"] / r["wall_s"] for r in runs])
         summary[name] = {
-            "cpu_ms_per_event": 1000 * per_event_s, "x_urllib3": per_event_s / baseline,
+            "cpu_ms_per_event": 1000 * per_event_s, "x_urllib3": ratio,
             "events_per_core_s": 1 / per_event_s, "events_per_s_wall": wall,
         }  # fmt: skip
         print(
-            f"{name:24s} {1000 * per_event_s:13.3f} {per_event_s / baseline:10.2f} "
+            f"{name:24s} {1000 * per_event_s:13.3f} {ratio:10.2f} "
             f"{1 / per_event_s:18.0f} {wall:14.0f}"
         )
     if args.json:
