@@ -22,9 +22,10 @@ One event in, one :data:`Outcome` out::
       └── permanent failure, or retries used up ───────────────────────→ GiveUp(reason)
 
 The slot comes before the claim, so a throttled event, the common case under a backlog, costs
-one round trip to Redis and no ledger traffic; a slot taken by an event that then turns out to
-be delivered already (or busy) is one slot unused. Whatever ends the attempt early ends its
-claim too, so a retry (or a copy) can claim again.
+no ledger traffic; a slot taken by an event that then turns out to be delivered already (or
+busy) is one slot unused. Both are one script (``lua/slot_claim.lua``: one round trip before
+the request, one after it) unless Redis is a cluster, where their keys live in two slots.
+Whatever ends the attempt early ends its claim too, so a retry (or a copy) can claim again.
 The caller maps the outcome to its scheduler: the Celery layer (``_tasks``) turns ``Retry`` into
 Celery's retry, ``Busy`` and ``Throttled`` into a countdown that counts no retry, ``GiveUp`` into
 a dead letter (:meth:`Delivery.dead_letter`) and acks the rest (``Dropped`` with a signal of its
@@ -65,10 +66,11 @@ from ._exceptions import (
     TransientError,
 )
 from ._learning import RateLearner
-from ._ledger import Ledger
+from ._ledger import Claim, Ledger
 from ._limiter import DEFAULT_PAUSE_S, RateLimiter, RateStatus
+from ._lua import Script
 from ._rates import DEFAULT_BURST, Rate, parse_burst, parse_rate, with_headroom
-from ._redis import redis_for
+from ._redis import is_cluster, redis_for, storage_errors
 from ._retry import decide
 from ._settings import Settings
 from .dead_letters import DeadLetter, DeadLetterStore
@@ -204,8 +206,12 @@ class Delivery:
         self.settings = settings
         self.ledger = Ledger(settings)
         self.dead_letters = DeadLetterStore(settings)
-        self.limiter = RateLimiter(redis_for(settings), prefix=settings.key_prefix)
+        client = redis_for(settings)
+        self.limiter = RateLimiter(client, prefix=settings.key_prefix)
         self.learner = RateLearner(self.limiter, headroom_pct=settings.rate_headroom_pct)
+        #: The slot and the claim in one round trip (``lua/slot_claim.lua``); on a Redis
+        #: Cluster the limiter's and the ledger's keys are in two slots: two calls there.
+        self._slot_claim = None if is_cluster(client) else Script(client, "slot_claim.lua")
         self._clients: dict[str, OpenPanelClient] = {}
         self._limits: dict[str, tuple[Rate, int] | None] = {}
         self._lock = threading.Lock()
@@ -259,10 +265,16 @@ class Delivery:
         try:
             client = self.client(event.project)
             limit = self.limit(event.project)
-            granted, waited_s = self._take_slot(client.client_id, limit)
-            if not granted:
-                return Throttled(waited_s)
-            claim = self.ledger.claim(event.event_id, self.settings.claim_ttl_s)
+            if self._slot_claim is not None:
+                taken = self._take_slot_and_claim(client.client_id, limit, event.event_id)
+                if isinstance(taken, Throttled):
+                    return taken
+                claim, waited_s = taken
+            else:
+                granted, waited_s = self._take_slot(client.client_id, limit)
+                if not granted:
+                    return Throttled(waited_s)
+                claim = self.ledger.claim(event.event_id, self.settings.claim_ttl_s)
         except ConfigurationError as exc:
             return GiveUp(exc, "refused")
         except TransientError as exc:
@@ -361,6 +373,44 @@ class Delivery:
                 if paused_s > 0:  # a 429 elsewhere while we slept: the window is spent
                     return False, paused_s
         return True, acquisition.wait_s
+
+    def _take_slot_and_claim(
+        self, client_id: str, limit: tuple[Rate, int] | None, event_id: str
+    ) -> tuple[Claim, float] | Throttled:
+        """:meth:`_take_slot` and the ledger's claim in one round trip: (the claim, seconds
+        slept for the slot), or Throttled as :meth:`_take_slot` refuses. An event found
+        delivered or busy does not sleep for its slot, and a claim taken for a slot that a pause
+        then spends is released."""
+        rate, burst = (None, DEFAULT_BURST) if limit is None else limit
+        assert self._slot_claim is not None
+        keys, args = self.limiter.acquire_call(
+            client_id,
+            rate,
+            burst,
+            max_wait_s=self.settings.max_inline_wait_s,
+            line_s=min(MAX_LINE_S, self.settings.max_countdown_s),
+        )
+        claim_keys, (token, hold_ms) = self.ledger.claim_call(event_id, self.settings.claim_ttl_s)
+        what = "taking a rate-limit slot and claiming the event"
+        with storage_errors(what, self.settings.redis_url):
+            answer = self._slot_claim((*keys, *claim_keys), (*args, token, hold_ms))
+        acquisition = RateLimiter.acquisition(int(answer[0]))
+        if not acquisition.granted:
+            return Throttled(acquisition.wait_s)
+        claim = Ledger.claim_of(int(answer[1]), token)
+        if not acquisition.wait_s or not claim.claimed:
+            return claim, 0.0
+        time.sleep(acquisition.wait_s)  # the slot is booked for us: send at it
+        if acquisition.wait_s >= PAUSE_RECHECK_S:
+            try:
+                paused_s = self.limiter.paused_for(client_id)
+            except BaseException:
+                self._release(event_id, token)
+                raise
+            if paused_s > 0:  # a 429 elsewhere while we slept: the window is spent
+                self._release(event_id, token)
+                return Throttled(paused_s)
+        return claim, acquisition.wait_s
 
     def rate_status(self, project: str) -> RateStatus:
         """The project's pace: configured, learned (and from where), in use, pause; for

@@ -178,10 +178,20 @@ class Ledger:
 
         Raises StorageUnavailable when Redis does not answer.
         """
-        token = uuid.uuid4().hex
-        keys = self.keys(event_id)
+        keys, args = self.claim_call(event_id, ttl_s)
         with storage_errors("checking the delivered-events ledger", self._settings.redis_url):
-            answer = int(self._claim(keys, (token, max(1, int(ttl_s * 1000)))))
+            answer = int(self._claim(keys, args))
+        return self.claim_of(answer, args[0])
+
+    def claim_call(self, event_id: str, ttl_s: float) -> tuple[tuple[str, str], tuple[str, int]]:
+        """The KEYS and ARGV (a fresh token first) of ``lua/claim.lua`` for :meth:`claim`, for a
+        script that includes it (``lua/slot_claim.lua``); read its answer with
+        :meth:`claim_of`."""
+        return self.keys(event_id), (uuid.uuid4().hex, max(1, int(ttl_s * 1000)))
+
+    @staticmethod
+    def claim_of(answer: int, token: str) -> Claim:
+        """``lua/claim.lua``'s answer to the attempt named ``token`` as a :class:`Claim`."""
         if answer == 0:
             return Claim(delivered=False, token=token)
         if answer < 0:

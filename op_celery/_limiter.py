@@ -249,11 +249,7 @@ class RateLimiter:
         the Redis clock (tests that drive time). Raises :class:`LimiterUnavailable` when Redis
         does not answer.
         """
-        if burst < 1:
-            raise ConfigurationError(f"burst must be at least 1, got {burst!r}")
-        interval_us = 0 if rate is None else _interval_us(rate)
-        reserve_us = min(_RESERVATION_CEILING_US - 1, max(0, int(max_wait_s * _MICROSECONDS_PER_S)))
-        line_us = min(_RESERVATION_CEILING_US - 1, max(0, int(line_s * _MICROSECONDS_PER_S)))
+        interval_us, burst, reserve_us, line_us = _acquire_args(rate, burst, max_wait_s, line_s)
         try:
             if now_s is None:
                 answer = self._send_packed(client_id, (interval_us, burst, reserve_us, line_us))
@@ -266,6 +262,27 @@ class RateLimiter:
                 )
         except redis.RedisError as exc:
             raise self._unavailable("acquire", exc) from exc
+        return self.acquisition(answer)
+
+    def acquire_call(
+        self,
+        client_id: str,
+        rate: Rate | None,
+        burst: int = DEFAULT_BURST,
+        *,
+        max_wait_s: float = 0.0,
+        line_s: float = 0.0,
+    ) -> tuple[tuple[bytes, ...], tuple[Any, ...]]:
+        """The KEYS and ARGV of ``lua/acquire.lua`` for :meth:`acquire`'s arguments, for a
+        script that includes it (``lua/slot_claim.lua``); read its answer with
+        :meth:`acquisition`."""
+        interval_us, burst, reserve_us, line_us = _acquire_args(rate, burst, max_wait_s, line_s)
+        args = (interval_us, burst, reserve_us, *_backoff_args(), 0, line_us)
+        return self._cached_keys(client_id), args
+
+    @staticmethod
+    def acquisition(answer: int) -> Acquisition:
+        """``lua/acquire.lua``'s answer as an :class:`Acquisition`."""
         if answer >= _RESERVATION_CEILING_US:
             return Acquisition(True, 0.0, answer / _MICROSECONDS_PER_S)
         if answer > 0:
@@ -539,6 +556,18 @@ def _backoff_rate(level_per_s: float, since_s: float) -> float:
     x = max(0.0, since_s) / BACKOFF_PERIOD_S
     gain = BACKOFF_BETA if x <= 1 else BACKOFF_GAIN
     return level_per_s * (1 + gain * (x - 1) ** 3)
+
+
+def _acquire_args(
+    rate: Rate | None, burst: int, max_wait_s: float, line_s: float
+) -> tuple[int, int, int, int]:
+    """acquire.lua's interval, burst, reservation and line arguments, in its units."""
+    if burst < 1:
+        raise ConfigurationError(f"burst must be at least 1, got {burst!r}")
+    interval_us = 0 if rate is None else _interval_us(rate)
+    reserve_us = min(_RESERVATION_CEILING_US - 1, max(0, int(max_wait_s * _MICROSECONDS_PER_S)))
+    line_us = min(_RESERVATION_CEILING_US - 1, max(0, int(line_s * _MICROSECONDS_PER_S)))
+    return interval_us, burst, reserve_us, line_us
 
 
 def _backoff_args() -> tuple[str, str, int]:

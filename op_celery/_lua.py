@@ -19,7 +19,7 @@ from typing import Any
 
 import redis
 
-__all__ = ["Script", "lua"]
+__all__ = ["Script", "lua", "source"]
 
 
 @cache
@@ -28,12 +28,30 @@ def lua(name: str) -> str:
     return (files("op_celery") / "lua" / name).read_text(encoding="utf-8")
 
 
+#: A line of a script that stands for the whole text of another (``--@include acquire.lua``).
+INCLUDE = "--@include "
+
+
+@cache
+def source(name: str) -> str:
+    """What Redis runs of ``op_celery/lua/<name>``: its text, each ``--@include`` line replaced
+    by the included script's source (a script made of two operations, each kept in its own
+    file)."""
+    text = lua(name)
+    if INCLUDE not in text:
+        return text
+    return "\n".join(
+        source(line[len(INCLUDE) :].strip()) if line.startswith(INCLUDE) else line
+        for line in text.splitlines()
+    )
+
+
 class Script:
     """``op_celery/lua/<name>`` on ``client``: call it with its keys and arguments."""
 
     def __init__(self, client: Any, name: str) -> None:
         self.name = name
-        self.source = lua(name)
+        self.source = source(name)
         self.sha = hashlib.sha1(self.source.encode("utf-8"), usedforsecurity=False).hexdigest()
         self._client = client
 

@@ -29,6 +29,8 @@ from op_celery._exceptions import (
     ServerError,
     UnexpectedAnswer,
 )
+from op_celery._lua import Script
+from op_celery._rates import parse_rate
 from op_celery._settings import load_settings
 from op_celery.testing import StandInServer
 
@@ -101,6 +103,38 @@ def test_no_slot_within_the_inline_wait_is_throttled_without_sending(
     outcome = delivery.deliver(_event("second"), Attempt())
     assert isinstance(outcome, Throttled) and 50 < outcome.wait_s <= 61  # 1 % headroom
     assert len(stand_in.requests) == 1
+
+
+def test_a_throttled_event_takes_no_claim(make_delivery: MakeDelivery) -> None:
+    delivery = make_delivery(OPENPANEL_RATE_LIMIT="1/m")
+    assert isinstance(delivery.deliver(_event("first"), Attempt()), Delivered)
+    second = _event("second")
+    assert isinstance(delivery.deliver(second, Attempt()), Throttled)
+    assert delivery.ledger.claim(second.event_id, 5).claimed  # nobody holds it
+
+
+def test_the_claim_of_a_booked_slot_holds_for_the_wait_too(
+    make_delivery: MakeDelivery, redis_url: str
+) -> None:
+    # The slot and the claim are one script: the caller sleeps until its slot after claiming,
+    # so the claim must outlast the sleep as well as the request.
+    delivery = make_delivery()
+    client = redis.Redis.from_url(redis_url)
+    script = Script(client, "slot_claim.lua")
+    rate = parse_rate("6/m")  # a slot every 10 s
+
+    def take(event: Event) -> list[int]:
+        keys, args = delivery.limiter.acquire_call(CLIENT_ID, rate, 1, max_wait_s=20)
+        claim_keys, claim_args = delivery.ledger.claim_call(event.event_id, 30)
+        return [int(x) for x in script((*keys, *claim_keys), (*args, *claim_args))]
+
+    first, second = _event("first"), _event("second")
+    assert take(first)[1] == 0  # admitted now, claimed
+    booked_us, claimed = take(second)
+    assert 0 < booked_us < 10**12 and claimed == 0  # a slot ~10 s ahead, claimed
+    inflight = delivery.ledger.keys(second.event_id)[1]
+    assert client.pttl(inflight) > 30_000 + 5_000  # the claim's 30 s and most of the wait
+    client.close()
 
 
 def test_a_server_error_is_a_counted_retry(
