@@ -23,6 +23,7 @@ import random
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -119,6 +120,14 @@ def _publish_pool() -> ThreadPoolExecutor:
             if _pool is None:
                 _pool = ThreadPoolExecutor(ADELAY_THREADS, thread_name_prefix="op-celery-adelay")
     return _pool
+
+
+#: Per app: its settings object and the outbox keys of each queue under them (``outbox_keys``).
+_outbox_keys_cache: weakref.WeakKeyDictionary[
+    Celery, tuple[Settings, dict[str, tuple[str, str] | None]]
+] = weakref.WeakKeyDictionary()
+#: Queues remembered per app (a worker consumes a handful; a bound, not a tuning knob).
+_MAX_CACHED_QUEUES = 1024
 
 
 def _age_s(kwargs: Mapping[str, Any]) -> float | None:
@@ -311,10 +320,9 @@ class OpenPanelTask(_TaskBase):
             if isinstance(answer, Dropped):
                 self.dropped(event.project, event.event_id, answer)
             return
+        age_s = _age_s(kwargs)
         attempt = Attempt(
-            retries=self.request.retries or 0,
-            outbox_keys=self.outbox_keys(),
-            age_s=_age_s(kwargs),
+            retries=self.request.retries or 0, outbox_keys=self.outbox_keys(), age_s=age_s
         )
         try:
             outcome = delivery.deliver(event, attempt)
@@ -335,7 +343,7 @@ class OpenPanelTask(_TaskBase):
                 event_id=event.event_id,
                 status=outcome.status,
                 latency_s=outcome.latency_s,
-                age_s=_age_s(kwargs),
+                age_s=age_s,
             )
             if not outcome.forgotten:
                 self.finished(event.event_id)
@@ -387,14 +395,28 @@ class OpenPanelTask(_TaskBase):
 
     def outbox_keys(self) -> tuple[str, str] | None:
         """The outbox keys of the current message's queue, as the ledger's client names them:
-        only when the ledger's Redis is the broker's (the default), else None."""
+        only when the ledger's Redis is the broker's (the default), else None.
+
+        Worked out once per settings object and queue (it runs per event, and reading the
+        app's config is most of its cost)."""
         settings = self.settings
-        if settings.redis_url is None or settings.redis_url != _redis_url_of(settings.broker_url):
-            return None
-        if not redis_broker(self.app):
-            return None
-        options = self.app.conf.broker_transport_options or {}
-        return outbox_keys(self.queue_name(), str(options.get("global_keyprefix") or ""))
+        queue = self.queue_name()
+        cache = _outbox_keys_cache.get(self.app)
+        if cache is None or cache[0] is not settings:
+            cache = _outbox_keys_cache[self.app] = (settings, {})
+        if queue in cache[1]:
+            return cache[1][queue]
+        keys = None
+        if (
+            settings.redis_url is not None
+            and settings.redis_url == _redis_url_of(settings.broker_url)
+            and redis_broker(self.app)
+        ):
+            options = self.app.conf.broker_transport_options or {}
+            keys = outbox_keys(queue, str(options.get("global_keyprefix") or ""))
+        if len(cache[1]) < _MAX_CACHED_QUEUES:
+            cache[1][queue] = keys
+        return keys
 
     def finished(self, event_id: str) -> None:
         """Forget the event's outbox record: it was delivered or dead-lettered.
