@@ -68,7 +68,7 @@ from ._exceptions import (
 from ._learning import RateLearner
 from ._ledger import Claim, Ledger
 from ._limiter import DEFAULT_PAUSE_S, RateLimiter, RateStatus
-from ._lua import Script
+from ._lua import Script, bulk, encoded
 from ._rates import DEFAULT_BURST, Rate, parse_burst, parse_rate, with_headroom
 from ._redis import is_cluster, redis_for, storage_errors
 from ._retry import decide
@@ -101,6 +101,9 @@ MAX_THROTTLED_AGE_S = 6 * 3600.0
 #: A booked slot at least this many seconds ahead is checked against a pause (a 429 elsewhere)
 #: after the sleep, before sending into it; nearer slots are sent without the extra round trip.
 PAUSE_RECHECK_S = 0.02
+#: Packed slot-and-claim commands kept per pipeline (one per project and pace in use; a bound,
+#: not a tuning knob).
+MAX_PACKED_COMMANDS = 1024
 #: Longest wait, in seconds, a throttled event is given as its turn in the project's waiting
 #: line (``_limiter``): a backlog is woken one event per slot instead of all at once each slot,
 #: so it costs about one refusal per event, not one per event per slot, and another project's
@@ -212,6 +215,12 @@ class Delivery:
         #: The slot and the claim in one round trip (``lua/slot_claim.lua``); on a Redis
         #: Cluster the limiter's and the ledger's keys are in two slots: two calls there.
         self._slot_claim = None if is_cluster(client) else Script(client, "slot_claim.lua")
+        self._pool: Any = None if is_cluster(client) else client.connection_pool
+        self._encoding = str(getattr(self._pool, "connection_kwargs", {}).get("encoding", "utf-8"))
+        #: The slot-and-claim command's bytes that stay the same for a project and its
+        #: arguments: (what comes before the event's keys, what comes between them and the
+        #: attempt's token), packed once (``_take_slot_and_claim``).
+        self._packed: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
         self._clients: dict[str, OpenPanelClient] = {}
         self._limits: dict[str, tuple[Rate, int] | None] = {}
         self._lock = threading.Lock()
@@ -391,9 +400,29 @@ class Delivery:
             line_s=min(MAX_LINE_S, self.settings.max_countdown_s),
         )
         claim_keys, (token, hold_ms) = self.ledger.claim_call(event_id, self.settings.claim_ttl_s)
+        cache_key = (client_id, *args)
+        pieces = self._packed.get(cache_key)
+        if pieces is None:
+            if len(self._packed) >= MAX_PACKED_COMMANDS:
+                self._packed.clear()
+            head = self._slot_claim.packed_head(len(keys) + 2, len(args) + 2)
+            head += b"".join(bulk(key) for key in keys)
+            middle = b"".join(bulk(encoded(arg, self._encoding)) for arg in args)
+            pieces = self._packed[cache_key] = (head, middle)
+        packed = b"".join(
+            (
+                pieces[0],
+                bulk(claim_keys[0].encode(self._encoding)),
+                bulk(claim_keys[1].encode(self._encoding)),
+                pieces[1],
+                bulk(token.encode()),
+                bulk(b"%d" % hold_ms),
+            )
+        )
+        full_keys, full_args = (*keys, *claim_keys), (*args, token, hold_ms)
         what = "taking a rate-limit slot and claiming the event"
         with storage_errors(what, self.settings.redis_url):
-            answer = self._slot_claim((*keys, *claim_keys), (*args, token, hold_ms))
+            answer = self._slot_claim.call_packed(self._pool, packed, full_keys, full_args)
         acquisition = RateLimiter.acquisition(int(answer[0]))
         if not acquisition.granted:
             return Throttled(acquisition.wait_s)

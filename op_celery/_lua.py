@@ -19,7 +19,7 @@ from typing import Any
 
 import redis
 
-__all__ = ["Script", "lua", "source"]
+__all__ = ["Script", "bulk", "encoded", "lua", "source"]
 
 
 @cache
@@ -71,3 +71,57 @@ class Script:
     def load(self, client: Any = None) -> None:
         """Load the script into ``client``'s Redis (the script's own client by default)."""
         (self._client if client is None else client).script_load(self.source)
+
+    def call_packed(
+        self, pool: Any, packed: bytes, keys: Sequence[Any], args: Sequence[Any] = ()
+    ) -> Any:
+        """The call ``packed`` (:meth:`packed_head` and :func:`bulk` pieces: the same as
+        ``self(keys, args)``), sent as it is on a connection of ``pool`` (not a cluster's).
+
+        For calls that run per event: redis-py's command building and response machinery cost
+        about as much as the round trip itself. A stale pooled connection (after a Redis
+        restart) or a script Redis lost falls back to the ordinary call, with redis-py's own
+        retries and the script's reload. Raises what redis-py raises.
+        """
+        connection = pool.get_connection()
+        try:
+            connection.send_packed_command([packed], check_health=False)  # a list of chunks
+            return connection.read_response()
+        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.NoScriptError) as exc:
+            if not isinstance(exc, redis.exceptions.NoScriptError):
+                connection.disconnect()
+            return self(keys, args)
+        except redis.exceptions.ResponseError:
+            raise  # Redis' own answer (a full Redis, a script error): the connection is fine
+        except BaseException:
+            connection.disconnect()  # interrupted mid-reply: its state is unknown
+            raise
+        finally:
+            pool.release(connection)
+
+    def packed_head(self, keys: int, args: int) -> bytes:
+        """The start of an ``EVALSHA`` of this script with ``keys`` keys and ``args``
+        arguments: follow it with the keys' and then the arguments' :func:`bulk` pieces."""
+        return b"*%d\r\n%s%s%s" % (
+            3 + keys + args,
+            bulk(b"EVALSHA"),
+            bulk(self.sha.encode()),
+            bulk(b"%d" % keys),
+        )
+
+
+def bulk(item: bytes) -> bytes:
+    """``item`` as one RESP bulk string, as redis-py packs a command's argument."""
+    return b"$%d\r\n%s\r\n" % (len(item), item)
+
+
+def encoded(value: Any, encoding: str = "utf-8") -> bytes:
+    """A command argument as redis-py encodes it: bytes as they are, text in ``encoding``,
+    numbers as their decimal (``repr`` of a float)."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode(encoding)
+    if isinstance(value, float):
+        return repr(value).encode()
+    return b"%d" % value

@@ -8,7 +8,7 @@ from importlib.resources import files
 import pytest
 import redis
 
-from op_celery._lua import Script, lua
+from op_celery._lua import Script, bulk, encoded, lua
 
 from ._support import RedisServer, start_redis
 
@@ -41,3 +41,19 @@ def test_a_script_raises_what_redis_raises_when_redis_is_gone() -> None:
         script = Script(client, "release.lua")
     with pytest.raises(redis.ConnectionError):
         script(("inflight:e1",), ("token-1",))
+
+
+def test_a_packed_call_answers_as_the_ordinary_call_and_loads_the_script_after_a_flush() -> None:
+    with start_redis(lambda port: RedisServer(port)) as server:
+        client = redis.Redis.from_url(server.url)
+        script = Script(client, "release.lua")
+        keys, args = ("inflight:e1",), ("token-1",)
+        packed = script.packed_head(1, 1) + bulk(encoded(keys[0])) + bulk(encoded(args[0]))
+        assert packed == b"".join(client.connection_pool.get_connection().pack_command(
+            "EVALSHA", script.sha, 1, *keys, *args))  # fmt: skip
+        client.script_flush()  # the first packed call meets NOSCRIPT, falls back and loads it
+        for _ in range(2):
+            client.set("inflight:e1", "token-1")
+            assert script.call_packed(client.connection_pool, packed, keys, args) == 1
+            assert client.get("inflight:e1") is None
+        client.close()
