@@ -187,6 +187,7 @@ class Worker:
         concurrency: int,
         env: Mapping[str, str],
         loglevel: str = "WARNING",
+        cwd: str | None = None,
     ) -> None:
         self.command = [
             sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queue,
@@ -195,6 +196,8 @@ class Worker:
             "--hostname", f"bench-{uuid.uuid4().hex[:8]}@%h",
         ]  # fmt: skip
         self.env = dict(env)
+        #: The directory it runs in: ``python -m`` imports from there before PYTHONPATH.
+        self.cwd = cwd
         handle, name = tempfile.mkstemp(prefix="op-celery-bench-worker-", suffix=".log")
         os.close(handle)
         self.log_path = Path(name)
@@ -204,7 +207,7 @@ class Worker:
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
+                start_new_session=True, cwd=self.cwd,
             )  # fmt: skip
         return self
 

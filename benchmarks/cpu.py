@@ -12,6 +12,8 @@ no rate limit). Measured, in one run, each ``--repeat`` times in a rotated order
   then ``celery -A op_celery.worker worker -l INFO`` with the package's defaults;
 - ``naive``: the same events as a bare ``requests.post`` task (``_naive_app.py``), same worker
   options;
+- ``op-celery-before`` (with ``--before CHECKOUT``): op-celery's worker from another checkout
+  (an earlier commit), so that a change is measured against its parent in one run;
 - ``celery-urllib3``: the same as a task that POSTs on a keep-alive urllib3 connection and does
   nothing else: Celery and kombu's own cost per message, plus the urllib3 loop's;
 - ``requests``: one process POSTing the events in a loop on one ``requests.Session``;
@@ -45,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from _harness import (
+    BENCHMARKS_DIR,
     CLIENT_ID,
     CLIENT_SECRET,
     DEFAULT_REDIS_URL,
@@ -66,7 +69,7 @@ TIMEOUT_PER_EVENT_S = 0.05
 #: How often the stand-in's count is polled while a kind runs, in seconds.
 POLL_S = 0.05
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
-WORKER_KINDS = ("op-celery", "naive", "celery-urllib3")
+WORKER_KINDS = ("op-celery", "op-celery-before", "naive", "celery-urllib3")
 LOOP_KINDS = ("requests", "urllib3")
 
 
@@ -168,7 +171,7 @@ def enqueue(kind: str, queue: str, count: int) -> None:
     with app.producer_or_acquire() as producer:
         for i in range(count):
             payload = body(i)["payload"]
-            if kind == "op-celery":
+            if kind.startswith("op-celery"):
                 kwargs = {
                     "properties": payload["properties"],
                     "profile_id": payload["profileId"],
@@ -206,9 +209,12 @@ def measure_worker(
     namespace.delete(queue)
     enqueue(kind, queue, events)
     stand_in.control.reset()
-    app = "op_celery.worker" if kind == "op-celery" else "_naive_app"
+    app = "op_celery.worker" if kind.startswith("op-celery") else "_naive_app"
     env = worker_env(namespace, queue, stand_in)
-    worker = Worker(app, queue, name, int(concurrency or 1), env, loglevel="INFO")
+    # ``python -m celery`` imports from its working directory first: the before kind runs in
+    # the other checkout, every other kind in this one's.
+    cwd = args.before if kind == "op-celery-before" else str(BENCHMARKS_DIR.parent)
+    worker = Worker(app, queue, name, int(concurrency or 1), env, loglevel="INFO", cwd=cwd)
     deadline = time.monotonic() + 60 + events * TIMEOUT_PER_EVENT_S
     samples: list[tuple[int, tuple[float, float], float]] = []  # (accepted, cpu, monotonic)
     with worker:
@@ -296,7 +302,16 @@ def main() -> int:
     parser.add_argument(
         "--pools", default="solo,threads:4,prefork:2", help="worker pools, POOL[:CONCURRENCY]"
     )
-    parser.add_argument("--kinds", default=",".join(WORKER_KINDS + LOOP_KINDS))
+    parser.add_argument(
+        "--kinds",
+        default=",".join(kind for kind in WORKER_KINDS + LOOP_KINDS if kind != "op-celery-before"),
+    )
+    parser.add_argument(
+        "--before",
+        metavar="CHECKOUT",
+        help="kind op-celery-before runs the worker of this checkout of op-celery (git worktree "
+        "add --detach DIR COMMIT), on the same messages: an earlier commit in the same run",
+    )
     parser.add_argument("--skip", type=float, default=0.1, help="fraction of events not counted")
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
@@ -310,6 +325,8 @@ def main() -> int:
     if args.profile:
         return profile(args)
     kinds = [kind for kind in args.kinds.split(",") if kind]
+    if "op-celery-before" in kinds and not args.before:
+        parser.error("kind op-celery-before needs --before CHECKOUT")
     pools = [pool for pool in args.pools.split(",") if pool]
     names = [f"{kind} {pool}" for kind in kinds if kind in WORKER_KINDS for pool in pools]
     names += [kind for kind in kinds if kind in LOOP_KINDS]
