@@ -108,12 +108,19 @@ def _broker_part(settings: Settings, app: Celery | None, problems: list[str]) ->
         "unfinished": None,
         "note": None,
         "answered": False,
+        # The queues of the projects in OP_CELERY_PROJECT_QUEUES, each read as the main one.
+        "project_queues": [
+            {"queue": name, "queue_length": None, "unfinished": None, "note": None}
+            for name in settings.queues[1:]
+        ],
     }
     where = f"the broker at {broker_description(settings)}"
     redis_url = _redis_url_of(url)
     if redis_url is None:
         try:
             broker["queue_length"], broker["note"] = _queue_by_declare(url, queue, app)
+            for part in broker["project_queues"]:
+                part["queue_length"], part["note"] = _queue_by_declare(url, part["queue"], app)
             broker["answered"] = True
         except Exception as exc:  # every transport's errors: said, not raised
             broker["note"] = _broker_problem(where, exc)
@@ -121,11 +128,12 @@ def _broker_part(settings: Settings, app: Celery | None, problems: list[str]) ->
         return broker
     try:
         client = _broker_redis(redis_url)
-        broker["queue_length"] = int(client.llen(broker["queue_key"]))
-        if settings.outbox:
-            # Events enqueued and not yet delivered or dead-lettered (``_outbox``).
-            records, _ = outbox_keys(queue, prefix)
-            broker["unfinished"] = int(client.hlen(records))
+        for part in (broker, *broker["project_queues"]):
+            part["queue_length"] = int(client.llen(f"{prefix}{part['queue']}"))
+            if settings.outbox:
+                # Events enqueued and not yet delivered or dead-lettered (``_outbox``).
+                records, _ = outbox_keys(part["queue"], prefix)
+                part["unfinished"] = int(client.hlen(records))
         broker["answered"] = True
     except redis.RedisError as exc:
         broker["note"] = redis_problem(where, exc, settings.broker_url_source)
@@ -308,12 +316,14 @@ def _print_status(report: Mapping[str, Any]) -> None:
     broker = report["broker"]
     click.echo(f"broker        {broker['url']}")
     click.echo(f"redis         {report['redis']['url']}")
-    if broker["queue_length"] is None:
-        click.echo(f"queue         {broker['queue']}: {broker['note']}")
-    else:
-        unfinished = broker["unfinished"]
+    for part in (broker, *broker.get("project_queues", ())):
+        if part["queue_length"] is None:
+            if part["note"] is not None:
+                click.echo(f"queue         {part['queue']}: {part['note']}")
+            continue
+        unfinished = part["unfinished"]
         click.echo(
-            f"queue         {broker['queue']}: {broker['queue_length']} waiting"
+            f"queue         {part['queue']}: {part['queue_length']} waiting"
             + ("" if unfinished is None else f", {unfinished} not yet finished (outbox)")
         )
     dead = report["dead_letters"]

@@ -210,3 +210,25 @@ def test_status_shows_the_events_the_server_did_not_store_by_reason(
     assert project["not_stored"] == {"bot": 1, "duplicate": 1, "filtered": 3}
     text = run("status").output
     assert "not stored by the server: 1 bot, 1 duplicate, 3 filtered" in text
+
+
+def test_status_shows_each_projects_own_queue_beside_the_main_one(
+    cli_env: dict[str, str],
+    redis_client: redis.Redis,
+    queue_key: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OP_CELERY_PROJECT_QUEUES", "shop")
+    queue = cli_env["OP_CELERY_QUEUE"]
+    redis_client.rpush(queue_key, b"one")
+    redis_client.rpush(queue_key + ".shop", b"a", b"b", b"c")
+    records, _ = outbox_keys(queue + ".shop", queue_key.removesuffix(queue))
+    redis_client.hset(records, mapping={"e1": "{}"})
+
+    report = json.loads(run("status", "--json").stdout)
+    assert report["broker"]["queue_length"] == 1
+    assert report["broker"]["project_queues"] == [
+        {"queue": queue + ".shop", "queue_length": 3, "unfinished": 1, "note": None}
+    ]
+    text = run("status").output
+    assert f"{queue}.shop: 3 waiting, 1 not yet finished (outbox)" in text
