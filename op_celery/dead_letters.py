@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
-from ._redis import is_cluster, redis_for, storage_errors
+from ._redis import deployment_of, is_cluster, redis_for, storage_errors
 from ._settings import Settings, load_settings
 
 __all__ = ["DeadLetter", "DeadLetterStore"]
@@ -36,6 +36,12 @@ log = logging.getLogger("op_celery")
 SCAN_BATCH = 500
 #: Characters of an undecodable message's body kept in its dead letter.
 MAX_RAW_CHARS = 4096
+#: Milliseconds an add waits, behind Sentinel, for a replica to have the letter (Redis WAIT);
+#: past it the letter is kept on the master alone, as without the wait.
+REPLICA_WAIT_MS = 100
+#: Seconds the adds do not wait after one found no replica to wait for (one down or syncing):
+#: a storm of dead letters must not cost each of them the whole wait.
+NO_REPLICA_BACKOFF_S = 10.0
 
 
 #: Called with the settings and the dead letters of each purge, after they were deleted.
@@ -89,6 +95,14 @@ class DeadLetterStore:
         name = "{dead-letters}" if is_cluster(self._redis) else "dead-letters"
         self._hash = f"{self._settings.key_prefix}:{name}"
         self._index = f"{self._settings.key_prefix}:{name}:by-time"
+        # Behind Sentinel, a failover promotes a replica without waiting for it to catch up,
+        # so a letter written just before would be lost with the old master: each add waits
+        # (up to REPLICA_WAIT_MS) until a replica has it, unless none answered lately. Letters
+        # are rare; events are not, and the ledger's marks do not wait (a lost mark costs a
+        # duplicate, not an event).
+        url = self._settings.redis_url
+        self._wait_for_replica = url is not None and deployment_of(url).kind == "sentinel"
+        self._no_replica_until = 0.0
 
     def _errors(self, what: str, *, writes: bool = True) -> Any:
         return storage_errors(what, self._settings.redis_url, writes=writes)
@@ -110,6 +124,9 @@ class DeadLetterStore:
             pipe.hset(self._hash, letter.id, letter.to_json())
             pipe.zadd(self._index, {letter.id: letter.failed_at})
             pipe.execute()
+            waits = self._wait_for_replica and time.monotonic() >= self._no_replica_until
+            if waits and not self._redis.wait(1, REPLICA_WAIT_MS):
+                self._no_replica_until = time.monotonic() + NO_REPLICA_BACKOFF_S
 
     def add_raw(self, body: bytes | str, reason: str, *, extra: dict[str, Any]) -> DeadLetter:
         """Store a message that is not a valid event at all (it cannot be replayed)."""

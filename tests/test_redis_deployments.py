@@ -284,6 +284,22 @@ def test_sentinels_with_a_password_of_their_own_take_it_from_the_setting() -> No
         exercise_ledger(Ledger(settings), ["through-guarded-sentinels"])
 
 
+def test_behind_sentinel_a_dead_letter_is_on_a_replica_when_add_returns() -> None:
+    with SentinelGroup() as group:
+        store = DeadLetterStore(fresh(settings_for(group.url)))
+        old = group.master_port()
+        replica = redis.Redis(port=next(port for port in group.data_ports if port != old))
+        # The replica has finished its first sync (until then no write reaches it at once).
+        assert wait_until(lambda: replica.info("replication")["master_link_status"] == "up", 20)
+        kept = cast(DeadLetter, dead_letter())
+        store.add(kept)
+        # No waiting here: add waited for the replica, so a failover now keeps the letter.
+        assert replica.hexists(store._hash, kept.id)
+        group.failover()
+        group.wait_for_new_master(old)
+        assert until_answered(lambda: store.get(kept.id))[0] == kept
+
+
 @pytest.mark.parametrize("how", ["SENTINEL FAILOVER", "SIGKILL the master"])
 def test_the_ledger_dead_letters_and_limiter_follow_a_sentinel_failover(how: str) -> None:
     with SentinelGroup() as group:
