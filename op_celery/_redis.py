@@ -60,6 +60,7 @@ __all__ = [
     "WRITE_REFUSALS",
     "Deployment",
     "RefusalNotice",
+    "behind_sentinel",
     "deployment_of",
     "is_cluster",
     "note_refusal",
@@ -247,6 +248,12 @@ def redis_for(settings: Settings) -> redis.Redis:
                     client = _connect(settings)
                 _clients[cache_key] = client
     return cast("redis.Redis", client)
+
+
+def behind_sentinel(settings: Settings) -> bool:
+    """Whether the package's Redis is found through Sentinel (``sentinel://``)."""
+    url = settings.redis_url
+    return url not in (None, EMBEDDED_URL) and deployment_of(str(url)).kind == "sentinel"
 
 
 def is_cluster(client: object) -> bool:

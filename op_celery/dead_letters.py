@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
-from ._redis import deployment_of, is_cluster, redis_for, storage_errors
+from ._redis import behind_sentinel, is_cluster, redis_for, storage_errors
 from ._settings import Settings, load_settings
 
 __all__ = ["DeadLetter", "DeadLetterStore"]
@@ -100,8 +100,7 @@ class DeadLetterStore:
         # (up to REPLICA_WAIT_MS) until a replica has it, unless none answered lately. Letters
         # are rare; events are not, and the ledger's marks do not wait (a lost mark costs a
         # duplicate, not an event).
-        url = self._settings.redis_url
-        self._wait_for_replica = url is not None and deployment_of(url).kind == "sentinel"
+        self._wait_for_replica = behind_sentinel(self._settings)
         self._no_replica_until = 0.0
 
     def _errors(self, what: str, *, writes: bool = True) -> Any:
