@@ -4,6 +4,7 @@ here on free ports (never the shared Redis)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ from op_celery._settings import Settings, load_settings
 from op_celery.dead_letters import DeadLetter, DeadLetterStore
 from op_celery.testing import StandInServer
 
-from ._deployments import Cluster, SentinelGroup, tls_files
+from ._deployments import NODE_TIMEOUT_MS, Cluster, SentinelGroup, tls_files
 from ._support import WorkerProcess, dead_letter, wait_until
 
 
@@ -241,7 +242,19 @@ def test_a_killed_cluster_master_means_retry_until_its_replica_serves_the_slot()
         ledger.record(event_id)
         assert wait_until(lambda: _replica_has(running, replica, ledger.keys(event_id)[0]), 10)
         running.kill(master)
-        delivered, _ = until_answered(lambda: ledger.delivered(event_id))
+        # The replica's own election usually wins within a few node timeouts; on a starved CI
+        # machine the masters' votes can come late and elections repeat for longer than the
+        # retry window, so after a grace the replica is told to take over, as an operator would.
+        # What is under test is the package's side: "retry" until the slot is served again.
+        grace = time.monotonic() + 10 * NODE_TIMEOUT_MS / 1000
+
+        def delivered_or_take_over() -> bool:
+            if time.monotonic() > grace and not running.is_master(replica):
+                with contextlib.suppress(redis.RedisError):
+                    running.node(replica).execute_command("CLUSTER FAILOVER", "TAKEOVER")
+            return ledger.delivered(event_id)
+
+        delivered, _ = until_answered(delivered_or_take_over)
         assert delivered  # replicated before the crash, so not lost with the master
         assert running.is_master(replica)
         exercise_ledger(ledger, [event_id + "-after"])
