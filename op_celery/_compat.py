@@ -66,8 +66,10 @@ __all__ = [
     "redis_message_keys",
     "redis_qos",
     "redis_queue_key",
+    "redis_unacked_keys",
     "repr_maxlevels",
     "reraise_as_library_errors",
+    "revoked_here",
     "step_aside",
     "task_dumps_pydantic_arguments",
     "task_id_of_queued",
@@ -75,6 +77,7 @@ __all__ = [
     "task_is_v2_compat",
     "thread_current_app",
     "worker_should_stop",
+    "worker_stopping",
     "wrap_consumer_connect",
     "wrap_decode_error_handler",
     "wrap_task_strategies",
@@ -419,6 +422,27 @@ def redis_message_keys(channel: Any, queue: str) -> tuple[list[str], str]:
     return list(lists), prefix + channel.unacked_key
 
 
+#: The channel's sorted set of unacked delivery tags by the time each was taken (what kombu's
+#: visibility-timeout sweep reads). Public attribute, as ``unacked_key``. Checked: kombu 5.7.0.
+KOMBU_UNACKED_INDEX_KEY = "unacked_index_key"
+
+
+def redis_unacked_keys(channel: Any) -> tuple[str, str] | None:
+    """kombu's unacked hash and its index (sorted by the time a message was taken), with the
+    broker's key prefix: where a message taken off a queue must be written so that kombu's
+    visibility-timeout sweep gives it back if its taker dies. None when the channel lacks
+    either name (then nothing may take messages outside kombu: ``_drain`` steps aside).
+
+    Public attributes ``unacked_key``, ``unacked_index_key``. Checked: kombu 5.7.0.
+    """
+    hash_key = getattr(channel, "unacked_key", None)
+    index_key = getattr(channel, KOMBU_UNACKED_INDEX_KEY, None)
+    if not isinstance(hash_key, str) or not isinstance(index_key, str):
+        return None
+    prefix = redis_key_prefix(channel)
+    return prefix + hash_key, prefix + index_key
+
+
 def next_delivery_tag(channel: Any) -> str:
     """A delivery tag for a new message, as kombu's virtual channel makes them.
 
@@ -631,6 +655,32 @@ def worker_should_stop() -> None:
     check = getattr(worker_state, WORKER_MAYBE_SHUTDOWN, None)
     if callable(check):
         check()
+
+
+def worker_stopping() -> bool:
+    """Whether a signal asked this worker process to stop (warm or cold), without raising.
+
+    Public module attributes ``celery.worker.state.should_stop`` / ``should_terminate`` (None
+    until a signal sets an exit code), not documented. Checked: celery 5.6.0, 5.7.0. Fallback:
+    False (a loop then ends at its own budget).
+    """
+    return any(
+        getattr(worker_state, name, None) not in (None, False)
+        for name in ("should_stop", "should_terminate")
+    )
+
+
+def revoked_here(task_id: str) -> bool:
+    """Whether this process knows ``task_id`` as revoked (``celery.worker.state.revoked``, the
+    set the worker's consumer checks before it runs a message; a prefork pool's children are
+    not told of revokes). Public module attribute, not documented. Checked: celery 5.6.0,
+    5.7.0. Fallback: False.
+    """
+    revoked = getattr(worker_state, "revoked", None)
+    try:
+        return revoked is not None and task_id in revoked
+    except TypeError:
+        return False
 
 
 #: The QoS methods of kombu's Redis channel that push back or settle unacked messages

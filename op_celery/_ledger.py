@@ -52,13 +52,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException
 
 from ._exceptions import ConfigurationError, StorageUnavailable
-from ._lua import Script
+from ._lua import Script, bulk, encoded
 from ._redis import is_cluster, redis_for, storage_errors, write_refusal
 from ._settings import Settings
 
@@ -148,6 +149,9 @@ class Ledger:
         self._claim = Script(self._redis, "claim.lua")
         self._release = Script(self._redis, "release.lua")
         self._record = Script(self._redis, "delivered.lua")
+        #: Where the delivered mark, run per event, goes as a packed command (not a cluster's).
+        self._pool: Any = None if is_cluster(self._redis) else self._redis.connection_pool
+        self._encoding = str(getattr(self._pool, "connection_kwargs", {}).get("encoding", "utf-8"))
         #: Marks a full or read-only Redis refused, written again once it takes writes.
         self._pending = _PendingMarks(lambda keys, args: self._record(keys, args))
 
@@ -242,7 +246,16 @@ class Ledger:
     ) -> None:
         with storage_errors("recording a delivered event", self._settings.redis_url):
             if tally is None:
-                self._record(keys, args)
+                if self._pool is None:
+                    self._record(keys, args)
+                    return
+                packed = b"".join(
+                    (
+                        self._record.packed_head(len(keys), len(args)),
+                        *(bulk(encoded(item, self._encoding)) for item in (*keys, *args)),
+                    )
+                )
+                self._record.call_packed(self._pool, packed, keys, args)
                 return
             pipe = self._redis.pipeline(transaction=False)
             self._record(keys, args, client=pipe)

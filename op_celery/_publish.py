@@ -77,7 +77,7 @@ from ._publish_bound import ATTEMPT_SHARE, acquire, bound, bounded, publish_pool
 from ._publish_plan import AppPlan, Route, app_plan, fast_route
 from ._reprs import argsrepr, kwargsrepr, origin
 
-__all__ = ["outbox_writer", "publish", "redis_broker"]
+__all__ = ["outbox_writer", "publish", "queue_access", "redis_broker"]
 
 log = logging.getLogger("op_celery")
 
@@ -406,6 +406,19 @@ def outbox_writer(app: Any) -> Iterator[Writer]:
     plan = app_plan(app)
     with bounded(plan.publish_timeout_s), acquire(publish_pools(app).connections, plan) as conn:
         yield _channel_state(conn.default_channel).outbox_writer()
+
+
+def queue_access(app: Any, queue: str) -> tuple[Any, str, tuple[str, str] | None]:
+    """For a worker that takes messages off ``queue`` itself (``_drain``): a Redis client on
+    the app's (Redis) broker, the queue's list at the default priority (where every publish
+    of the package puts its messages), and kombu's unacked hash and index (None if kombu's
+    channel lacks them), broker key prefix included."""
+    plan = app_plan(app)
+    with bounded(plan.publish_timeout_s), acquire(publish_pools(app).connections, plan) as conn:
+        channel = conn.default_channel
+        state = _channel_state(channel)
+        key = state.prefix + _compat.redis_queue_key(channel, queue, channel.default_priority)
+        return state.client, key, _compat.redis_unacked_keys(channel)
 
 
 def _channel_state(channel: Any) -> _ChannelState:

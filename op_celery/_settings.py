@@ -145,6 +145,9 @@ class Settings:
     rate_headroom_pct: float = DEFAULT_RATE_HEADROOM_PCT
     outbox: bool = True
     outbox_grace_s: float = DEFAULT_OUTBOX_GRACE_S
+    #: ``OP_CELERY_DRAIN``: a worker's task, done with its event, takes the next ones waiting
+    #: on a Redis broker's queue itself (``_drain``); off, every event is a Celery task run.
+    drain: bool = True
     #: ``OP_CELERY_ENABLED``: off, ``.delay()`` validates and then drops the event (a debug
     #: line), publishing nothing (development machines, users who did not consent).
     enabled: bool = True
@@ -436,6 +439,7 @@ def load_settings(
         rate_headroom_pct=number("OPENPANEL_RATE_HEADROOM", DEFAULT_RATE_HEADROOM_PCT),
         outbox=_as_bool("OP_CELERY_OUTBOX", _default(get("OP_CELERY_OUTBOX"), True)),
         outbox_grace_s=number("OP_CELERY_OUTBOX_GRACE", DEFAULT_OUTBOX_GRACE_S),
+        drain=_as_bool("OP_CELERY_DRAIN", _default(get("OP_CELERY_DRAIN"), True)),
         enabled=_as_bool("OP_CELERY_ENABLED", _default(get("OP_CELERY_ENABLED"), True)),
         _env=tuple(
             sorted((k, _freeze(k, v)) for k, v in env.items() if k.startswith("OPENPANEL_"))

@@ -49,6 +49,7 @@ from ._delivery import (
     Throttled,
     delivery_for,
 )
+from ._drain import drain
 from ._enqueue import (
     BROKER_ERRORS,
     NO_SPOOL,
@@ -297,7 +298,16 @@ class OpenPanelTask(_TaskBase):
             return self.AsyncResult(task_id)
 
     def run(self, *args: Any, **kwargs: Any) -> None:
-        """Deliver one event (on the worker, or in the caller when called directly)."""
+        """Deliver one event (on the worker, or in the caller when called directly); on a
+        worker with a backlog, then the next ones waiting on the queue (``_drain``)."""
+        self.run_one(*args, **kwargs)
+        request = self.request
+        if not (request.called_directly or request.is_eager):
+            drain(self, self.queue_name())
+
+    def run_one(self, *args: Any, **kwargs: Any) -> None:
+        """Deliver one event: the outcome of the pipeline as Celery's retry, countdown, dead
+        letter (these raise) or ack."""
         try:
             if args:  # a direct call such as track("signup"); messages carry keywords only
                 kwargs = normalize_call(self.operation, args, kwargs)
