@@ -22,6 +22,7 @@ import redis
 from celery import Celery
 
 import op_celery
+from op_celery import _drain
 from op_celery._app import reset_settings
 from op_celery._exceptions import StorageUnavailable
 from op_celery._ledger import Ledger
@@ -238,6 +239,23 @@ def test_delay_spools_an_event_the_brokers_redis_refuses_saying_so_once(
     assert [r.levelno for r in spool_lines] == [logging.INFO] * 3  # one per event, at INFO
     said = [r.getMessage() for r in caplog.records if REFUSAL_LINE.search(r.getMessage())]
     assert len(said) == 2 and "is full (" in said[0] and "is read-only (" in said[1]
+
+
+def test_a_full_redis_refuses_a_tasks_take_and_the_message_stays_queued(
+    setup: tuple[dict[str, str], redis.Redis],
+) -> None:
+    env, client = setup
+    enqueue(0, 2)
+    taker = _drain._queue_for(op_celery.track.app, env["OP_CELERY_QUEUE"])
+    assert taker is not None
+    before = client.lrange(env["OP_CELERY_QUEUE"], 0, -1)
+    fill(client)
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        taker.take("", more=True)
+    # Redis does not undo a script's earlier commands: the pop comes after the refused writes.
+    assert client.lrange(env["OP_CELERY_QUEUE"], 0, -1) == before
+    assert client.hlen("unacked") == 0
+    free(client)
 
 
 def test_the_ledger_on_a_full_redis_raises_storage_unavailable_saying_what_to_do_once(

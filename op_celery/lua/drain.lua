@@ -57,9 +57,11 @@ end
 if not known then
   return false
 end
-redis.call('RPOP', KEYS[1])
+-- The writes a full Redis refuses (HSET, ZADD) come before the pop: Redis does not undo a
+-- script's earlier commands when a later one fails, so a refusal must leave the message queued.
 local entry = '[' .. raw .. ',' .. cjson.encode(info['exchange'] or '') .. ','
   .. cjson.encode(info['routing_key'] or '') .. ']'
 redis.call('HSET', KEYS[2], tag, entry)
 redis.call('ZADD', KEYS[3], ARGV[1], tag)
+redis.call('RPOP', KEYS[1])
 return raw
