@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 from importlib.resources import files
 
 import pytest
 import redis
 
-from op_celery._lua import Script, bulk, encoded, lua
+from op_celery._lua import Script, bulk, encoded, held_connection, lua
 
 from ._support import RedisServer, start_redis
 
@@ -56,4 +58,34 @@ def test_a_packed_call_answers_as_the_ordinary_call_and_loads_the_script_after_a
             client.set("inflight:e1", "token-1")
             assert script.call_packed(client.connection_pool, packed, keys, args) == 1
             assert client.get("inflight:e1") is None
+        client.close()
+
+
+def test_a_packed_call_holds_one_connection_per_thread_and_process_and_survives_a_restart(
+    redis_url: str,
+) -> None:
+    pool = redis.Redis.from_url(redis_url).connection_pool
+    held = held_connection(pool)
+    assert held_connection(pool) is held  # kept for the next call
+    others: list[object] = []
+    thread = threading.Thread(target=lambda: others.append(held_connection(pool)))
+    thread.start()
+    thread.join()
+    assert others[0] is not held  # a thread of its own
+    child = os.fork()
+    if child == 0:  # the parent's socket is the parent's: a child makes its own
+        os._exit(0 if held_connection(pool) is not held else 1)
+    assert os.waitpid(child, 0)[1] == 0
+    assert held_connection(pool) is held
+    with start_redis(lambda port: RedisServer(port)) as server:
+        client = redis.Redis.from_url(server.url)
+        script = Script(client, "release.lua")
+        keys, args = ("inflight:e1",), ("token-1",)
+        packed = script.packed_head(1, 1) + bulk(encoded(keys[0])) + bulk(encoded(args[0]))
+        client.set("inflight:e1", "token-1")
+        assert script.call_packed(client.connection_pool, packed, keys, args) == 1
+        client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        client.set("inflight:e1", "token-1")  # the held connection is dead: the call goes on
+        assert script.call_packed(client.connection_pool, packed, keys, args) == 1
+        assert client.get("inflight:e1") is None
         client.close()
